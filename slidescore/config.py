@@ -1,0 +1,267 @@
+"""Run configuration: one YAML file → frozen dataclasses, validated before any work starts.
+
+``load_config(path)`` reads the YAML with ``yaml.safe_load`` and builds a :class:`JobConfig`.
+Unknown keys and bad values raise :class:`~slidescore.errors.ConfigError` naming the dotted key,
+what was expected and what was found. Configs are plain data (they pickle), hold no secrets
+(endpoints and credentials come from the environment) and round-trip through ``to_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slidescore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how.
+
+    ``name`` is ``builtin:<name>``, a model package folder (``card.json`` + ``weights.pt``), or a
+    TorchScript file with a ``card.json``/``.card.json`` beside it.
+    """
+
+    name: str = "builtin:smearnet"
+    device: str = "auto"
+    batch_size: int = 256
+    mode: str = "auto"
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.batch_size, f"{prefix}.batch_size")
+        _one_of(self.device, ("auto", "cpu", "cuda"), f"{prefix}.device", prefix_ok="cuda:")
+        _one_of(self.mode, ("auto", "dense", "per_patch"), f"{prefix}.mode")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """The patch grid and the work decomposition.
+
+    ``stride_px`` is the distance between patch origins at the scoring level and the size of one
+    output cell; it must divide the model's ``patch_px``. The mosaic is chunked in squares of
+    ``chunk_cells`` cells; a block (unit of work) is ``block_chunks`` × ``block_chunks`` chunks.
+    """
+
+    stride_px: int = 16
+    chunk_cells: int = 128
+    block_chunks: int = 1
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.stride_px, f"{prefix}.stride_px")
+        _positive_int(self.chunk_cells, f"{prefix}.chunk_cells")
+        _positive_int(self.block_chunks, f"{prefix}.block_chunks")
+
+
+@dataclass(frozen=True)
+class BlendingConfig:
+    """How overlapping patch probabilities are averaged per cell."""
+
+    weights: str = "uniform"
+    sigma_frac: float = 0.125
+
+    def validate(self, prefix: str) -> None:
+        _one_of(self.weights, ("uniform", "gaussian", "cosine"), f"{prefix}.weights")
+        if not 0 < self.sigma_frac <= 1:
+            raise ConfigError(f"{prefix}.sigma_frac: expected a number in (0, 1], got {self.sigma_frac!r}")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Foreground detection at low resolution.
+
+    ``brightfield``: background is bright and unsaturated (smears, tissue). ``nodata``: pixels equal
+    to ``nodata_value`` in every channel are background (field images). ``none``: everything is
+    foreground. Patches whose foreground fraction is below ``min_foreground_frac`` are not scored.
+    """
+
+    method: str = "brightfield"
+    min_foreground_frac: float = 0.1
+    mask_mpp: float = 4.0
+    min_saturation: float = 0.08
+    max_brightness: float = 0.85
+    nodata_value: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _one_of(self.method, ("brightfield", "nodata", "none"), f"{prefix}.method")
+        for key in ("min_foreground_frac", "min_saturation", "max_brightness"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise ConfigError(f"{prefix}.{key}: expected a fraction in [0, 1], got {v!r}")
+        if self.mask_mpp <= 0:
+            raise ConfigError(f"{prefix}.mask_mpp: expected a positive µm/px, got {self.mask_mpp!r}")
+
+
+@dataclass(frozen=True)
+class RegionsConfig:
+    """Suspect regions: threshold the map, label components, rank.
+
+    ``thresholds`` overrides the model card's per-class thresholds (one value per class).
+    """
+
+    thresholds: tuple[float, ...] | None = None
+    min_area_um2: float = 0.0
+    top_k: int = 100
+    connectivity: int = 2
+
+    def validate(self, prefix: str) -> None:
+        if self.thresholds is not None:
+            for t in self.thresholds:
+                if not 0 <= t <= 1:
+                    raise ConfigError(f"{prefix}.thresholds: expected probabilities in [0, 1], got {t!r}")
+        if self.min_area_um2 < 0:
+            raise ConfigError(f"{prefix}.min_area_um2: expected >= 0, got {self.min_area_um2!r}")
+        _positive_int(self.top_k, f"{prefix}.top_k")
+        _one_of(self.connectivity, (1, 2), f"{prefix}.connectivity")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How images are read. ``mpp`` overrides (or supplies missing) resolution metadata."""
+
+    mpp: float | None = None
+    mpp_tolerance: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        if self.mpp is not None and not (0 < self.mpp < 1e5):
+            raise ConfigError(f"{prefix}.mpp: expected a positive µm/px, got {self.mpp!r}")
+        if not 0 <= self.mpp_tolerance < 1:
+            raise ConfigError(f"{prefix}.mpp_tolerance: expected a fraction in [0, 1), got {self.mpp_tolerance!r}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how results are written."""
+
+    uri: str = "slidescore-output"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _one_of(self.dtype, ("float32", "uint8"), f"{prefix}.dtype")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    blending: BlendingConfig = field(default_factory=BlendingConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> JobConfig:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> JobConfig:
+        return _build(cls, data or {}, "").validate()
+
+    def replace(self, **sections: dict[str, Any]) -> JobConfig:
+        """A copy with some keys of some sections changed, e.g. ``replace(output={"uri": d})``."""
+        d = self.to_dict()
+        for section, values in sections.items():
+            if section not in d:
+                raise ConfigError(f"{section}: unknown section; known sections are {sorted(d)}")
+            d[section].update(values)
+        return JobConfig.from_dict(d)
+
+
+def load_config(path: str | Path | None) -> JobConfig:
+    """Read a YAML job config (``None`` → all defaults)."""
+    if path is None:
+        return JobConfig().validate()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return JobConfig.from_dict(data)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; {where} accepts {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _positive_int(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], key: str, prefix_ok: str | None = None) -> None:
+    if value in allowed or (prefix_ok and isinstance(value, str) and value.startswith(prefix_ok)):
+        return
+    raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,10 @@
+"""All file and storage access: image readers, the OME-Zarr mosaic writer, output files.
+
+This package is the only place that imports tifffile, zarr, fsspec/s3fs and dask. Readers are
+chosen by one factory, :func:`open_image`; each implements the small :class:`SlideReader`
+protocol (levels, mpp, ``read(level, box)``).
+"""
+
+from slidescore.io.readers import SlideReader, open_image, read_padded
+
+__all__ = ["SlideReader", "open_image", "read_padded"]

@@ -1,0 +1,290 @@
+"""The OME-Zarr probability mosaic: layout, block writes, pyramid, labels.
+
+Default output is OME-Zarr 0.4 (Zarr format 2, Blosc/zstd, no filters, ``/`` dimension separator),
+which Java readers (QuPath via Bio-Formats, OMERO) can open. Arrays are (c, y, x), one channel per
+class, one pixel per stride cell; level ``l`` has pixel size ``mpp · stride · 2^l`` µm and a
+translation that puts each pixel's centre on the centre of the source pixels it covers. The
+thresholded map is an OME-Zarr labels image (``labels/suspect``), and ``OME/METADATA.ome.xml``
+carries the physical pixel size for Bio-Formats.
+
+Block ownership: level-0 chunks are written only by the block that owns them, whole, and
+``write_empty_chunks`` is off, so an all-background chunk is simply absent (reads give the fill
+value, NaN = not scored). Higher levels are built after all blocks, one whole chunk at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numcodecs
+import numpy as np
+import zarr
+
+from slidescore.types import Box
+
+UINT8_NOT_SCORED = 255
+UINT8_SCALE = 254.0
+
+
+@dataclass(frozen=True)
+class MosaicSpec:
+    """Everything that fixes the mosaic's layout (identical for every writer of one sample)."""
+
+    shape: tuple[int, int, int]
+    chunk: int
+    n_levels: int
+    dtype: str
+    cell_um: float
+    source_mpp: float
+    channel_names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    thresholds: tuple[float, ...]
+    name: str = "probabilities"
+
+
+def _compressor() -> numcodecs.Blosc:
+    return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+def _v2_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=_compressor(),
+        filters=None,
+        fill_value=fill,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": False},
+        overwrite=True,
+    )
+
+
+def level_shape(shape: tuple[int, ...], level: int) -> tuple[int, ...]:
+    """Shape of pyramid level ``level`` (each level halves y and x, rounding up)."""
+    *lead, h, w = shape
+    f = 2**level
+    return (*lead, -(-h // f), -(-w // f))
+
+
+def _transforms(spec: MosaicSpec, level: int, with_channel: bool) -> list[dict[str, Any]]:
+    px_um = spec.cell_um * 2**level
+    # Pixel centre of a level pixel covering source pixels [i·n, (i+1)·n) sits at ((n − 1) / 2) · mpp.
+    n_src = spec.cell_um / spec.source_mpp * 2**level
+    offset = (n_src - 1) / 2 * spec.source_mpp
+    lead = [1.0] if with_channel else []
+    lead0 = [0.0] if with_channel else []
+    return [
+        {"type": "scale", "scale": [*lead, px_um, px_um]},
+        {"type": "translation", "translation": [*lead0, offset, offset]},
+    ]
+
+
+def _axes(with_channel: bool) -> list[dict[str, str]]:
+    yx = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    return ([{"name": "c", "type": "channel"}] if with_channel else []) + yx
+
+
+def _multiscales(spec: MosaicSpec, name: str, with_channel: bool, method: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": _axes(with_channel),
+            "datasets": [
+                {"path": str(lvl), "coordinateTransformations": _transforms(spec, lvl, with_channel)}
+                for lvl in range(spec.n_levels)
+            ],
+            "type": method,
+            "metadata": {"description": f"2x2 {method} downsampling, computed by slidescore"},
+        }
+    ]
+
+
+def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> None:
+    """Create (or re-create) the empty mosaic: metadata, all level arrays, labels, OME-XML."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    fill: Any = float("nan") if spec.dtype == "float32" else UINT8_NOT_SCORED
+    end = 1.0 if spec.dtype == "float32" else UINT8_SCALE
+    for lvl in range(spec.n_levels):
+        _v2_array(root, str(lvl), level_shape(spec.shape, lvl), (1, spec.chunk, spec.chunk), spec.dtype, fill)
+    root.attrs.update(
+        {
+            "multiscales": _multiscales(spec, spec.name, True, "mean"),
+            "omero": {
+                "version": "0.4",
+                "name": spec.name,
+                "channels": [
+                    {
+                        "label": name,
+                        "color": "%02X%02X%02X" % tuple(color),
+                        "window": {"start": 0.0, "end": end, "min": 0.0, "max": end},
+                        "active": True,
+                        "coefficient": 1.0,
+                        "family": "linear",
+                        "inverted": False,
+                    }
+                    for name, color in zip(spec.channel_names, spec.colors, strict=True)
+                ],
+                "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+            },
+            "slidescore": attrs,
+        }
+    )
+    labels = root.create_group("labels")
+    labels.attrs["labels"] = ["suspect"]
+    lab = labels.create_group("suspect")
+    for lvl in range(spec.n_levels):
+        _v2_array(lab, str(lvl), level_shape(spec.shape[1:], lvl), (spec.chunk, spec.chunk), "uint8", 0)
+    lab.attrs.update(
+        {
+            "multiscales": _multiscales(spec, "suspect", False, "max"),
+            "image-label": {
+                "version": "0.4",
+                "colors": [
+                    {"label-value": i + 1, "rgba": [*color, 255]} for i, color in enumerate(spec.colors)
+                ],
+                "properties": [
+                    {"label-value": i + 1, "class": name, "threshold": t}
+                    for i, (name, t) in enumerate(zip(spec.channel_names, spec.thresholds, strict=True))
+                ],
+                "source": {"image": "../../"},
+            },
+        }
+    )
+    (path / "OME").mkdir(exist_ok=True)
+    (path / "OME" / "METADATA.ome.xml").write_text(ome_xml(spec))
+
+
+def ome_xml(spec: MosaicSpec) -> str:
+    """Minimal OME-XML with the physical pixel size of level 0 (read by Bio-Formats / QuPath)."""
+    c, h, w = spec.shape
+    ptype = "float" if spec.dtype == "float32" else "uint8"
+    channels = "".join(
+        f'<Channel ID="Channel:0:{i}" Name="{escape(n)}" SamplesPerPixel="1"/>' for i, n in enumerate(spec.channel_names)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
+        'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">'
+        f'<Image ID="Image:0" Name="{escape(spec.name)}">'
+        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{ptype}" SizeX="{w}" SizeY="{h}" SizeC="{c}" '
+        f'SizeZ="1" SizeT="1" PhysicalSizeX="{spec.cell_um}" PhysicalSizeXUnit="µm" '
+        f'PhysicalSizeY="{spec.cell_um}" PhysicalSizeYUnit="µm">'
+        f"{channels}<MetadataOnly/></Pixels></Image></OME>\n"
+    )
+
+
+def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities (NaN = not scored) → stored values."""
+    if dtype == "float32":
+        return prob.astype(np.float32)
+    out = np.full(prob.shape, UINT8_NOT_SCORED, np.uint8)
+    ok = ~np.isnan(prob)
+    out[ok] = np.rint(np.clip(prob[ok], 0, 1) * UINT8_SCALE).astype(np.uint8)
+    return out
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored values → float32 probabilities with NaN for cells not scored."""
+    if stored.dtype == np.uint8:
+        out = stored.astype(np.float32) / UINT8_SCALE
+        out[stored == UINT8_NOT_SCORED] = np.nan
+        return out
+    return stored.astype(np.float32)
+
+
+def threshold_labels(prob: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarray:
+    """Label image: 1 + index of the most probable class at or above its threshold, else 0."""
+    p = np.nan_to_num(prob, nan=-1.0)
+    above = p >= np.asarray(thresholds, dtype=np.float32)[:, None, None]
+    best = np.where(above, p, -np.inf).argmax(axis=0)
+    return np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
+
+
+def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
+    """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
+    root = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    root["0"][:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
+    root["labels/suspect/0"][cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
+
+
+def build_pyramid(path: str | Path, spec: MosaicSpec) -> None:
+    """Fill levels 1… from the level below, one output chunk at a time (bounded memory)."""
+    root = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    c = spec.chunk
+    for lvl in range(1, spec.n_levels):
+        src, dst = root[str(lvl - 1)], root[str(lvl)]
+        lsrc, ldst = root[f"labels/suspect/{lvl - 1}"], root[f"labels/suspect/{lvl}"]
+        _, h, w = dst.shape
+        for y in range(0, h, c):
+            for x in range(0, w, c):
+                block = decode(np.asarray(src[:, 2 * y : 2 * (y + c), 2 * x : 2 * (x + c)]))
+                dst[:, y : y + c, x : x + c] = encode(nanmean_2x2(block), spec.dtype)
+                lab = np.asarray(lsrc[2 * y : 2 * (y + c), 2 * x : 2 * (x + c)])
+                ldst[y : y + c, x : x + c] = max_2x2(lab)
+
+
+def nanmean_2x2(a: np.ndarray) -> np.ndarray:
+    """2×2 mean over the last two axes ignoring NaN (all-NaN → NaN); odd edges average what exists."""
+    *lead, h, w = a.shape
+    hh, ww = h + h % 2, w + w % 2
+    pad = np.full((*lead, hh, ww), np.nan, np.float32)
+    pad[..., :h, :w] = a
+    blocks = pad.reshape(*lead, hh // 2, 2, ww // 2, 2)
+    ok = ~np.isnan(blocks)
+    n = ok.sum(axis=(-3, -1))
+    s = np.where(ok, blocks, 0).sum(axis=(-3, -1))
+    out = np.full(n.shape, np.nan, np.float32)
+    np.divide(s, n, out=out, where=n > 0)
+    return out
+
+
+def max_2x2(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape
+    pad = np.zeros((h + h % 2, w + w % 2), a.dtype)
+    pad[:h, :w] = a
+    return pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).max(axis=(1, 3))
+
+
+def read_level(path: str | Path, level: int = 0) -> np.ndarray:
+    """Whole level as float32 probabilities (c, y, x), NaN = not scored."""
+    root = zarr.open_group(str(path), mode="r")
+    return decode(np.asarray(root[str(level)][...]))
+
+
+def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -> None:
+    """Save the foreground mask (fraction per cell, uint8 0–255) as a single-channel OME-Zarr."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    one = MosaicSpec(
+        shape=(1, *frac.shape), chunk=spec.chunk, n_levels=1, dtype="uint8", cell_um=spec.cell_um,
+        source_mpp=spec.source_mpp, channel_names=("foreground",), colors=((255, 255, 255),), thresholds=(0.5,),
+        name="foreground",
+    )
+    arr = _v2_array(root, "0", one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)
+    arr[0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+    root.attrs.update({"multiscales": _multiscales(one, "foreground", True, "mean")})
+    root.attrs["omero"] = {
+        "version": "0.4",
+        "name": "foreground",
+        "channels": [{"label": "foreground fraction", "color": "FFFFFF", "window": {"start": 0, "end": 255, "min": 0, "max": 255}, "active": True}],
+        "rdefs": {"model": "greyscale"},
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False)

@@ -1,0 +1,18 @@
+"""Patch classifiers: architectures, model cards, loading and scoring.
+
+The only place that imports torch. :func:`load_model` turns a model reference from the config
+into a :class:`PatchClassifier` (a torch module plus its :class:`ModelCard`), which scores a block
+of pixels either densely (one pass, every patch at once) or patch by patch in large batches.
+"""
+
+from slidescore.model.card import ModelCard
+
+__all__ = ["ModelCard", "PatchClassifier", "load_model"]
+
+
+def __getattr__(name: str):  # lazy: importing the card must not import torch
+    if name in ("PatchClassifier", "load_model"):
+        from slidescore.model import scoring
+
+        return getattr(scoring, name)
+    raise AttributeError(name)

@@ -1,0 +1,130 @@
+"""The model card: everything the scorer must know about a patch classifier besides its weights.
+
+A card is a small YAML/JSON document stored beside the weights. It fixes the patch size and
+resolution the model was trained at, how pixels are normalised, what the outputs mean (classes and
+head), default decision thresholds, and whether the network can be run densely (fully
+convolutional, no zero padding, total stride dividing the scoring stride). This module is plain
+Python: it does not import torch, so configs and plans can be validated without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from slidescore.errors import ConfigError
+
+HEADS = ("binary_sigmoid", "softmax", "multilabel_sigmoid")
+COLOR_SPACES = ("RGB", "HSV", "GRAY")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Metadata of a patch classifier.
+
+    Attributes
+    ----------
+    patch_px
+        Edge of the square input patch, in pixels at ``mpp``.
+    mpp
+        Resolution the model expects, in µm per pixel.
+    classes
+        One name per output channel. A binary sigmoid model has one class (the positive one).
+    head
+        ``binary_sigmoid``, ``softmax`` or ``multilabel_sigmoid``: how logits become probabilities.
+    thresholds
+        Default decision threshold per class, used for the label image and the suspect regions.
+    mean, std
+        Per-channel normalisation applied after scaling pixels to [0, 1].
+    dense
+        The network is fully convolutional without zero padding, so one pass over a block gives the
+        score of every patch in it (see ``network_stride_px``).
+    network_stride_px
+        Total stride of the network; dense scoring needs it to divide the scoring stride.
+    pad_value
+        Pixel value used where a patch extends past the image border (the background colour).
+    """
+
+    name: str
+    patch_px: int
+    mpp: float
+    classes: tuple[str, ...]
+    head: str = "binary_sigmoid"
+    thresholds: tuple[float, ...] = (0.5,)
+    color_space: str = "RGB"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    architecture: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    dense: bool = False
+    network_stride_px: int = 1
+    pad_value: int = 255
+    colors: tuple[tuple[int, int, int], ...] = ()
+    version: str = "0"
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.patch_px, int) or self.patch_px <= 0:
+            raise ConfigError(f"model card {self.name!r}: patch_px must be a positive int, got {self.patch_px!r}")
+        if not self.mpp or self.mpp <= 0:
+            raise ConfigError(f"model card {self.name!r}: mpp must be a positive number of µm/px, got {self.mpp!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"model card {self.name!r}: head must be one of {HEADS}, got {self.head!r}")
+        if self.color_space not in COLOR_SPACES:
+            raise ConfigError(
+                f"model card {self.name!r}: color_space must be one of {COLOR_SPACES}, got {self.color_space!r}"
+            )
+        if not self.classes:
+            raise ConfigError(f"model card {self.name!r}: classes must name at least one class")
+        if len(self.thresholds) != len(self.classes):
+            raise ConfigError(
+                f"model card {self.name!r}: thresholds has {len(self.thresholds)} values for "
+                f"{len(self.classes)} classes; give one threshold per class"
+            )
+        n_channels = 1 if self.color_space == "GRAY" else 3
+        if len(self.mean) != n_channels or len(self.std) != n_channels:
+            raise ConfigError(
+                f"model card {self.name!r}: mean/std need {n_channels} values for color_space {self.color_space}"
+            )
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.color_space == "GRAY" else 3
+
+    def class_colors(self) -> list[tuple[int, int, int]]:
+        """One RGB colour per class (the card's, or a fixed palette)."""
+        palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+        if len(self.colors) == self.n_classes:
+            return [tuple(c) for c in self.colors]  # type: ignore[misc]
+        return [palette[i % len(palette)] for i in range(self.n_classes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = [list(x) if isinstance(x, tuple) else x for x in v]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model card: unknown keys {unknown}; known keys are {sorted(known)}")
+        kw = dict(data)
+        for key in ("classes", "thresholds", "mean", "std"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "colors" in kw:
+            kw["colors"] = tuple(tuple(c) for c in kw["colors"])
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"model card: {e}; required keys are name, patch_px, mpp, classes") from e
