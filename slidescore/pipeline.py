@@ -262,6 +262,23 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     return plan
 
 
+def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
+    """Usage errors that need the model card (before any sample is touched)."""
+    s = cfg.tiling.stride_px
+    if card.patch_px % s:
+        divisors = [d for d in range(1, card.patch_px + 1) if card.patch_px % d == 0]
+        raise ConfigError(
+            f"tiling.stride_px: expected a positive int that divides patch_px={card.patch_px} of model "
+            f"{card.name!r}, got {s}; use one of {divisors}"
+        )
+    if cfg.model.mode == "dense" and (not card.dense or s % card.network_stride_px):
+        raise ConfigError(
+            f"model.mode: dense needs a dense-capable model whose network stride ({card.network_stride_px}) "
+            f"divides tiling.stride_px={s}; model {card.name!r} is {'dense' if card.dense else 'not dense'} — use auto"
+        )
+    thresholds_for(card, cfg)
+
+
 def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:
     if cfg.regions.thresholds is None:
         return tuple(card.thresholds)
@@ -445,6 +462,7 @@ def score_samples(uris: list[str], cfg: JobConfig, out_root: str, *, model: Any 
         from slidescore.model import load_model
 
         model = load_model(cfg.model.name, device=cfg.model.device)
+    check_config_for_model(cfg, model.card)
     Path(out_root).mkdir(parents=True, exist_ok=True)
     ids = unique_ids(uris)
     results = []

@@ -122,13 +122,18 @@ def _wave_at(params: tuple[np.ndarray, ...], y: np.ndarray, x: np.ndarray) -> np
 
 
 def _wave_grid(params: tuple[np.ndarray, ...], y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The field on the grid ``y × x`` via cos(A + B) = cos A cos B − sin A sin B."""
+    """The field on the grid ``y × x`` via cos(A + B) = cos A cos B − sin A sin B.
+
+    Summed term by term with elementwise ops (not a matrix product, whose rounding may depend on
+    the array shape), so a pixel's value does not depend on the region it is rendered in.
+    """
     fy, fx, phase, amp = params
-    ay = 2 * np.pi * np.multiply.outer(fy, y) + phase[:, None]
-    bx = 2 * np.pi * np.multiply.outer(fx, x)
-    return np.einsum("k,ky,kx->yx", amp, np.cos(ay), np.cos(bx)) - np.einsum(
-        "k,ky,kx->yx", amp, np.sin(ay), np.sin(bx)
-    )
+    out = np.zeros((len(y), len(x)))
+    for k in range(len(amp)):
+        ay = 2 * np.pi * fy[k] * y + phase[k]
+        bx = 2 * np.pi * fx[k] * x
+        out += amp[k] * (np.cos(ay)[:, None] * np.cos(bx)[None, :] - np.sin(ay)[:, None] * np.sin(bx)[None, :])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,16 +362,20 @@ def parasite_positions(layout: SmearLayout) -> np.ndarray:
 # rendering
 
 
-def _hash_unit(iy: np.ndarray, ix: np.ndarray, salt: int) -> np.ndarray:
-    """Uniform [0, 1) noise from integer coordinates (a murmur-style finaliser, wrapping uint32)."""
+def _hash_noise(iy: np.ndarray, ix: np.ndarray, salt: int) -> np.ndarray:
+    """Zero-mean, unit-std noise from integer coordinates (murmur-style finaliser, wrapping uint32).
+
+    The two 16-bit halves of one hash are summed, giving a triangular distribution.
+    """
     h = (iy.astype(np.uint32) * np.uint32(0x9E3779B1)) ^ (ix.astype(np.uint32) * np.uint32(0x85EBCA77))
-    h = h ^ np.uint32(salt & 0xFFFFFFFF)
+    h ^= np.uint32(salt & 0xFFFFFFFF)
     h ^= h >> np.uint32(16)
     h *= np.uint32(0x7FEB352D)
     h ^= h >> np.uint32(15)
     h *= np.uint32(0x846CA68B)
     h ^= h >> np.uint32(16)
-    return h.astype(np.float64) / 2.0**32
+    tri = (h & np.uint32(0xFFFF)).astype(np.float64) + (h >> np.uint32(16)).astype(np.float64)
+    return (tri - 65535.0) * (math.sqrt(6.0) / 65536.0)
 
 
 def _query(g: _Primitives, y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
@@ -408,7 +417,7 @@ def _accumulate(od: np.ndarray, g: _Primitives, y: int, x: int, h: int, w: int, 
         val = np.clip((1 - rho) * r_eq / ramp + 0.5, 0.0, 1.0)
         pal = g.pallor[idx]
         if pal.any():
-            val *= 1 - pal[:, None, None] * np.exp(-((rho / 0.5) ** 2))
+            val *= 1 - pal[:, None, None] * np.exp(-4.0 * (u * u + v * v))
     ry, rx = py - y, px - x
     inside = ((ry >= 0) & (ry < h))[:, :, None] & ((rx >= 0) & (rx < w))[:, None, :] & (val > 0)
     lin = (ry[:, :, None] * w + rx[:, None, :])[inside]
@@ -440,10 +449,9 @@ def render_region(layout: SmearLayout, y: int, x: int, h: int, w: int, downsampl
                       + tilt[0] * (yc / spec.height_px - 0.5)[:, None] + tilt[1] * (xc / spec.width_px - 0.5)[None, :])
     iy, ix = np.meshgrid(np.arange(y, y + h, dtype=np.int64), np.arange(x, x + w, dtype=np.int64), indexing="ij")
     out = np.empty((h, w, 3), np.uint8)
-    sigma = spec.noise_level / d * math.sqrt(12.0) / math.sqrt(2.0)  # sum of two uniforms, std = noise/d
+    sigma = spec.noise_level / d  # a level pixel averages d² level-0 pixels
     for ch in range(3):
-        salt = spec.seed * 7919 + d * 104729 + ch * 15485863
-        noise = (_hash_unit(iy, ix, salt) + _hash_unit(iy, ix, salt ^ 0x5BD1E995) - 1.0) * sigma
+        noise = _hash_noise(iy, ix, spec.seed * 7919 + d * 104729 + ch * 15485863) * sigma
         val = spec.background_rgb[ch] * light * np.exp(-od[ch].reshape(h, w)) + noise
         out[..., ch] = np.clip(np.rint(val), 0, 255)
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
+import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,15 @@ def load_model(name: str, *, device: str = "auto") -> PatchClassifier:
     raise ModelLoadError(f"model {name}: no model card found; put {path.name}.card.json or card.json beside it", path=name)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry compiled ``code/``; state dicts saved with torch.save do not."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _load_package(folder: Path, device: str, source: str) -> PatchClassifier:
     card = _read_card(folder / "card.json")
     for fname in ("weights.pt", "model.ts", "model.pt"):
@@ -174,9 +185,15 @@ def _load_package(folder: Path, device: str, source: str) -> PatchClassifier:
 def _load_file(path: Path, card: ModelCard, device: str, source: str) -> PatchClassifier:
     checksum = _sha256(path)
     module: torch.nn.Module
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError):
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                # TorchScript is deprecated in favour of torch.export, but it is what users ship today.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"model {path}: TorchScript archive cannot be loaded ({e})", path=str(path)) from None
+    else:
         if not card.architecture:
             raise ModelLoadError(
                 f"model {path}: not TorchScript and the card names no built-in architecture to load a state dict into",

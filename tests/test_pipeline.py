@@ -1,0 +1,127 @@
+"""End to end on one machine: TIFF in, OME-Zarr mosaic and regions out; invariants of the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slidescore.config import JobConfig
+from slidescore.io import mosaic as mz
+from slidescore.model import load_model
+from slidescore.pipeline import score_samples
+from slidescore.tiling import PatchGrid
+from tests.conftest import textured_image, write_tiff
+from tests.test_blend import full_res_reference
+
+
+def _cfg(out: Path, **sections: dict) -> JobConfig:
+    base = {"output": {"uri": str(out)}, "mask": {"min_foreground_frac": 0.05}}
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return JobConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def smear_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    img = textured_image(600, 520, seed=5, fg_box=(90, 60, 380, 300))
+    return write_tiff(tmp_path_factory.mktemp("img") / "slide.tif", img, mpp=0.5), img
+
+
+def test_constant_model_blends_to_constant_everywhere_it_scored(tmp_path: Path, smear_like, constant_model_dir: Path) -> None:
+    tif, _ = smear_like
+    model = load_model(str(constant_model_dir))
+    (res,) = score_samples([str(tif)], _cfg(tmp_path), str(tmp_path), model=model)
+    prob = mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0)
+    scored = ~np.isnan(prob[0])
+    assert 0 < scored.mean() < 1  # background cells are marked not scored, not 0
+    np.testing.assert_allclose(prob[0][scored], 0.7, atol=1e-6)
+    assert res.run["patches"]["scored"] + res.run["patches"]["skipped_background"] == res.run["patches"]["total"]
+
+
+def test_uniform_blend_equals_bruteforce_full_resolution_mean(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    tif, img = smear_like
+    model = load_model(str(random_model_dir))
+    cfg = _cfg(tmp_path, mask={"method": "none"}, tiling={"chunk_cells": 8})
+    (res,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    prob = mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0)
+    # brute force: crop every patch (padded with the card's pad value), score it alone, sum/count per pixel
+    grid = PatchGrid(*img.shape[:2], 64, 16)
+    py, px = grid.patches_shape
+    padded = np.full((img.shape[0] + 64, img.shape[1] + 64, 3), 235, np.uint8)
+    padded[: img.shape[0], : img.shape[1]] = img
+    crops = np.stack([padded[a * 16 : a * 16 + 64, b * 16 : b * 16 + 64] for a in range(py) for b in range(px)])
+    with torch.no_grad():
+        x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+        scores = torch.sigmoid(model.module(x))[:, 0, 0, 0].numpy().reshape(1, py, px)
+    ref = full_res_reference(scores, np.ones((py, px), bool), grid)
+    up = np.repeat(np.repeat(prob, 16, axis=1), 16, axis=2)[:, : img.shape[0], : img.shape[1]]
+    np.testing.assert_allclose(up, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "gaussian"])
+def test_small_blocks_equal_one_block_covering_the_image(tmp_path: Path, smear_like, random_model_dir: Path, weights: str) -> None:
+    tif, _ = smear_like
+    model = load_model(str(random_model_dir))
+    maps = []
+    for chunk in (16, 64):  # 16 cells = 256 px blocks; 64 cells covers the whole 600×520 image in one block
+        out = tmp_path / f"c{chunk}"
+        (res,) = score_samples([str(tif)], _cfg(out, tiling={"chunk_cells": chunk}, blending={"weights": weights}), str(out), model=model)
+        assert res.run["blocks"]["total"] == (1 if chunk == 64 else 3 * 3)
+        maps.append(mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0))
+    assert np.nanmax(np.abs(maps[0] - maps[1])) <= 1e-6
+    assert np.array_equal(np.isnan(maps[0]), np.isnan(maps[1]))
+
+
+def test_dense_equals_per_patch(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    tif, _ = smear_like
+    model = load_model(str(random_model_dir))
+    maps = []
+    for mode in ("dense", "per_patch"):
+        out = tmp_path / mode
+        (res,) = score_samples([str(tif)], _cfg(out, model={"mode": mode, "batch_size": 37}), str(out), model=model)
+        maps.append(mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0))
+    assert np.nanmax(np.abs(maps[0] - maps[1])) <= 1e-5
+
+
+def test_rerun_is_skipped_and_outputs_unchanged(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    tif, _ = smear_like
+    model = load_model(str(random_model_dir))
+    cfg = _cfg(tmp_path)
+    (first,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    before = (Path(first.out_dir) / "regions.geojson").read_bytes()
+    (second,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    assert first.status == "ok" and second.status == "skipped"
+    assert (Path(first.out_dir) / "regions.geojson").read_bytes() == before
+
+
+def test_resume_scores_only_missing_blocks_and_matches(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    tif, _ = smear_like
+    model = load_model(str(random_model_dir))
+    cfg = _cfg(tmp_path, tiling={"chunk_cells": 16})
+    (first,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    out = Path(first.out_dir)
+    clean = mz.read_level(out / "probabilities.ome.zarr", 0)
+    # simulate an interrupted run: no completion marker, two block markers lost (their chunks rewritten)
+    (out / "_SUCCESS").unlink()
+    markers = sorted((out / ".blocks").rglob("*.json"))
+    for m in markers[:2]:
+        m.unlink()
+    (res,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    assert res.run["blocks"]["resumed"] == len(markers) - 2
+    np.testing.assert_array_equal(mz.read_level(out / "probabilities.ome.zarr", 0), clean)
+
+
+def test_run_json_records_what_was_done(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    tif, _ = smear_like
+    model = load_model(str(random_model_dir))
+    (res,) = score_samples([str(tif)], _cfg(tmp_path), str(tmp_path), model=model)
+    run = json.loads((Path(res.out_dir) / "run.json").read_text())
+    assert run["model"]["sha256"] == model.checksum and len(run["model"]["sha256"]) == 64
+    assert run["input"]["mpp0"] == pytest.approx(0.5) and run["input"]["mpp_source"].startswith("tiff:")
+    assert run["config"]["tiling"]["stride_px"] == 16
+    assert set(run["timings_s"]) >= {"open_s", "mask_s", "score_s", "total_s"}
+    assert (Path(res.out_dir) / "_SUCCESS").exists()
