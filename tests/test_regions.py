@@ -1,0 +1,64 @@
+"""Suspect regions: components, measurements, ranking, and QuPath's GeoJSON rules."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from slidescore.regions import find_regions, regions_geojson
+
+
+def _map() -> np.ndarray:
+    p = np.full((1, 40, 50), 0.1, np.float32)
+    p[0, 5:8, 5:9] = 0.8  # 12 cells, peak 0.8
+    p[0, 6, 6] = 0.95
+    p[0, 30:32, 40:41] = 0.6  # 2 cells
+    p[0, 20:25, 20:25] = np.nan  # not scored: never a region
+    return p
+
+
+def test_components_are_measured_in_level0_pixels_and_um() -> None:
+    regs = find_regions(_map(), ["parasitized"], [0.5], cell_px0=32.0, mpp0=0.25)
+    assert [r.rank for r in regs] == [1, 2]
+    top = regs[0]
+    assert top.peak_probability == pytest.approx(0.95) and top.n_cells == 12
+    assert top.bbox_px == (5 * 32, 5 * 32, 3 * 32, 4 * 32)
+    assert top.area_um2 == pytest.approx(12 * (32 * 0.25) ** 2)
+    assert top.centroid_px == pytest.approx((6.5 * 32, 7.0 * 32))
+    assert top.peak_px == pytest.approx((6.5 * 32, 6.5 * 32))
+    assert top.bbox_um == pytest.approx(tuple(v * 0.25 for v in top.bbox_px))
+    assert regs[1].peak_probability == pytest.approx(0.6)
+
+
+def test_min_area_and_per_class_thresholds() -> None:
+    p = np.concatenate([_map(), _map()[:, ::-1]])
+    regs = find_regions(p, ["a", "b"], [0.5, 0.9], cell_px0=32.0, mpp0=0.25)
+    assert sorted((r.class_name, r.n_cells) for r in regs) == [("a", 2), ("a", 12), ("b", 1)]
+    regs = find_regions(p, ["a", "b"], [0.5, 0.9], cell_px0=32.0, mpp0=0.25, min_area_um2=2 * 64.0)
+    assert sorted((r.class_name, r.n_cells) for r in regs) == [("a", 2), ("a", 12)]
+
+
+def test_geojson_follows_qupath_rules() -> None:
+    regs = find_regions(_map(), ["parasitized"], [0.5], cell_px0=32.0, mpp0=0.25)
+    gj = json.loads(json.dumps(regions_geojson(regs, {"parasitized": (230, 25, 75)}, "s1")))
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    for f, r in zip(gj["features"], regs, strict=True):
+        assert f["type"] == "Feature"
+        uuid.UUID(f["id"])
+        geom = f["geometry"]
+        assert geom["type"] == "Polygon"
+        ring = geom["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) >= 4  # closed linear ring
+        xs, ys = [pt[0] for pt in ring], [pt[1] for pt in ring]
+        y, x, h, w = r.bbox_px
+        assert (min(xs), max(xs), min(ys), max(ys)) == (x, x + w, y, y + h)  # (x, y) order, level-0 px
+        props = f["properties"]
+        assert props["objectType"] == "annotation"
+        cls = props["classification"]
+        assert cls["name"] == "parasitized" and len(cls["color"]) == 3 and all(isinstance(c, int) for c in cls["color"])
+        assert all(isinstance(v, float) for v in props["measurements"].values())
+    # deterministic ids: a rerun writes identical bytes
+    assert regions_geojson(regs, {}, "s1")["features"][0]["id"] == gj["features"][0]["id"]
