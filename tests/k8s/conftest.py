@@ -1,0 +1,8 @@
+"""Make the helper modules beside the k8s tests importable by name under any pytest import mode."""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
