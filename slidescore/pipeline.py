@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
 import re
 import shutil
 import time
@@ -27,7 +26,13 @@ import numpy as np
 from slidescore import __version__
 from slidescore.blend import blend_cells, patch_weights
 from slidescore.config import JobConfig
-from slidescore.errors import ConfigError, InputError, ResolutionError, SlideScoreError, UnsupportedImageError
+from slidescore.errors import (
+    ConfigError,
+    InputError,
+    ResolutionError,
+    SlideScoreError,
+    UnsupportedImageError,
+)
 from slidescore.io import SlideReader, open_image, read_padded
 from slidescore.io import mosaic as mz
 from slidescore.io.outputs import append_jsonl, read_json, write_csv, write_json, write_text

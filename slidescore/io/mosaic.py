@@ -126,7 +126,7 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
                 "channels": [
                     {
                         "label": name,
-                        "color": "%02X%02X%02X" % tuple(color),
+                        "color": "".join(f"{v:02X}" for v in color),
                         "window": {"start": 0.0, "end": end, "min": 0.0, "max": end},
                         "active": True,
                         "coefficient": 1.0,

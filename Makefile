@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each sets up .venv first).
+# torch==2.13.0 is installed before the package so pip takes the local CPU wheel instead of
+# several GB of CUDA wheels; on a GPU machine see README "GPU install".
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/slidescore demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check slidescore jobs tests
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
