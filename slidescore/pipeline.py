@@ -36,6 +36,7 @@ from slidescore.errors import (
 from slidescore.io import SlideReader, open_image, read_padded
 from slidescore.io import mosaic as mz
 from slidescore.io.outputs import append_jsonl, read_json, write_csv, write_json, write_text
+from slidescore.io.overview import render_overview
 from slidescore.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 from slidescore.model.card import ModelCard
 from slidescore.regions import Region, find_regions, regions_geojson
@@ -133,6 +134,9 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
     d["output"].pop("overwrite")
     d["model"].pop("device")
     d["model"].pop("batch_size")
+    # which samples are in the job and how the cluster runs it never change a sample's outputs
+    d.pop("samples", None)
+    d.pop("cluster", None)
     payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -186,8 +190,12 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
     return cell_fractions(frac, src_px0, grid.cells_shape, cell_px0)
 
 
-def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str, sample_id: str | None = None) -> SamplePlan | None:
-    """Open, choose the level, mask, plan; create or reuse the mosaic. ``None`` = already done."""
+def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str, sample_id: str | None = None,
+                *, dry_run: bool = False) -> SamplePlan | None:
+    """Open, choose the level, mask, plan; create or reuse the mosaic. ``None`` = already done.
+
+    With ``dry_run`` nothing is created or changed under ``out_root`` (the plan is only computed).
+    """
     t0 = time.perf_counter()
     sample_id = sample_id or sample_id_for(uri)
     fp = fingerprint(uri) if Path(uri).exists() else {"uri": uri}
@@ -263,7 +271,8 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
         mpp_source=mpp_source, grid=grid, blocks=blocks, valid=valid, mosaic=spec, input_fingerprint=fp,
         timings={"open_s": t_open - t0, "mask_s": t_mask - t_open},
     )
-    _prepare_outputs(plan, cfg, cell_fg)
+    if not dry_run:
+        _prepare_outputs(plan, cfg, cell_fg)
     return plan
 
 
@@ -372,6 +381,11 @@ def finish_sample(plan: SamplePlan, records: list[BlockRecord], cfg: JobConfig, 
     write_csv(out / "regions.csv", [_region_row(r) for r in regions], REGION_COLUMNS)
     colors = dict(zip(card.classes, card.class_colors(), strict=True))
     write_json(out / "regions.geojson", regions_geojson(regions, colors, plan.sample_id))
+    reader = open_image(plan.uri)
+    try:
+        render_overview(reader, prob[0], cell_px0, regions, card.class_colors()[0], out / "overview.png")
+    finally:
+        reader.close()
     t2 = time.perf_counter()
     scored = sum(r.patches_scored for r in records)
     skipped = plan.grid.n_patches - scored
@@ -401,7 +415,7 @@ def finish_sample(plan: SamplePlan, records: list[BlockRecord], cfg: JobConfig, 
         "throughput": {"patches_per_s": scored / score_s if score_s else None,
                        "megapixels_per_s": plan.level_shape[0] * plan.level_shape[1] / 1e6 / max(1e-9, time.perf_counter() - t_start)},
         "outputs": {"mosaic": MOSAIC, "mask": MASK, "labels": f"{MOSAIC}/labels/suspect",
-                    "regions": ["regions.json", "regions.csv", "regions.geojson"]},
+                    "regions": ["regions.json", "regions.csv", "regions.geojson"], "overview": "overview.png"},
     }
     write_json(out / "run.json", run)
     write_json(out / SUCCESS, {"run_key": plan.run_key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

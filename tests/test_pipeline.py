@@ -125,3 +125,18 @@ def test_run_json_records_what_was_done(tmp_path: Path, smear_like, random_model
     assert run["config"]["tiling"]["stride_px"] == 16
     assert set(run["timings_s"]) >= {"open_s", "mask_s", "score_s", "total_s"}
     assert (Path(res.out_dir) / "_SUCCESS").exists()
+
+
+def test_overview_shows_the_overlay_where_the_model_fired(tmp_path: Path, smear_like, constant_model_dir: Path) -> None:
+    from PIL import Image
+
+    tif, img = smear_like
+    (res,) = score_samples([str(tif)], _cfg(tmp_path), str(tmp_path), model=load_model(str(constant_model_dir)))
+    ov = np.asarray(Image.open(Path(res.out_dir) / "overview.png"))
+    assert ov.shape[:2] == img.shape[:2]  # the image is small: the thumbnail is level 0
+    prob = mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0)[0]
+    # constant 0.7 where scored: those thumbnail pixels are tinted, background pixels are the source
+    cy, cx = np.argwhere(~np.isnan(prob))[len(np.argwhere(~np.isnan(prob))) // 2]
+    y, x = cy * 16 + 8, cx * 16 + 8
+    assert not np.array_equal(ov[y, x], img[y, x])
+    assert np.array_equal(ov[5, 5], img[5, 5])  # background corner untouched

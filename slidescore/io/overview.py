@@ -1,0 +1,58 @@
+"""``overview.png``: a thumbnail of the sample with the probability overlay and region outlines.
+
+What a person wants to see first: where the model fired. The thumbnail comes from the coarsest
+source level that is at least ``max_px`` wide (or the finest, if all are smaller), the overlay is the
+first class's probability (transparent where low or not scored) in the class colour, and the top
+regions are drawn as numbered boxes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from slidescore.io.readers import SlideReader
+from slidescore.regions import Region
+from slidescore.types import Box
+
+
+def render_overview(
+    reader: SlideReader,
+    prob: np.ndarray,
+    cell_px0: float,
+    regions: list[Region],
+    color: tuple[int, int, int],
+    path: str | Path,
+    *,
+    max_px: int = 1024,
+    top: int = 20,
+) -> None:
+    """Write the overview PNG. ``prob`` is one class's cell map (NaN = not scored)."""
+    levels = reader.levels
+    fits = [lv for lv in levels if max(lv.height, lv.width) <= max_px]
+    lv = max(fits, key=lambda v: v.width) if fits else min(levels, key=lambda v: v.width)
+    step = max(1, int(np.ceil(max(lv.height, lv.width) / max_px)))
+    thumb = np.asarray(reader.read(lv.index, Box(0, 0, lv.height, lv.width)))[::step, ::step]
+    if thumb.shape[-1] == 1:
+        thumb = np.repeat(thumb, 3, axis=-1)
+    thumb = thumb[..., :3].astype(np.float32)
+    if thumb.dtype != np.uint8 and thumb.max() > 255:
+        thumb = thumb / thumb.max() * 255
+    h, w = thumb.shape[:2]
+    px0 = lv.downsample * step  # level-0 pixels per thumbnail pixel
+    yy = np.minimum((np.arange(h) * px0 / cell_px0).astype(int), prob.shape[0] - 1)
+    xx = np.minimum((np.arange(w) * px0 / cell_px0).astype(int), prob.shape[1] - 1)
+    p = np.nan_to_num(prob[np.ix_(yy, xx)], nan=0.0)
+    alpha = np.clip((p - 0.2) / 0.6, 0, 1)[..., None] * 0.75
+    out = thumb * (1 - alpha) + np.asarray(color, np.float32) * alpha
+    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for r in regions[:top]:
+        y, x, bh, bw = (v / px0 for v in r.bbox_px)
+        pad = 3
+        draw.rectangle([x - pad, y - pad, x + bw + pad, y + bh + pad], outline=(255, 200, 0), width=2)
+        draw.text((x + bw + pad + 2, y - pad), str(r.rank), fill=(20, 20, 20))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
