@@ -23,15 +23,32 @@ from typing import Any
 import yaml
 
 SUPPORTED_FIELDS = frozenset(
-    {"apiVersion", "kind", "resources", "namespace", "images", "patches", "configMapGenerator",
-     "generatorOptions"}
+    {
+        "apiVersion",
+        "kind",
+        "resources",
+        "namespace",
+        "images",
+        "patches",
+        "configMapGenerator",
+        "generatorOptions",
+    }
 )
 # Kinds kustomize treats as cluster-scoped among those we could plausibly use; everything else
 # (custom resources included) gets the namespace.
 CLUSTER_SCOPED_KINDS = frozenset(
-    {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-     "PersistentVolume", "StorageClass", "PriorityClass", "RuntimeClass",
-     "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+    {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "PersistentVolume",
+        "StorageClass",
+        "PriorityClass",
+        "RuntimeClass",
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    }
 )
 
 Manifest = dict[str, Any]
@@ -83,7 +100,9 @@ def _load_kustomization(directory: Path) -> dict[str, Any]:
 # --- configMapGenerator -------------------------------------------------------------------------
 
 
-def _generate_config_maps(directory: Path, kustomization: dict[str, Any], objects: list[Manifest]) -> None:
+def _generate_config_maps(
+    directory: Path, kustomization: dict[str, Any], objects: list[Manifest]
+) -> None:
     generators = kustomization.get("configMapGenerator", [])
     if not generators:
         return
@@ -96,14 +115,18 @@ def _generate_config_maps(directory: Path, kustomization: dict[str, Any], object
     for generator in generators:
         unknown = set(generator) - {"name", "namespace", "behavior", "files"}
         if unknown:
-            raise UnsupportedKustomization(f"{directory}: configMapGenerator fields {sorted(unknown)}")
+            raise UnsupportedKustomization(
+                f"{directory}: configMapGenerator fields {sorted(unknown)}"
+            )
         data: dict[str, str] = {}
         for spec in generator.get("files", []):
             key, _, file_name = spec.rpartition("=") if "=" in spec else (None, "", spec)
             file_path = directory / file_name
             data[key or file_path.name] = file_path.read_text()
         name = generator["name"]
-        existing = [o for o in objects if o.get("kind") == "ConfigMap" and o["metadata"]["name"] == name]
+        existing = [
+            o for o in objects if o.get("kind") == "ConfigMap" and o["metadata"]["name"] == name
+        ]
         behavior = generator.get("behavior", "create")
         if behavior == "create":
             if existing:
@@ -111,10 +134,14 @@ def _generate_config_maps(directory: Path, kustomization: dict[str, Any], object
             metadata: dict[str, Any] = {"name": name}
             if "namespace" in generator:
                 metadata["namespace"] = generator["namespace"]
-            objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+            objects.append(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+            )
         elif behavior in ("merge", "replace"):
             if len(existing) != 1:
-                raise UnsupportedKustomization(f"{directory}: behavior {behavior} needs one base ConfigMap {name}")
+                raise UnsupportedKustomization(
+                    f"{directory}: behavior {behavior} needs one base ConfigMap {name}"
+                )
             target = existing[0]
             target["data"] = {**target.get("data", {}), **data} if behavior == "merge" else data
         else:
@@ -158,7 +185,9 @@ def _set_namespace(objects: list[Manifest], namespace: str) -> None:
 def _apply_patch(directory: Path, patch: dict[str, Any], objects: list[Manifest]) -> None:
     unknown = set(patch) - {"path", "patch", "target"}
     if unknown:
-        raise UnsupportedKustomization(f"{directory}: patch fields {sorted(unknown)} (e.g. options)")
+        raise UnsupportedKustomization(
+            f"{directory}: patch fields {sorted(unknown)} (e.g. options)"
+        )
     if ("path" in patch) == ("patch" in patch):
         raise UnsupportedKustomization(f"{directory}: a patch needs exactly one of path / patch")
     text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
@@ -252,7 +281,9 @@ def _apply_json6902(obj: Manifest, operations: list[dict[str, Any]]) -> None:
             else:
                 del parent[last]
         else:
-            raise UnsupportedKustomization(f"JSON 6902 operation {op!r} (move/copy) is not implemented")
+            raise UnsupportedKustomization(
+                f"JSON 6902 operation {op!r} (move/copy) is not implemented"
+            )
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -281,7 +312,11 @@ def _set_image(objects: list[Manifest], image: dict[str, Any]) -> None:
         if "digest" in image:
             return f"{name}@{image['digest']}"
         tag = image.get("newTag", tag)
-        return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest and "newTag" not in image else "")
+        return (
+            name
+            + (f":{tag}" if tag else "")
+            + (f"@{digest}" if digest and "newTag" not in image else "")
+        )
 
     # Like kustomize's image filter for kinds it has no field specs for (custom resources): any
     # `image` of an item in a `containers` / `initContainers` list, at any depth.
