@@ -147,6 +147,92 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SamplesConfig:
+    """Which images a job scores (used by ``jobs/score.py``; the CLI takes images as arguments).
+
+    ``uris`` lists images directly; ``manifest`` names a text file with one URI per line (blank
+    lines and ``#`` comments, whole-line or after the URI, are ignored; URIs cannot contain
+    spaces; a relative manifest path is resolved against the working directory).
+    Both may be given: the listed URIs come first, then the manifest's.
+    """
+
+    uris: tuple[str, ...] = ()
+    manifest: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        for u in self.uris:
+            if not u.strip():
+                raise ConfigError(f"{prefix}.uris: expected non-empty image URIs, got {u!r}")
+        if self.manifest is not None and not self.manifest.strip():
+            raise ConfigError(f"{prefix}.manifest: expected a path to a text file with one URI per line, got {self.manifest!r}")
+
+    def list_uris(self) -> list[str]:
+        """The URIs to score, in order: ``uris`` then the manifest's lines."""
+        uris = list(self.uris)
+        if self.manifest is not None:
+            p = Path(self.manifest)
+            try:
+                lines = p.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(
+                    f"samples.manifest: cannot read {str(p)!r} ({type(e).__name__}: {e}); expected a UTF-8 text "
+                    "file with one image URI per line"
+                ) from None
+            for n, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                uri, *rest = text.split(maxsplit=1)
+                if rest and not rest[0].startswith("#"):
+                    raise ConfigError(
+                        f"samples.manifest: {str(p)!r} line {n}: expected one URI per line (comments start with "
+                        f"'#'), got {text!r}"
+                    )
+                uris.append(uri)
+        return uris
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How ``jobs/score.py`` runs on Ray: a fixed pool of scoring actors.
+
+    ``address`` is passed to ``ray.init`` (``None``: the job's cluster, ``RAY_ADDRESS``, or a new
+    local instance). Each of the ``n_actors`` actors reserves ``num_cpus_per_actor`` CPUs and
+    ``num_gpus_per_actor`` GPUs (fractional values share a GPU; 0 on CPU-only clusters) and gets
+    at most ``max_in_flight_per_actor`` tasks at a time. A task whose actor died or that hit a
+    transient storage error is retried up to ``max_retries`` times. The run fails with a clear
+    error when no actor has started after ``actor_start_timeout_s`` seconds.
+    """
+
+    address: str | None = None
+    n_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    max_in_flight_per_actor: int = 2
+    max_retries: int = 3
+    actor_start_timeout_s: float = 600.0
+
+    def validate(self, prefix: str) -> None:
+        if self.address is not None and not self.address.strip():
+            raise ConfigError(f"{prefix}.address: expected null (auto) or a Ray address such as 'auto' or 'ray://head:10001', got {self.address!r}")
+        _positive_int(self.n_actors, f"{prefix}.n_actors")
+        _positive_int(self.max_in_flight_per_actor, f"{prefix}.max_in_flight_per_actor")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"{prefix}.max_retries: expected an integer >= 0, got {self.max_retries!r}")
+        if self.num_cpus_per_actor < 0:
+            raise ConfigError(f"{prefix}.num_cpus_per_actor: expected a number >= 0, got {self.num_cpus_per_actor!r}")
+        g = self.num_gpus_per_actor
+        if g < 0 or (g > 1 and g != int(g)):
+            raise ConfigError(
+                f"{prefix}.num_gpus_per_actor: expected 0, a fraction of one GPU (0 < g <= 1) or a whole number, got {g!r}"
+            )
+        if self.num_cpus_per_actor == 0 and g == 0:
+            raise ConfigError(f"{prefix}.num_cpus_per_actor: an actor must reserve some CPU or GPU; got 0 CPUs and 0 GPUs")
+        if self.actor_start_timeout_s <= 0:
+            raise ConfigError(f"{prefix}.actor_start_timeout_s: expected a positive number of seconds, got {self.actor_start_timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """The whole run configuration."""
 
@@ -157,6 +243,8 @@ class JobConfig:
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> JobConfig:
         for f in dataclasses.fields(self):
@@ -216,7 +304,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -93,7 +93,7 @@ def plan_blocks(grid: PatchGrid, chunk_cells: int, block_chunks: int = 1) -> lis
         raise ValueError("chunk_cells and block_chunks must be positive")
     edge = chunk_cells * block_chunks
     ny, nx = grid.cells_shape
-    blocks = []
+    blocks: list[Block] = []
     for row, y in enumerate(range(0, ny, edge)):
         for col, x in enumerate(range(0, nx, edge)):
             cells = Box(y, x, min(edge, ny - y), min(edge, nx - x))

@@ -213,11 +213,18 @@ def threshold_labels(prob: np.ndarray, thresholds: tuple[float, ...]) -> np.ndar
     return np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
 
 
+def _arr(root: zarr.Group, name: str) -> zarr.Array:
+    node = root[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{name} in {root.store} is not an array")
+    return node
+
+
 def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
     """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
     root = zarr.open_group(str(path), mode="r+", zarr_format=2)
-    root["0"][:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
-    root["labels/suspect/0"][cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
+    _arr(root, "0")[:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
+    _arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
 
 
 def build_pyramid(path: str | Path, spec: MosaicSpec) -> None:
@@ -225,8 +232,8 @@ def build_pyramid(path: str | Path, spec: MosaicSpec) -> None:
     root = zarr.open_group(str(path), mode="r+", zarr_format=2)
     c = spec.chunk
     for lvl in range(1, spec.n_levels):
-        src, dst = root[str(lvl - 1)], root[str(lvl)]
-        lsrc, ldst = root[f"labels/suspect/{lvl - 1}"], root[f"labels/suspect/{lvl}"]
+        src, dst = _arr(root, str(lvl - 1)), _arr(root, str(lvl))
+        lsrc, ldst = _arr(root, f"labels/suspect/{lvl - 1}"), _arr(root, f"labels/suspect/{lvl}")
         _, h, w = dst.shape
         for y in range(0, h, c):
             for x in range(0, w, c):
@@ -261,7 +268,7 @@ def max_2x2(a: np.ndarray) -> np.ndarray:
 def read_level(path: str | Path, level: int = 0) -> np.ndarray:
     """Whole level as float32 probabilities (c, y, x), NaN = not scored."""
     root = zarr.open_group(str(path), mode="r")
-    return decode(np.asarray(root[str(level)][...]))
+    return decode(np.asarray(_arr(root, str(level))[...]))
 
 
 def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -> None:

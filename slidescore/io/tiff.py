@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -81,7 +82,7 @@ class TiffReader:
 
     def _read_mpp(self) -> tuple[float | None, str]:
         tif = self._tif
-        page = tif.pages[0]
+        page: Any = tif.pages[0]
         if tif.is_ome and tif.ome_metadata:
             m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
             u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
@@ -138,13 +139,13 @@ def write_tiff_pyramid(
                     progress(1)
                 yield tile
 
-    opts: dict = dict(tile=(tile_px, tile_px), compression=compression, photometric="rgb", dtype="uint8")
+    opts: dict[str, Any] = dict(tile=(tile_px, tile_px), compression=compression, photometric="rgb", dtype="uint8")
     if compression == "jpeg":
         opts["compressionargs"] = {"level": 90}
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for lvl in range(n_levels):
             ds = 2**lvl
             h, w = -(-h0 // ds), -(-w0 // ds)
-            res = {} if mpp is None else dict(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
-            extra = dict(subifds=n_levels - 1, metadata=None) if lvl == 0 else dict(subfiletype=1)
+            res: dict[str, Any] = {} if mpp is None else dict(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
+            extra: dict[str, Any] = dict(subifds=n_levels - 1, metadata=None) if lvl == 0 else dict(subfiletype=1)
             tw.write(tiles(ds), shape=(h, w, 3), **opts, **res, **extra)

@@ -44,7 +44,7 @@ class ZarrImageReader:
             axes = ms.get("axes") or [{"name": n} for n in "tczyx"]
             names = [a["name"] if isinstance(a, dict) else a for a in axes]
             self._axes = "".join(n[0].upper() for n in names)
-            self._arrays = [node[d["path"]] for d in ms["datasets"]]
+            self._arrays = [node[d["path"]] for d in ms["datasets"]]  # type: ignore[misc]
             self.mpp, self.mpp_source = _scale_mpp(ms, names, axes)
         shapes = [self._yxc_shape(a) for a in self._arrays]
         self.levels = tuple(LevelInfo(i, h, w, downsample=shapes[0][1] / w) for i, (h, w, _) in enumerate(shapes))
