@@ -37,6 +37,7 @@ from slidescore.io import SlideReader, open_image, read_padded
 from slidescore.io import mosaic as mz
 from slidescore.io.outputs import append_jsonl, read_json, write_csv, write_json, write_text
 from slidescore.io.overview import render_overview
+from slidescore.io.storage import fingerprint
 from slidescore.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 from slidescore.model.card import ModelCard
 from slidescore.regions import Region, find_regions, regions_geojson
@@ -121,10 +122,6 @@ def sample_id_for(uri: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "sample"
 
 
-def fingerprint(uri: str) -> dict[str, Any]:
-    p = Path(uri)
-    st = p.stat()
-    return {"uri": str(p.resolve()), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: JobConfig) -> str:
@@ -198,8 +195,8 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     """
     t0 = time.perf_counter()
     sample_id = sample_id or sample_id_for(uri)
-    fp = fingerprint(uri) if Path(uri).exists() else {"uri": uri}
     reader = open_image(uri)
+    fp = fingerprint(uri)
     try:
         run_key = run_key_for(fp, model_checksum, card, cfg)
         out_dir = Path(out_root) / sample_id

@@ -66,3 +66,36 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def constant_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_package(tmp_path_factory.mktemp("models") / "const", constant=0.7)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's server mode) on loopback; yields its endpoint URL.
+
+    The AWS_* variables point every s3fs client of this process (and its children) at it.
+    """
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3fs_client(s3_server: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)

@@ -36,7 +36,13 @@ class SlideReader(Protocol):
 
 
 def open_image(uri: str) -> SlideReader:
-    """Open a TIFF-family file or a Zarr / OME-Zarr image by its path."""
+    """Open a TIFF-family file or a Zarr / OME-Zarr image by its path or fsspec URL (``s3://…``)."""
+    from slidescore.io import storage
+
+    if not storage.is_local(uri):
+        return _open_remote(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
     path = Path(uri)
     if not path.exists():
         raise SampleNotFoundError(
@@ -57,6 +63,26 @@ def open_image(uri: str) -> SlideReader:
     from slidescore.io.tiff import TiffReader
 
     return TiffReader(uri)
+
+
+def _open_remote(uri: str) -> SlideReader:
+    from slidescore.io import storage
+
+    fs, path = storage.filesystem(uri)
+    meta = storage.info(uri)
+    if meta.get("type") == "directory":
+        markers = (".zattrs", ".zgroup", ".zarray", "zarr.json")
+        if any(storage.with_retries(lambda m=m: fs.exists(f"{path.rstrip('/')}/{m}"), uri, "looking for Zarr metadata") for m in markers):
+            from slidescore.io.zarr_image import ZarrImageReader
+
+            return ZarrImageReader(uri)
+        raise UnsupportedImageError(f"{uri}: is a prefix but not a Zarr store (no .zattrs/.zgroup/zarr.json); "
+                                    "pass an image object or an OME-Zarr prefix", uri=uri)
+    if int(meta.get("size") or 0) == 0:
+        raise UnsupportedImageError(f"{uri}: object is empty (0 bytes); re-upload the image", uri=uri)
+    from slidescore.io.tiff import TiffReader
+
+    return TiffReader(uri, handle=storage.open_binary(uri))
 
 
 def read_padded(reader: SlideReader, level: int, box: Box, fill: float) -> np.ndarray:

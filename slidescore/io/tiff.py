@@ -16,8 +16,9 @@ import numpy as np
 import tifffile
 import zarr
 
-from slidescore.errors import UnsupportedImageError
+from slidescore.errors import InputError, TransientStorageError, UnsupportedImageError
 from slidescore.io.readers import as_yxc
+from slidescore.io.storage import with_retries
 from slidescore.types import Box, LevelInfo
 
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -26,10 +27,11 @@ _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1
 class TiffReader:
     """A pyramidal (or single-level) TIFF opened lazily."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, handle: Any = None) -> None:
         self.uri = uri
+        self._handle = handle
         try:
-            self._tif = tifffile.TiffFile(uri)
+            self._tif = tifffile.TiffFile(handle if handle is not None else uri)
             series = self._tif.series[0]
             self._levels = list(series.levels)
         except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
@@ -72,7 +74,10 @@ class TiffReader:
             else:
                 sl.append(slice(None))
         try:
-            data = np.asarray(arr[tuple(sl)])
+            data = with_retries(lambda: np.asarray(arr[tuple(sl)]), self.uri, f"reading level {level} box {box}") \
+                if self._handle is not None else np.asarray(arr[tuple(sl)])
+        except (InputError, TransientStorageError):
+            raise
         except Exception as e:  # decoders raise many types (imagecodecs errors, ValueError, OSError)
             raise UnsupportedImageError(
                 f"{self.uri}: failed to decode level {level} box {box} ({type(e).__name__}: {e}); the file may be truncated or corrupt",
@@ -108,6 +113,8 @@ class TiffReader:
 
     def close(self) -> None:
         self._tif.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def write_tiff_pyramid(

@@ -15,6 +15,7 @@ import zarr
 
 from slidescore.errors import UnsupportedImageError
 from slidescore.io.readers import as_yxc
+from slidescore.io.storage import is_local, storage_options
 from slidescore.types import Box, LevelInfo
 
 _UNITS_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
@@ -26,7 +27,11 @@ class ZarrImageReader:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         try:
-            node = zarr.open(uri, mode="r")
+            if is_local(uri):
+                node = zarr.open(uri, mode="r")
+            else:
+                store = zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options(uri), read_only=True)
+                node = zarr.open(store, mode="r")
         except Exception as e:  # zarr raises several types for non-Zarr content
             raise UnsupportedImageError(f"{uri}: not a readable Zarr store ({type(e).__name__}: {e})", uri=uri) from None
         self.mpp: float | None = None

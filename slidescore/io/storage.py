@@ -1,0 +1,138 @@
+"""Storage access through fsspec: local paths, ``s3://`` (s3fs) and other fsspec URLs.
+
+One filesystem instance per process and endpoint (fsspec caches instances; each Ray worker process
+builds its own). Endpoints and credentials come from the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID`` …, or the cloud's workload identity), never from configs. Image files are
+opened with a block cache sized for tile reads, never downloaded whole. Storage failures are mapped
+onto the error tree: missing → :class:`SampleNotFoundError`, access denied or a bad endpoint →
+:class:`InputError` with the fix, throttling / timeouts / 5xx → :class:`TransientStorageError`
+(retried with exponential backoff by :func:`with_retries`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+from slidescore.errors import InputError, SampleNotFoundError, TransientStorageError
+
+T = TypeVar("T")
+
+READ_BLOCK_BYTES = 1 << 20
+READ_CACHE_BLOCKS = 32
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol_of(uri) in ("file", "local")
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for a URI's protocol (S3: timeouts, adaptive retries, connection pool)."""
+    if protocol_of(uri) in ("s3", "s3a"):
+        opts: dict[str, Any] = {
+            "config_kwargs": {
+                "connect_timeout": float(os.environ.get("SLIDESCORE_S3_CONNECT_TIMEOUT", "10")),
+                "read_timeout": float(os.environ.get("SLIDESCORE_S3_READ_TIMEOUT", "60")),
+                "retries": {"max_attempts": int(os.environ.get("SLIDESCORE_S3_MAX_ATTEMPTS", "4")), "mode": "adaptive"},
+                "max_pool_connections": 16,
+            },
+        }
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        return opts
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The (cached) filesystem of a URI and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    return fs, path
+
+
+def classify(exc: BaseException, uri: str, what: str) -> Exception:
+    """Map a storage exception to slidescore's error tree, with a message that names the fix."""
+    if isinstance(exc, InputError | TransientStorageError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return SampleNotFoundError(f"{uri}: not found while {what}; check the bucket, key and spelling", uri=uri)
+    if isinstance(exc, PermissionError):
+        return InputError(f"{uri}: access denied while {what}; check the credentials (AWS_* or workload identity) "
+                          "and the bucket policy allow s3:GetObject and s3:ListBucket", uri=uri)
+    code = ""
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        code = str(resp.get("Error", {}).get("Code", ""))
+    name = type(exc).__name__
+    text = str(exc)
+    if code in _TRANSIENT_CODES or name in ("ReadTimeoutError", "ConnectTimeoutError", "TimeoutError", "ServerDisconnectedError") \
+            or "SlowDown" in text or "503" in text:
+        return TransientStorageError(f"{uri}: transient storage error while {what} ({name}: {text})", uri=uri)
+    if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectionRefusedError") or "Could not connect" in text \
+            or isinstance(exc, ConnectionError):
+        return InputError(f"{uri}: cannot reach the storage endpoint while {what} ({text}); check AWS_ENDPOINT_URL "
+                          f"(now {os.environ.get('AWS_ENDPOINT_URL', 'unset')}) and the network", uri=uri)
+    if code in ("NoSuchBucket",):
+        return SampleNotFoundError(f"{uri}: bucket does not exist; check the bucket name", uri=uri)
+    return InputError(f"{uri}: storage error while {what} ({name}: {text})", uri=uri)
+
+
+def _storage_like(e: BaseException) -> bool:
+    mod = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError | InputError | TransientStorageError) or hasattr(e, "response") or \
+        mod in ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "requests")
+
+
+def with_retries(fn: Callable[[], T], uri: str, what: str, *, attempts: int = 4, base_delay_s: float = 0.2) -> T:
+    """Call ``fn``; retry transient failures with jittered exponential backoff; map errors."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # storage stacks raise many types; classify() sorts them
+            if not _storage_like(e):
+                raise  # e.g. a decoder error: the caller knows what it means
+            err = classify(e, uri, what)
+            if not isinstance(err, TransientStorageError) or attempt == attempts - 1:
+                raise err from e
+            time.sleep(base_delay_s * 2**attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def info(uri: str) -> dict[str, Any]:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.info(path), uri, "reading its metadata")
+
+
+def open_binary(uri: str) -> Any:
+    """A seekable read handle with a block cache suited to tile reads (no whole-file download)."""
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        return with_retries(lambda: open(path, "rb"), uri, "opening it")
+    return with_retries(
+        lambda: fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="blockcache",
+                        cache_options={"maxblocks": READ_CACHE_BLOCKS}),
+        uri, "opening it",
+    )
+
+
+def fingerprint(uri: str) -> dict[str, Any]:
+    """What identifies the input's content for run keys: size plus ETag (object stores) or mtime."""
+    meta = info(uri)
+    fp: dict[str, Any] = {"uri": uri if not is_local(uri) else os.path.abspath(filesystem(uri)[1]),
+                          "size_bytes": int(meta.get("size") or 0)}
+    etag = meta.get("ETag") or meta.get("etag")
+    if etag:
+        fp["etag"] = str(etag).strip('"')
+    elif "mtime" in meta:
+        fp["mtime"] = float(meta["mtime"]) if not hasattr(meta["mtime"], "timestamp") else meta["mtime"].timestamp()
+    return fp
