@@ -380,7 +380,7 @@ def finish_sample(plan: SamplePlan, records: list[BlockRecord], cfg: JobConfig, 
     write_json(out / "regions.geojson", regions_geojson(regions, colors, plan.sample_id))
     reader = open_image(plan.uri)
     try:
-        render_overview(reader, prob[0], cell_px0, regions, card.class_colors()[0], out / "overview.png")
+        render_overview(reader, prob[0], cell_px0, regions, out / "overview.png")
     finally:
         reader.close()
     t2 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 What a person wants to see first: where the model fired. The thumbnail comes from the coarsest
 source level that is at least ``max_px`` wide (or the finest, if all are smaller), the overlay is the
-first class's probability (transparent where low or not scored) in the class colour, and the top
+first class's probability (transparent where low or not scored) in azure — a colour stains rarely
+have, so it stands out on pink and purple tissue — and the top
 regions are drawn as numbered boxes.
 """
 
@@ -23,9 +24,9 @@ def render_overview(
     prob: np.ndarray,
     cell_px0: float,
     regions: list[Region],
-    color: tuple[int, int, int],
     path: str | Path,
     *,
+    color: tuple[int, int, int] = (0, 150, 255),
     max_px: int = 1024,
     top: int = 20,
 ) -> None:
