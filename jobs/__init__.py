@@ -1,0 +1,1 @@
+"""Cluster entrypoints (``ray job submit … -- python -m jobs.score``); thin wrappers, no business logic."""

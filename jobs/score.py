@@ -1,0 +1,97 @@
+"""Ray job entrypoint: score the samples of a job config on the cluster this job runs on.
+
+``python -m jobs.score --config job.yaml [--output DIR] [--dry-run] [--quiet]``, usually through
+``ray job submit --working-dir . -- python -m jobs.score --config job.yaml``. The samples come from
+the config (``samples.uris`` and/or ``samples.manifest``), the pool from ``cluster``. ``--dry-run``
+validates the config, loads the model and plans every sample without writing anything.
+
+Exit codes: 0 all samples ok (or, with ``--dry-run``, all plannable), 1 some samples failed (see
+``failures.jsonl``), 2 usage, config, model or cluster error (nothing was scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from slidescore.errors import ConfigError, ModelLoadError
+
+EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", required=True, help="job YAML with samples.uris / samples.manifest and a cluster section")
+    p.add_argument("--output", "-o", help="output folder (overrides output.uri)")
+    p.add_argument("--dry-run", action="store_true", help="validate, load the model, plan every sample; write nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def print_dry_run(rows: list[dict[str, Any]]) -> int:
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"FAILED    {r['sample_id']}: {r['error']}", file=sys.stderr)
+        elif r["status"] == "complete":
+            print(f"complete  {r['sample_id']}: finished outputs of this run exist; would skip")
+        else:
+            print(f"to score  {r['sample_id']}: level {r['level']} ({r['level_mpp']:.3g} µm/px, {r['level_shape'][0]}×{r['level_shape'][1]} px), "
+                  f"{r['blocks']} blocks ({r['blocks_done']} already done), {r['patches_to_score']:,} of {r['patches_total']:,} patches to score")
+    n_bad = sum(r["status"] == "failed" for r in rows)
+    print(f"dry run: {len(rows)} samples, {sum(r.get('blocks', 0) for r in rows)} blocks, "
+          f"{sum(r.get('patches_to_score', 0) for r in rows):,} patches to score; {n_bad} would fail; nothing written")
+    return EXIT_SAMPLES_FAILED if n_bad else EXIT_OK
+
+
+def print_summary(results: list[Any], run: dict[str, Any], out_root: str, seconds: float) -> int:
+    rows = {s["sample_id"]: s for s in run.get("samples", [])}
+    for r in results:
+        if r.status == "failed":
+            print(f"FAILED   {r.sample_id}: {r.error}", file=sys.stderr)
+            continue
+        row = rows.get(r.sample_id, {})
+        b = row.get("blocks", {})
+        if r.status == "skipped":
+            print(f"skipped  {r.sample_id}: already complete → {r.out_dir}")
+        else:
+            print(f"ok       {r.sample_id}: {b.get('done')} blocks ({b.get('resumed')} resumed), {row.get('patches_scored', 0):,} patches "
+                  f"scored on {len(row.get('actors', []))} actor(s), {r.run['regions']['total']} regions, {row.get('seconds', 0):.1f} s → {r.out_dir}")
+    failed = sum(r.status == "failed" for r in results)
+    print(f"{len(results) - failed}/{len(results)} samples ok in {seconds:.1f} s; outputs under {out_root}")
+    if failed:
+        print(f"{failed} sample(s) failed; details in {out_root}/failures.jsonl", file=sys.stderr)
+        return EXIT_SAMPLES_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from slidescore.config import load_config
+    from slidescore.distributed import ClusterError, dry_run_samples, score_samples_ray
+    from slidescore.io.outputs import read_json
+
+    try:
+        cfg = load_config(args.config)
+        if args.output:
+            cfg = cfg.replace(output={"uri": args.output})
+        uris = cfg.samples.list_uris()
+        if not uris:
+            raise ConfigError("samples: no samples to score; list image URIs in samples.uris or a file in samples.manifest")
+        out_root = cfg.output.uri
+        if args.dry_run:
+            return print_dry_run(dry_run_samples(uris, cfg, out_root))
+        t0 = time.perf_counter()
+        results = score_samples_ray(uris, cfg, out_root, progress=not args.quiet)
+    except (ConfigError, ModelLoadError, ClusterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return print_summary(results, read_json(f"{out_root}/run.json"), out_root, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,612 @@
+"""Scoring on a Ray cluster: a fixed pool of model-holding actors fed with blocks through ``ray.wait``.
+
+The driver plans every sample (:func:`~slidescore.pipeline.plan_sample`, one sample ahead of the
+actors, in a driver thread), puts each plan into the object store once, and feeds the blocks of all
+samples to a fixed pool of :class:`ScoringActor` s in sample order with no barrier between samples:
+when one sample's last blocks are in flight, idle actors already take the next sample's blocks.
+Each actor keeps at most ``cluster.max_in_flight_per_actor`` tasks. A sample is finished
+(:func:`~slidescore.pipeline.finish_sample`: pyramid, regions, files, ``_SUCCESS``) on the driver,
+in the same driver thread, as soon as its last block record arrives, while the actors go on.
+Sample order (rather than round-robin over samples) finishes the first samples early, keeps few
+readers open per actor, and leaves as many samples finished as possible when a job is stopped.
+Blocks without foreground ride along with the next block that has some, so a task is never empty.
+
+Why plain actors and ``ray.wait`` rather than Ray Data: our unit of work is a block of one sample
+that writes its own mosaic chunks (ARCHITECTURE invariant 2) and returns a small
+:class:`~slidescore.pipeline.BlockRecord`; we need those records per block (resume, progress,
+run records, finishing a sample the moment its last block is done), a fixed pool sized by the
+config (one actor per GPU, fractions of a GPU, or CPU actors; no autoscaling actor pools that
+load the model again and again), and fault handling that knows blocks and samples. A Ray Data
+pipeline would turn blocks into rows in batches it chooses, with retries and backpressure we
+cannot tie to a sample, for nothing we need.
+
+Faults: an actor that dies (``RayActorError``) is replaced and its in-flight blocks are
+resubmitted (a block rewrites the same bytes, so this is idempotent); a task that raises
+:class:`~slidescore.errors.TransientStorageError` is retried with exponential backoff; both at most
+``cluster.max_retries`` times per task. Any other error in a block (an ``InputError`` such as a
+corrupt tile) fails only that sample: it is recorded in ``failures.jsonl`` and its remaining
+blocks are dropped; other samples go on. A :class:`~slidescore.errors.ConfigError` stops the run.
+
+This is the only module that imports ray.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from slidescore import __version__
+from slidescore.config import ClusterConfig, JobConfig
+from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, TransientStorageError
+from slidescore.io import SlideReader, open_image
+from slidescore.io.outputs import append_jsonl, read_json, write_json
+from slidescore.pipeline import (
+    BlockRecord,
+    SamplePlan,
+    SampleResult,
+    check_config_for_model,
+    code_version,
+    finish_sample,
+    model_info,
+    plan_sample,
+    run_block,
+    unique_ids,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS_PER_TASK = 64  # blocks without foreground ride along with the next block that has some
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+KILL_WAIT_S = 30.0
+
+
+class ClusterError(SlideScoreError):
+    """The cluster cannot run the job (no actor could start, or Ray cannot be reached)."""
+
+
+class RunAborted(SlideScoreError):
+    """The run was stopped on purpose before it finished (``FaultInjection.abort_after_blocks``)."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Deterministic faults for tests; never set in production.
+
+    ``crash_on_task``: every first-generation actor exits (``os._exit``, like a killed process)
+    when its N-th task starts; replacements do not. ``transient_errors``: first-generation actors
+    raise ``TransientStorageError`` on their first N tasks.
+    ``abort_after_blocks``: the driver raises :class:`RunAborted` after that many block records.
+    """
+
+    crash_on_task: int | None = None
+    transient_errors: int = 0
+    abort_after_blocks: int | None = None
+
+
+# -- the actor --------------------------------------------------------------------------------
+@ray.remote
+class ScoringActor:
+    """One scoring process: the model loaded once, readers kept open per image URI."""
+
+    MAX_OPEN_READERS = 4
+
+    def __init__(self, cfg: JobConfig, device: str, crash_on_task: int | None = None, transient_errors: int = 0) -> None:
+        from slidescore.model import load_model
+
+        self.cfg = cfg
+        self.model = load_model(cfg.model.name, device=device)
+        self.readers: collections.OrderedDict[str, SlideReader] = collections.OrderedDict()
+        self.tasks = 0
+        self._crash_on = crash_on_task
+        self._transient = transient_errors
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.model.device), "checksum": self.model.checksum}
+
+    def score(self, plan: SamplePlan, block_indices: list[int]) -> list[BlockRecord]:
+        """Score some blocks of one sample (each writes its own chunks and completion marker)."""
+        self.tasks += 1
+        if self.tasks == self._crash_on:
+            os._exit(1)  # test hook: die like a killed process, mid-run
+        if self.tasks <= self._transient:
+            raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
+        reader = self._reader(plan.uri)
+        try:
+            return [run_block(plan, plan.blocks[i], reader, self.model, self.cfg) for i in block_indices]
+        except TransientStorageError:
+            self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
+            raise
+
+    def _reader(self, uri: str) -> SlideReader:
+        if uri in self.readers:
+            self.readers.move_to_end(uri)
+            return self.readers[uri]
+        reader = open_image(uri)
+        self.readers[uri] = reader
+        while len(self.readers) > self.MAX_OPEN_READERS:
+            self._drop_reader(next(iter(self.readers)))
+        return reader
+
+    def _drop_reader(self, uri: str) -> None:
+        reader = self.readers.pop(uri, None)
+        if reader is not None:
+            reader.close()
+
+
+# -- driver state -----------------------------------------------------------------------------
+@dataclass
+class _Sample:
+    sid: str
+    uri: str
+    t_start: float = 0.0
+    status: str = "waiting"  # waiting, planning, running, finishing, ok, skipped, failed
+    plan: SamplePlan | None = None
+    ref: Any = None
+    records: dict[int, BlockRecord] = field(default_factory=dict)
+    actors: set[str] = field(default_factory=set)
+    retries: int = 0
+    result: SampleResult | None = None
+    t_first_task: float | None = None
+    t_end: float | None = None
+    patches_scored: int = 0
+    bar: Any = None
+
+
+@dataclass
+class _Task:
+    sid: str
+    blocks: tuple[int, ...]
+    transient: int = 0
+    lost: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class _Slot:
+    index: int
+    gen: int = -1
+    actor: Any = None
+    ready_ref: Any = None
+    ready: bool = False
+    in_flight: int = 0
+    start_failures: int = 0
+    retired: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"a{self.index}" if self.gen == 0 else f"a{self.index}.{self.gen}"
+
+
+def actor_device(cfg: JobConfig) -> str:
+    """The torch device actors load the model on: the GPU Ray assigned them, or the CPU."""
+    gpus = cfg.cluster.num_gpus_per_actor
+    if gpus == 0:
+        if cfg.model.device.startswith("cuda"):
+            raise ConfigError(
+                f"model.device: {cfg.model.device!r} needs GPUs, but cluster.num_gpus_per_actor is 0; "
+                "reserve GPUs for the actors (e.g. 1 or 0.5) or use model.device auto/cpu"
+            )
+        return "cpu"
+    if cfg.model.device == "cpu":
+        raise ConfigError(
+            f"cluster.num_gpus_per_actor: {gpus} GPUs reserved per actor but model.device is 'cpu'; "
+            "set num_gpus_per_actor to 0 or model.device to auto"
+        )
+    return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU(s): it is always cuda:0 there
+
+
+def connect(cluster: ClusterConfig) -> bool:
+    """``ray.init`` unless already connected; returns whether this call connected."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=cluster.address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(
+            f"cluster.address: cannot connect to Ray at {cluster.address or 'auto/local'} ({type(e).__name__}: {e}); "
+            "check the address, that the head is running, and RAY_AUTH_MODE / the auth token"
+        ) from None
+    return True
+
+
+class _Driver:
+    """The scheduling loop of one :func:`score_samples_ray` call."""
+
+    def __init__(self, uris: list[str], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
+                 fault: FaultInjection | None) -> None:
+        from slidescore.model import load_model
+
+        self.cfg, self.out_root, self.progress = cfg, out_root, progress
+        self.fault = fault or FaultInjection()
+        self.device = actor_device(cfg)
+        # the driver needs the card and checksum only: load on the CPU, leave the GPUs to the actors
+        self.model = load_model(cfg.model.name, device="cpu")
+        check_config_for_model(cfg, self.model.card)
+        self.samples = [_Sample(sid, uri) for uri, sid in zip(uris, unique_ids(uris), strict=True)]
+        self.by_id = {s.sid: s for s in self.samples}
+        self.to_plan = collections.deque(self.samples)
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.delayed: list[_Task] = []
+        self.in_flight: dict[Any, tuple[_Task, int, int]] = {}
+        self.slots = [_Slot(i) for i in range(n_actors)]
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-driver")
+        self.jobs: dict[cf.Future, tuple[str, _Sample]] = {}
+        self.blocks_done = 0
+        self.actors_started = 0
+        self.actors_replaced = 0
+        self.devices: set[str] = set()
+        self.t0 = time.perf_counter()
+        self.t_pool: float | None = None
+
+    # -- actors ---------------------------------------------------------------------------
+    def _start(self, slot: _Slot) -> None:
+        c = self.cfg.cluster
+        slot.gen += 1
+        crash = self.fault.crash_on_task if slot.gen == 0 else None
+        transient = self.fault.transient_errors if slot.gen == 0 else 0
+        # restarts are ours (replace + resubmit, counted per task), not Ray's
+        options = {"num_cpus": c.num_cpus_per_actor, "num_gpus": c.num_gpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
+        slot.actor = ScoringActor.options(**options).remote(self.cfg, self.device, crash, transient)  # type: ignore[attr-defined]
+        slot.ready_ref = slot.actor.info.remote()
+        slot.ready = False
+        slot.in_flight = 0
+        self.actors_started += 1
+
+    def _start_pool(self) -> None:
+        """Start the actors once there is work (a rerun of finished samples loads no model anywhere)."""
+        if self.t_pool is not None:
+            return
+        self.t_pool = time.perf_counter()
+        for slot in self.slots:
+            self._start(slot)
+
+    def _replace(self, slot: _Slot, why: str) -> None:
+        log.warning("scoring actor %s lost (%s); starting a replacement", slot.label, why)
+        ray.kill(slot.actor, no_restart=True)
+        self.actors_replaced += 1
+        self._start(slot)
+
+    def _on_ready(self, slot: _Slot) -> None:
+        try:
+            info = ray.get(slot.ready_ref)
+        except RayError as e:
+            slot.start_failures += 1
+            ray.kill(slot.actor, no_restart=True)
+            if slot.start_failures > self.cfg.cluster.max_retries:
+                slot.retired = True
+                log.error("scoring actor slot %d failed to start %d times; giving it up: %s", slot.index, slot.start_failures, e)
+                if all(s.retired for s in self.slots):
+                    raise ModelLoadError(f"no scoring actor could start (last error: {e}); check model.name is readable "
+                                         "on the worker nodes and the actors' resources") from None
+                return
+            log.warning("scoring actor %s failed to start (%s); retrying", slot.label, e)
+            self._start(slot)
+            return
+        if info["checksum"] != self.model.checksum:
+            raise ModelLoadError(
+                f"model {self.cfg.model.name}: the actor on node {info['node_id']} loaded a different file "
+                f"(sha256 {info['checksum'][:12]}… ≠ {self.model.checksum[:12]}… on the driver); every node must see the same model"
+            )
+        slot.ready = True
+        slot.start_failures = 0
+        slot.ready_ref = None
+        self.devices.add(info["device"])
+
+    def _check_start_timeout(self) -> None:
+        if self.t_pool is None or any(s.ready for s in self.slots):
+            return
+        if time.perf_counter() - self.t_pool < self.cfg.cluster.actor_start_timeout_s:
+            return
+        c = self.cfg.cluster
+        raise ClusterError(
+            f"no scoring actor started within cluster.actor_start_timeout_s={c.actor_start_timeout_s:g} s; each asks for "
+            f"{c.num_cpus_per_actor:g} CPU and {c.num_gpus_per_actor:g} GPU, the cluster has {ray.cluster_resources()}; "
+            "lower num_cpus_per_actor / num_gpus_per_actor or add nodes"
+        )
+
+    # -- samples --------------------------------------------------------------------------
+    def _capacity(self) -> int:
+        return len(self.slots) * self.cfg.cluster.max_in_flight_per_actor
+
+    def _maybe_plan(self) -> None:
+        if not self.to_plan or any(kind == "plan" for kind, _ in self.jobs.values()):
+            return
+        if len(self.queue) + len(self.delayed) >= 2 * self._capacity():
+            return
+        s = self.to_plan.popleft()
+        s.status, s.t_start = "planning", time.perf_counter()
+        fut = self.pool.submit(plan_sample, s.uri, self.cfg, self.model.card, self.model.checksum, self.out_root, s.sid)
+        self.jobs[fut] = ("plan", s)
+
+    def _on_planned(self, s: _Sample, plan: SamplePlan | None) -> None:
+        if plan is None:
+            out = Path(self.out_root) / s.sid
+            s.status, s.t_end = "skipped", s.t_start
+            s.result = SampleResult(s.sid, s.uri, "skipped", str(out), [], read_json(out / "run.json"))
+            return
+        s.plan, s.status = plan, "running"
+        s.ref = ray.put(plan)  # the valid-patch grid travels to the object store once, not with every task
+        group: list[int] = []
+        for b in plan.blocks:
+            group.append(b.index)
+            p = b.patches
+            if plan.valid[p.y : p.y1, p.x : p.x1].any() or len(group) >= MAX_BLOCKS_PER_TASK:
+                self.queue.append(_Task(s.sid, tuple(group)))
+                group = []
+        if group:
+            self.queue.append(_Task(s.sid, tuple(group)))
+        self._start_pool()
+        if self.progress:
+            from tqdm import tqdm
+
+            s.bar = tqdm(total=len(plan.blocks), unit="block", desc=s.sid, leave=False, dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 15.0)  # job logs are files: few lines
+
+    def _fail(self, s: _Sample, err: BaseException, where: str) -> None:
+        if s.status in ("failed", "ok", "skipped"):
+            return
+        log.error("sample %s failed %s: %s", s.sid, where, err)
+        s.status, s.t_end = "failed", time.perf_counter()
+        s.ref = None
+        self.queue = collections.deque(t for t in self.queue if t.sid != s.sid)
+        self.delayed = [t for t in self.delayed if t.sid != s.sid]
+        etype = type(err).__name__
+        s.result = SampleResult(s.sid, s.uri, "failed", str(Path(self.out_root) / s.sid), error=str(err), error_type=etype)
+        append_jsonl(Path(self.out_root) / "failures.jsonl", {"sample_id": s.sid, "uri": s.uri, "error_type": etype,
+                                                               "error": str(err), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._close_bar(s)
+
+    def _close_bar(self, s: _Sample) -> None:
+        if s.bar is not None:
+            s.bar.close()
+            s.bar = None
+
+    def _finish(self, s: _Sample) -> None:
+        assert s.plan is not None
+        s.status = "finishing"
+        s.ref = None  # release the plan in the object store
+        records = [s.records[b.index] for b in s.plan.blocks]
+        info = model_info(self.model)
+        info["device"] = ",".join(sorted(self.devices)) or info["device"]
+        fut = self.pool.submit(finish_sample, s.plan, records, self.cfg, info, self.model.card, s.t_start)
+        self.jobs[fut] = ("finish", s)
+
+    def _on_job_done(self, fut: cf.Future) -> None:
+        kind, s = self.jobs.pop(fut)
+        try:
+            value = fut.result()
+        except ConfigError:
+            raise
+        except Exception as e:  # one sample's error never stops the others; the record says what happened
+            if not isinstance(e, SlideScoreError | OSError):
+                log.exception("unexpected error while %s sample %s", "planning" if kind == "plan" else "finishing", s.sid)
+            self._fail(s, e, f"while {'planning' if kind == 'plan' else 'finishing'}")
+            return
+        if kind == "plan":
+            self._on_planned(s, value)
+        else:
+            s.status, s.result, s.t_end = "ok", value, time.perf_counter()
+            self._close_bar(s)
+            if self.progress:
+                from tqdm import tqdm
+
+                tqdm.write(f"{s.sid}: {len(s.records)} blocks ({sum(r.resumed for r in s.records.values())} resumed), "
+                           f"{s.patches_scored:,} patches scored, {time.perf_counter() - s.t_start:.1f} s")
+
+    # -- tasks ----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        now = time.perf_counter()
+        due = [t for t in self.delayed if t.not_before <= now]
+        if due:
+            self.delayed = [t for t in self.delayed if t.not_before > now]
+            self.queue.extendleft(reversed(due))
+        limit = self.cfg.cluster.max_in_flight_per_actor
+        while self.queue:
+            free = [s for s in self.slots if s.ready and s.in_flight < limit]
+            if not free:
+                return
+            task = self.queue.popleft()
+            sample = self.by_id[task.sid]
+            if sample.status != "running":
+                continue  # its sample failed: drop the rest of its blocks
+            slot = min(free, key=lambda s: s.in_flight)
+            ref = slot.actor.score.remote(sample.ref, list(task.blocks))
+            self.in_flight[ref] = (task, slot.index, slot.gen)
+            slot.in_flight += 1
+            sample.actors.add(slot.label)
+            if sample.t_first_task is None:
+                sample.t_first_task = time.perf_counter()
+
+    def _on_task_done(self, ref: Any) -> None:
+        task, index, gen = self.in_flight.pop(ref)
+        slot = self.slots[index]
+        if slot.gen == gen:
+            slot.in_flight -= 1
+        s = self.by_id[task.sid]
+        try:
+            records: list[BlockRecord] = ray.get(ref)
+        except RayActorError as e:
+            if slot.gen == gen and not slot.retired:
+                self._replace(slot, f"{type(e).__name__} while scoring {s.sid}")
+            self._retry(task, s, e, lost=True)
+            return
+        except RayTaskError as e:
+            cause = e.cause
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            if isinstance(cause, TransientStorageError):
+                self._retry(task, s, cause, lost=False)
+            else:
+                self._fail(s, cause, f"in blocks {list(task.blocks)}")
+            return
+        except RayError as e:  # worker crash, lost object, node died: like a lost actor, without replacing it
+            self._retry(task, s, e, lost=True)
+            return
+        if s.status != "running":
+            return
+        for rec, i in zip(records, task.blocks, strict=True):
+            s.records[i] = rec
+            s.patches_scored += 0 if rec.resumed else rec.patches_scored
+        self.blocks_done += len(records)
+        if s.bar is not None:
+            rate = s.patches_scored / max(1e-9, time.perf_counter() - (s.t_first_task or s.t_start))
+            s.bar.update(len(records))
+            s.bar.set_postfix_str(f"{rate:,.0f} patches/s", refresh=False)
+        assert s.plan is not None
+        if len(s.records) == len(s.plan.blocks):
+            self._finish(s)
+        if self.fault.abort_after_blocks is not None and self.blocks_done >= self.fault.abort_after_blocks:
+            raise RunAborted(f"stopped after {self.blocks_done} blocks (FaultInjection.abort_after_blocks)")
+
+    def _retry(self, task: _Task, s: _Sample, err: BaseException, *, lost: bool) -> None:
+        if s.status != "running":
+            return
+        s.retries += 1
+        if lost:
+            task.lost += 1
+        else:
+            task.transient += 1
+        n = task.lost if lost else task.transient
+        if n > self.cfg.cluster.max_retries:
+            self._fail(s, err, f"after {n - 1} retries of blocks {list(task.blocks)}")
+            return
+        if lost:
+            log.warning("resubmitting blocks %s of %s (attempt %d): %s", list(task.blocks), s.sid, n + 1, type(err).__name__)
+            self.queue.appendleft(task)
+        else:
+            wait = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1))
+            log.warning("transient error in blocks %s of %s; retry %d in %.1f s: %s", list(task.blocks), s.sid, n, wait, err)
+            task.not_before = time.perf_counter() + wait
+            self.delayed.append(task)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> list[SampleResult]:
+        Path(self.out_root).mkdir(parents=True, exist_ok=True)
+        try:
+            while True:
+                self._maybe_plan()
+                self._dispatch()
+                waiting = self.to_plan or self.queue or self.delayed or self.in_flight or self.jobs
+                if not waiting:
+                    break
+                self._check_start_timeout()
+                starting = {s.ready_ref: s for s in self.slots if s.ready_ref is not None and not s.retired}
+                refs = list(self.in_flight) + list(starting)
+                timeout = 0.05 if self.jobs or self.delayed else 1.0
+                ready = []
+                if refs:
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+                elif self.jobs:
+                    cf.wait(list(self.jobs), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+                else:
+                    time.sleep(timeout)  # only retries waiting for their backoff
+                for ref in ready:
+                    if ref in starting:
+                        self._on_ready(starting[ref])
+                    else:
+                        self._on_task_done(ref)
+                for fut in [f for f in self.jobs if f.done()]:
+                    self._on_job_done(fut)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for slot in self.slots:
+                if slot.actor is not None:
+                    ray.kill(slot.actor, no_restart=True)
+            if self.in_flight:  # after an abort: return only once no killed actor can still write a block
+                ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=KILL_WAIT_S)
+            for s in self.samples:
+                self._close_bar(s)
+        results = [s.result for s in self.samples if s.result is not None]
+        self._write_run_record()
+        return results
+
+    def _write_run_record(self) -> None:
+        info = model_info(self.model)
+        info["device"] = ",".join(sorted(self.devices)) or info["device"]
+        c = self.cfg.cluster
+        samples = []
+        for s in self.samples:
+            r = s.result
+            assert r is not None
+            total = len(s.plan.blocks) if s.plan else (r.run.get("blocks", {}).get("total") if r.run else None)
+            blocks = {"total": total, "done": len(s.records), "resumed": sum(rec.resumed for rec in s.records.values())}
+            samples.append({"sample_id": s.sid, "uri": s.uri, "status": r.status, "error": r.error,
+                            "n_regions": r.run.get("regions", {}).get("total") if r.run else None,
+                            "blocks": blocks, "patches_scored": s.patches_scored, "retries": s.retries,
+                            "seconds": round((s.t_end or s.t_start) - s.t_start, 3),
+                            "actors": sorted(s.actors)})
+        write_json(Path(self.out_root) / "run.json", {
+            "slidescore_version": __version__, "code_version": code_version(), "config": self.cfg.to_dict(),
+            "model": info, "runner": "ray",
+            "cluster": {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
+                        "actors_replaced": self.actors_replaced, "num_cpus_per_actor": c.num_cpus_per_actor,
+                        "num_gpus_per_actor": c.num_gpus_per_actor, "resources": ray.cluster_resources(),
+                        "blocks_done": self.blocks_done, "seconds": time.perf_counter() - self.t0},
+            "samples": samples,
+        })
+
+
+def score_samples_ray(uris: list[str], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
+                      progress: bool = True, fault: FaultInjection | None = None) -> list[SampleResult]:
+    """Score many samples on a Ray cluster; the distributed counterpart of ``pipeline.score_samples``.
+
+    Connects with ``ray.init(address=cfg.cluster.address)`` unless Ray is already initialised
+    (and then leaves the connection open). ``n_actors`` defaults to ``cfg.cluster.n_actors``.
+    Returns one result per URI, in order (``ok``, ``skipped`` or ``failed``); failures are also
+    appended to ``<out_root>/failures.jsonl`` and the run record is ``<out_root>/run.json``.
+    Raises ``ConfigError`` / ``ModelLoadError`` / :class:`ClusterError` when nothing can run.
+    """
+    n = cfg.cluster.n_actors if n_actors is None else n_actors
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"cluster.n_actors: expected a positive integer, got {n!r}")
+    connected = connect(cfg.cluster)
+    try:
+        return _Driver(list(uris), cfg, out_root, n, progress, fault).run()
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def dry_run_samples(uris: list[str], cfg: JobConfig, out_root: str) -> list[dict[str, Any]]:
+    """Plan every sample without writing anything and say what a run would do (no Ray needed).
+
+    Raises ``ConfigError`` / ``ModelLoadError`` like a real run; per-sample problems are reported
+    in the returned rows (``status: failed``).
+    """
+    from slidescore.model import load_model
+
+    actor_device(cfg)
+    model = load_model(cfg.model.name, device="cpu")
+    check_config_for_model(cfg, model.card)
+    rows = []
+    for uri, sid in zip(uris, unique_ids(uris), strict=True):
+        row: dict[str, Any] = {"sample_id": sid, "uri": uri}
+        try:
+            plan = plan_sample(uri, cfg, model.card, model.checksum, out_root, sid, dry_run=True)
+        except ConfigError:
+            raise
+        except (SlideScoreError, OSError) as e:
+            rows.append({**row, "status": "failed", "error": str(e), "error_type": type(e).__name__})
+            continue
+        if plan is None:
+            rows.append({**row, "status": "complete"})
+            continue
+        done = 0 if cfg.output.overwrite else sum(1 for b in plan.blocks if (plan.blocks_dir / f"{b.key}.json").exists())
+        rows.append({**row, "status": "to score", "level": plan.level, "level_mpp": plan.level_mpp,
+                     "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
+                     "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
+                     "patches_to_score": int(np.count_nonzero(plan.valid))})
+    return rows

@@ -1,0 +1,183 @@
+"""Scoring on a local Ray cluster equals scoring in one process, whatever the pool, the faults or the restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import tifffile
+
+from slidescore.config import JobConfig
+from slidescore.distributed import FaultInjection, RunAborted, score_samples_ray
+from slidescore.io import mosaic as mz
+from slidescore.model import load_model
+from slidescore.pipeline import MOSAIC, score_samples
+from tests.conftest import textured_image, write_tiff
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray 2.60 turns token auth on for a new local cluster when RAY_AUTH_MODE is unset, and writes
+        # ~/.ray/auth_token, which then also turns it on for every later `ray start --head` of this user.
+        # A cluster inside the test process needs no auth: say so explicitly and leave no token behind.
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("dist")
+    imgs = {
+        "slide": write_tiff(d / "slide.tif", textured_image(600, 520, seed=5, fg_box=(90, 60, 380, 300)), mpp=0.5),
+        "b": write_tiff(d / "b.tif", textured_image(300, 280, seed=1, fg_box=(40, 40, 200, 200)), mpp=0.5),
+        "c": write_tiff(d / "c.tif", textured_image(260, 300, seed=2), mpp=0.5),
+    }
+    # a corrupt tile in the middle of level 0; the mask reads only level 1, so planning succeeds and a block fails
+    bad = write_tiff(d / "corrupt.tif", textured_image(300, 280, seed=7), mpp=0.5, n_levels=2)
+    with tifffile.TiffFile(bad) as t:
+        page = t.pages[0]
+        tile = 2 * (-(-page.shape[1] // page.tilewidth)) + 2  # tile row 2, column 2
+        offset, size = page.dataoffsets[tile], page.databytecounts[tile]
+    with open(bad, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * size)
+    imgs["corrupt"] = bad
+    text = d / "notes.tif"
+    text.write_text("this is not an image\n")
+    imgs["text"] = text
+    return imgs
+
+
+def _cfg(out: Path, model_dir: Path, chunk: int = 16, **cluster) -> JobConfig:
+    return JobConfig.from_dict({
+        "model": {"name": str(model_dir)},
+        "output": {"uri": str(out)},
+        "mask": {"min_foreground_frac": 0.05},
+        "tiling": {"chunk_cells": chunk},
+        "cluster": {"num_cpus_per_actor": 0.5, **cluster},
+    })
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, images, random_model_dir: Path):
+    """Single-process mosaics (the ground truth), per chunk size and sample."""
+    model = load_model(str(random_model_dir))
+    cache: dict[tuple[int, str], np.ndarray] = {}
+
+    def get(chunk: int, name: str) -> np.ndarray:
+        if (chunk, name) not in cache:
+            out = tmp_path_factory.mktemp(f"ref{chunk}")
+            (res,) = score_samples([str(images[name])], _cfg(out, random_model_dir, chunk), str(out), model=model)
+            cache[chunk, name] = _mosaic(res.out_dir)
+        return cache[chunk, name]
+
+    return get
+
+
+def _mosaic(out_dir: str | Path) -> np.ndarray:
+    return mz.read_level(Path(out_dir) / MOSAIC, 0)
+
+
+def _assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    assert np.nanmax(np.abs(a - b)) <= 1e-6
+
+
+def _run_record(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+# Together with the tests below, which also compare with the single-process reference (1 actor ×
+# chunk 8: resume; 2 × 8: faults; 2 × 16: several samples), this covers 1, 2 and 4 actors × chunks
+# of 8 and 16 cells; each pool start costs seconds (a process importing torch), so no run is repeated.
+@pytest.mark.parametrize(("n_actors", "chunk"), [(1, 16), (4, 8), (4, 16)])
+def test_mosaic_equals_single_process(ray_cluster, tmp_path: Path, images, random_model_dir: Path, reference, n_actors: int, chunk: int) -> None:
+    cfg = _cfg(tmp_path, random_model_dir, chunk)
+    (res,) = score_samples_ray([str(images["slide"])], cfg, str(tmp_path), n_actors=n_actors, progress=False)
+    assert res.status == "ok" and (Path(res.out_dir) / "_SUCCESS").exists()
+    _assert_same(_mosaic(res.out_dir), reference(chunk, "slide"))
+    run = _run_record(tmp_path)
+    (rec,) = run["samples"]
+    n_blocks = (5 * 5) if chunk == 8 else (3 * 3)  # 38×33 cells
+    assert rec["blocks"] == {"total": n_blocks, "done": n_blocks, "resumed": 0}
+    assert rec["patches_scored"] == res.run["patches"]["scored"] > 0
+    assert 1 <= len(rec["actors"]) <= n_actors and run["cluster"]["n_actors"] == n_actors
+    assert run["runner"] == "ray" and run["cluster"]["actors_replaced"] == 0
+
+
+def test_several_samples_share_the_pool_and_bad_ones_fail_alone(ray_cluster, tmp_path: Path, images, random_model_dir: Path, reference) -> None:
+    """Through the job entrypoint: a sample that fails in planning and one that fails in a block."""
+    from jobs.score import main
+
+    order = ["slide", "text", "b", "corrupt", "c"]
+    manifest = tmp_path / "samples.txt"
+    manifest.write_text("# one URI per line\n" + "".join(f"{images[n]}  # {n}\n" for n in order[1:]) + "\n")
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(json.dumps({**_cfg(out, random_model_dir).to_dict(),
+                               "samples": {"uris": [str(images["slide"])], "manifest": str(manifest)},
+                               "cluster": {"n_actors": 2, "num_cpus_per_actor": 0.5}}))
+    assert main(["--config", str(job), "-q"]) == 1  # some samples failed, the others finished
+    run = _run_record(out)
+    status = {s["sample_id"]: s["status"] for s in run["samples"]}
+    assert status == {"slide": "ok", "notes": "failed", "b": "ok", "corrupt": "failed", "c": "ok"}
+    failures = {f["sample_id"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert set(failures) == {"notes", "corrupt"}
+    assert failures["corrupt"]["error_type"] == "UnsupportedImageError" and "failed to decode" in failures["corrupt"]["error"]
+    assert "not a readable TIFF" in failures["notes"]["error"]
+    assert not (out / "corrupt" / "_SUCCESS").exists()
+    for name in ("slide", "b", "c"):
+        assert (out / name / "_SUCCESS").exists()
+        _assert_same(_mosaic(out / name), reference(16, name))
+
+
+def test_crashed_actor_and_transient_errors_leave_output_identical(ray_cluster, tmp_path: Path, images, random_model_dir: Path, reference) -> None:
+    # every first actor raises a transient storage error on its first task and dies (os._exit) on its
+    # second; the driver retries the first, replaces the dead actor and resubmits its in-flight blocks
+    cfg = _cfg(tmp_path, random_model_dir, chunk=8, n_actors=2, max_in_flight_per_actor=2)
+    fault = FaultInjection(transient_errors=1, crash_on_task=2)
+    results = score_samples_ray([str(images["slide"]), str(images["b"])], cfg, str(tmp_path), progress=False, fault=fault)
+    assert [r.status for r in results] == ["ok", "ok"]
+    _assert_same(_mosaic(results[0].out_dir), reference(8, "slide"))
+    _assert_same(_mosaic(results[1].out_dir), reference(8, "b"))
+    run = _run_record(tmp_path)
+    assert run["cluster"]["actors_replaced"] >= 1
+    assert run["cluster"]["actors_started"] == 2 + run["cluster"]["actors_replaced"]
+    assert sum(s["retries"] for s in run["samples"]) >= 2  # at least one transient retry and one resubmission
+    assert any("." in a for s in run["samples"] for a in s["actors"])  # a replacement actor did some blocks
+
+
+def test_retries_are_bounded(ray_cluster, tmp_path: Path, images, random_model_dir: Path) -> None:
+    cfg = _cfg(tmp_path, random_model_dir, n_actors=1, max_retries=0)
+    (res,) = score_samples_ray([str(images["b"])], cfg, str(tmp_path), progress=False, fault=FaultInjection(transient_errors=1))
+    assert res.status == "failed" and res.error_type == "TransientStorageError"
+    (failure,) = map(json.loads, (tmp_path / "failures.jsonl").read_text().splitlines())
+    assert failure["sample_id"] == "b"
+
+
+def test_aborted_run_resumes_only_missing_blocks(ray_cluster, tmp_path: Path, images, random_model_dir: Path, reference) -> None:
+    cfg = _cfg(tmp_path, random_model_dir, chunk=8, n_actors=1, max_in_flight_per_actor=1)
+    with pytest.raises(RunAborted):
+        score_samples_ray([str(images["slide"])], cfg, str(tmp_path), progress=False, fault=FaultInjection(abort_after_blocks=6))
+    sample = tmp_path / "slide"
+    assert not (sample / "_SUCCESS").exists()
+    done = len(list((sample / ".blocks").rglob("*.json")))
+    total = 25
+    assert 6 <= done < total
+    (res,) = score_samples_ray([str(images["slide"])], cfg, str(tmp_path), progress=False)
+    assert res.status == "ok"
+    (rec,) = _run_record(tmp_path)["samples"]
+    assert rec["blocks"] == {"total": total, "done": total, "resumed": done}  # only the missing blocks were scored
+    assert res.run["blocks"]["resumed"] == done
+    _assert_same(_mosaic(res.out_dir), reference(8, "slide"))

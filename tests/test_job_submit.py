@@ -1,0 +1,264 @@
+"""The cluster entrypoint ``python -m jobs.score``: config and exit codes, and a real ``ray job submit``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobs.score import main
+from slidescore.config import JobConfig
+from slidescore.errors import ConfigError
+from slidescore.io.storage import fingerprint
+from slidescore.model import load_model
+from slidescore.pipeline import run_key_for
+from tests.conftest import textured_image, write_tiff
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).with_name("ray")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("job")
+    text = d / "notes.tif"
+    text.write_text("this is not an image\n")
+    return {
+        "a": write_tiff(d / "a.tif", textured_image(300, 280, seed=1, fg_box=(40, 40, 200, 200)), mpp=0.5),
+        "b": write_tiff(d / "b.tif", textured_image(260, 300, seed=2), mpp=0.5),
+        "notes": text,
+    }
+
+
+def _job(tmp_path: Path, model_dir: Path, uris: list[Path], *, manifest: bool = True, **sections: dict) -> Path:
+    """A job YAML (written as JSON, which is YAML) whose samples come from a manifest file."""
+    data: dict = {"model": {"name": str(model_dir)}, "output": {"uri": str(tmp_path / "out")},
+                  "tiling": {"chunk_cells": 8}, "cluster": {"n_actors": 2, "num_cpus_per_actor": 0.5}}
+    if manifest:
+        m = tmp_path / "samples.txt"
+        m.write_text("# samples of this job\n\n" + "".join(f"{u}   # sample {i}\n" for i, u in enumerate(uris)))
+        data["samples"] = {"manifest": str(m)}
+    else:
+        data["samples"] = {"uris": [str(u) for u in uris]}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(data))
+    return job
+
+
+# -- config and entrypoint (no cluster) ----------------------------------------------------------
+def test_manifest_lists_uris_after_the_listed_ones(tmp_path: Path) -> None:
+    m = tmp_path / "m.txt"
+    m.write_text("# header\n/data/a.tif\n\n  s3://bucket/b.svs   # the second\n/data/c d.tif\n")
+    cfg = JobConfig.from_dict({"samples": {"uris": ["/x.tif"], "manifest": str(m)}})
+    with pytest.raises(ConfigError, match=r"samples.manifest: .* line 5: expected one URI per line"):
+        cfg.samples.list_uris()
+    m.write_text("# header\n/data/a.tif\n\n  s3://bucket/b.svs   # the second\n")
+    assert cfg.samples.list_uris() == ["/x.tif", "/data/a.tif", "s3://bucket/b.svs"]
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"cluster": {"n_actor": 2}}, "cluster.n_actor: unknown key"),
+        ({"cluster": {"n_actors": 0}}, "cluster.n_actors: expected a positive integer"),
+        ({"cluster": {"num_gpus_per_actor": 1.5}}, "cluster.num_gpus_per_actor: expected 0, a fraction"),
+        ({"cluster": {"num_cpus_per_actor": 0}}, "cluster.num_cpus_per_actor: an actor must reserve"),
+        ({"cluster": {"max_retries": -1}}, "cluster.max_retries: expected an integer >= 0"),
+        ({"samples": {"uris": "/a.tif"}}, "samples.uris: expected a list"),
+    ],
+)
+def test_cluster_and_samples_errors_name_the_dotted_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.from_dict(data)
+
+
+def test_run_key_ignores_samples_and_cluster(images, random_model_dir: Path) -> None:
+    model = load_model(str(random_model_dir))
+    fp = fingerprint(str(images["a"]))
+    base = JobConfig()
+    other = base.replace(cluster={"n_actors": 8, "num_gpus_per_actor": 0.5}, samples={"uris": ["/x.tif"]})
+    assert run_key_for(fp, model.checksum, model.card, base) == run_key_for(fp, model.checksum, model.card, other)
+    assert run_key_for(fp, model.checksum, model.card, base) != run_key_for(fp, model.checksum, model.card, base.replace(tiling={"stride_px": 32}))
+
+
+def test_dry_run_plans_every_sample_and_writes_nothing(tmp_path: Path, images, random_model_dir: Path, capsys) -> None:
+    job = _job(tmp_path, random_model_dir, [images["a"], images["b"]])
+    assert main(["--config", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to score  a: level 0 (0.5 µm/px, 300×280 px), 9 blocks (0 already done)" in out
+    assert "to score  b:" in out and "dry run: 2 samples" in out
+    assert not (tmp_path / "out").exists()
+    job = _job(tmp_path, random_model_dir, [images["a"], images["notes"]], manifest=False)
+    assert main(["--config", str(job), "--dry-run"]) == 1  # a sample that would fail
+    assert "FAILED    notes: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"samples": {"manifest": "/nonexistent/samples.txt"}}, "samples.manifest: cannot read"),
+        ({"samples": {"manifest": None, "uris": []}}, "samples: no samples to score"),
+        ({"model": {"name": "/nonexistent/model"}}, "model.name: "),
+        ({"cluster": {"num_gpus_per_actor": 1}, "model": {"device": "cpu"}}, "cluster.num_gpus_per_actor: 1.0 GPUs reserved"),
+        ({"tiling": {"stride_px": 24}}, "tiling.stride_px: expected a positive int that divides patch_px=64"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, images, random_model_dir: Path, capsys, change: dict, message: str) -> None:
+    job = _job(tmp_path, random_model_dir, [images["a"]], **change)
+    assert main(["--config", str(job), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+# -- a real head and `ray job submit` ------------------------------------------------------------
+@dataclass
+class Head:
+    url: str
+    env: dict[str, str]
+    token: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(head: Head, path: str) -> dict:
+    req = urllib.request.Request(head.url + path, headers={"Authorization": f"Bearer {head.token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _job_status(head: Head, submission_id: str) -> str:
+    try:
+        return _get(head, f"/api/jobs/{submission_id}")["status"]
+    except OSError:  # a busy 2-core machine can make the dashboard miss a poll; ask again
+        return "UNKNOWN"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the head (it drains and stops its processes), then SIGKILL whatever is left of its group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):  # dashboard modules and workers may outlive `ray start`
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    # Token auth, as on a real Ray 2.60 cluster, set explicitly and identically for the head, the
+    # `ray job` client and (inherited from the head) the job driver. The token is a fresh random
+    # one passed in RAY_AUTH_TOKEN, so nothing is read from or written to ~/.ray: with RAY_AUTH_MODE
+    # unset, `ray start --head` would turn auth on or off depending on whether ~/.ray/auth_token
+    # happens to exist, and a local `ray.init()` would create that file. RAY_AUTH_MODE=disabled on
+    # both sides works too; token mode additionally proves the dashboard rejects an unauthenticated
+    # client (checked below).
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
+    dash, agent = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
+           f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    head = Head(f"http://127.0.0.1:{dash}", env, token, proc, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                _get(head, "/api/version")
+                # jobs go through the node's dashboard agent, which comes up after the dashboard
+                socket.create_connection(("127.0.0.1", agent), timeout=5).close()
+                break
+            except OSError:  # URLError included
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the dashboard did not answer within 180 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield head
+    finally:
+        _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(head: Head, job: Path, submission_id: str) -> tuple[str, str]:
+    """``ray job submit --no-wait``, poll the job until it ends; (status, logs)."""
+    excludes = [".venv", ".git", "demo-output", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache", ".mypy_cache"]
+    cmd = [str(RAY), "job", "submit", "--address", head.url, "--working-dir", str(REPO), "--runtime-env-json",
+           json.dumps({"excludes": excludes}), "--submission-id", submission_id, "--no-wait", "--",
+           "python", "-m", "jobs.score", "--config", str(job), "-q"]
+    for _ in range(3):
+        sub = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180)
+        said = sub.stdout + sub.stderr
+        # right after start the head may not yet know the node's job agent ("No available agent …")
+        if sub.returncode == 0 or "agent" not in said:
+            break
+        time.sleep(5)
+    assert sub.returncode == 0, said[-4000:]
+    deadline = time.monotonic() + 300
+    while (status := _job_status(head, submission_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {submission_id} still {status} after 300 s"
+        time.sleep(2)
+    logs = subprocess.run([str(RAY), "job", "logs", "--address", head.url, submission_id], env=head.env,
+                          capture_output=True, text=True, timeout=120)
+    return status, logs.stdout + logs.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_scores_then_skips(ray_head: Head, tmp_path: Path, images, random_model_dir: Path) -> None:
+    with pytest.raises(urllib.error.HTTPError) as e:  # token auth is really on
+        urllib.request.urlopen(ray_head.url + "/api/jobs/", timeout=30)
+    assert e.value.code == 401
+    e.value.close()
+    # one actor: the pool itself is tested in-process (test_distributed); on 2 cores every extra
+    # process importing torch slows the whole job down
+    job = _job(tmp_path, random_model_dir, [images["a"], images["b"]], cluster={"n_actors": 1})
+    out = tmp_path / "out"
+
+    status, logs = _submit(ray_head, job, "slidescore-first")
+    assert status == "SUCCEEDED", logs
+    assert "2/2 samples ok" in logs
+    for sid in ("a", "b"):
+        assert (out / sid / "probabilities.ome.zarr" / ".zattrs").exists()
+        assert (out / sid / "_SUCCESS").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in run["samples"]] == ["ok", "ok"] and run["runner"] == "ray"
+    assert all(s["blocks"]["done"] == s["blocks"]["total"] > 0 for s in run["samples"])
+    success = {sid: (out / sid / "_SUCCESS").read_bytes() for sid in ("a", "b")}
+
+    status, logs = _submit(ray_head, job, "slidescore-again")
+    assert status == "SUCCEEDED", logs
+    assert "skipped  a: already complete" in logs and "skipped  b: already complete" in logs
+    run = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in run["samples"]] == ["skipped", "skipped"]
+    assert run["cluster"]["actors_started"] == 0  # a no-op rerun loads no model on the cluster
+    assert {sid: (out / sid / "_SUCCESS").read_bytes() for sid in ("a", "b")} == success
