@@ -25,6 +25,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check slidescore jobs tests
 	$(BIN)/lint-imports
+	$(BIN)/mypy slidescore
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -506,7 +506,7 @@ class _Driver:
                 starting = {s.ready_ref: s for s in self.slots if s.ready_ref is not None and not s.retired}
                 refs = list(self.in_flight) + list(starting)
                 timeout = 0.05 if self.jobs or self.delayed else 1.0
-                ready = []
+                ready: list[Any] = []
                 if refs:
                     ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
                 elif self.jobs:

@@ -72,7 +72,9 @@ def _open_remote(uri: str) -> SlideReader:
     meta = storage.info(uri)
     if meta.get("type") == "directory":
         markers = (".zattrs", ".zgroup", ".zarray", "zarr.json")
-        if any(storage.with_retries(lambda m=m: fs.exists(f"{path.rstrip('/')}/{m}"), uri, "looking for Zarr metadata") for m in markers):
+        listing = storage.with_retries(lambda: fs.ls(path, detail=False), uri, "listing the prefix")
+        names = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in listing}
+        if names & set(markers):
             from slidescore.io.zarr_image import ZarrImageReader
 
             return ZarrImageReader(uri)
