@@ -145,10 +145,10 @@ def resolve_mpp(reader: SlideReader, cfg: JobConfig, sample_id: str) -> tuple[fl
     if reader.mpp is None:
         raise ResolutionError(
             f"sample {sample_id!r} ({reader.uri}): the image has no resolution metadata (µm/px); "
-            "set input.mpp in the config (or --mpp) to the scanner's level-0 µm/px",
+            f"set input.mpp in the config (or --mpp) to the scanner's level-0 µm/px ({reader.mpp_source})",
             uri=reader.uri,
         )
-    if not 0.01 <= reader.mpp <= 1e5:
+    if not 0.01 <= reader.mpp <= 1e8:  # 10 nm/px … 100 m/px: microscopy to satellite
         raise ResolutionError(
             f"sample {sample_id!r} ({reader.uri}): implausible resolution metadata {reader.mpp} µm/px "
             f"(from {reader.mpp_source}); set input.mpp in the config to the true level-0 µm/px",

@@ -21,6 +21,7 @@ from slidescore.io.readers import as_yxc
 from slidescore.io.storage import with_retries
 from slidescore.types import Box, LevelInfo
 
+_DEFAULT_DPI = {72.0, 96.0, 150.0, 300.0, 600.0}
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
@@ -80,7 +81,7 @@ class TiffReader:
             raise
         except Exception as e:  # decoders raise many types (imagecodecs errors, ValueError, OSError)
             raise UnsupportedImageError(
-                f"{self.uri}: failed to decode level {level} box {box} ({type(e).__name__}: {e}); the file may be truncated or corrupt",
+                f"{self.uri}: failed to decode level {level} box {box} ({type(e).__name__}: {e}); the file may be truncated or corrupt — re-export or re-upload it",
                 uri=self.uri,
             ) from None
         return as_yxc(data, axes, self.uri)
@@ -108,6 +109,9 @@ class TiffReader:
                 if unit.value == 3:  # centimetre
                     return 1e4 / ppu, "tiff:XResolution(cm)"
                 if unit.value == 2:  # inch
+                    if round(ppu, 3) in _DEFAULT_DPI:
+                        # 72/96/300 dpi are what office and screenshot software write: not a measurement
+                        return None, f"none (tiff:XResolution {ppu:g} dpi looks like a software default)"
                     return 25400 / ppu, "tiff:XResolution(inch)"
         return None, "none"
 
