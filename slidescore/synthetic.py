@@ -15,6 +15,7 @@ position ``c`` lies in pixel ``floor(c)`` (pixel ``q`` spans ``[q, q + 1)``). Pu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from scipy.spatial import cKDTree
 from slidescore.errors import ConfigError
 
 _BIN_PX = 256  # level-0 size of a bin of the spatial index of primitives
-_OVERLAP_GAIN = 1.12  # summed red-cell area / covered area, measured at the default overlap
+_OVERLAP_GAIN = 1.06  # summed red-cell area / covered area, measured at the default overlap
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class SmearSpec:
     max_overlap: float = 0.3  # RBC centres stay >= (1 - max_overlap) · mean diameter apart
     gaps_per_mm2: float = 0.75  # large empty areas; at least one per smear
     gap_radius_um: tuple[float, float] = (40.0, 110.0)
-    min_parasite_distance_um: float = 40.0
+    # 50 µm keeps the blended detections of two parasites (each ~±16 µm at 0.5 µm/px) apart
+    min_parasite_distance_um: float = 50.0
+    # parasites keep off the image border, where fewer overlapping patches see them
+    parasite_border_um: float = 20.0
     wbc_per_rbc: float = 0.004
     platelets_per_rbc: float = 0.06
     stain_variation: float = 0.12  # relative size of per-slide, per-cell and smooth stain changes
@@ -56,10 +60,14 @@ class SmearSpec:
                 raise ConfigError(f"SmearSpec.{name}: expected a positive int, got {v!r}")
         for name in ("mpp", "cell_diameter_um", "min_parasite_distance_um"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"SmearSpec.{name}: expected a positive number, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"SmearSpec.{name}: expected a positive number, got {getattr(self, name)!r}"
+                )
         for name in ("parasitemia", "coverage", "max_overlap", "cell_diameter_cv"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"SmearSpec.{name}: expected a fraction in [0, 1), got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"SmearSpec.{name}: expected a fraction in [0, 1), got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +114,9 @@ class SmearLayout:
 # smooth fields: sums of a few plane waves, evaluated separably on rows and columns
 
 
-def _wave_params(rng: np.random.Generator, n: int, wavelength_px: tuple[float, float]) -> tuple[np.ndarray, ...]:
+def _wave_params(
+    rng: np.random.Generator, n: int, wavelength_px: tuple[float, float]
+) -> tuple[np.ndarray, ...]:
     lam = rng.uniform(*wavelength_px, size=n)
     ang = rng.uniform(0, np.pi, size=n)
     fy, fx = np.cos(ang) / lam, np.sin(ang) / lam
@@ -132,7 +142,9 @@ def _wave_grid(params: tuple[np.ndarray, ...], y: np.ndarray, x: np.ndarray) -> 
     for k in range(len(amp)):
         ay = 2 * np.pi * fy[k] * y + phase[k]
         bx = 2 * np.pi * fx[k] * x
-        out += amp[k] * (np.cos(ay)[:, None] * np.cos(bx)[None, :] - np.sin(ay)[:, None] * np.sin(bx)[None, :])
+        out += amp[k] * (
+            np.cos(ay)[:, None] * np.cos(bx)[None, :] - np.sin(ay)[:, None] * np.sin(bx)[None, :]
+        )
     return out
 
 
@@ -141,7 +153,12 @@ def _wave_grid(params: tuple[np.ndarray, ...], y: np.ndarray, x: np.ndarray) -> 
 
 
 def _hardcore(
-    rng: np.random.Generator, n_target: int, d_min: float, shape: tuple[int, int], accept, max_rounds: int = 60
+    rng: np.random.Generator,
+    n_target: int,
+    d_min: float,
+    shape: tuple[int, int],
+    accept: Callable[[np.ndarray], np.ndarray],
+    max_rounds: int = 60,
 ) -> np.ndarray:
     """Random sequential placement, batched: points at least ``d_min`` apart, where ``accept`` says."""
     pts = np.empty((0, 2))
@@ -163,7 +180,18 @@ def _hardcore(
     return pts
 
 
-def _index(profile, cy, cx, a, b, theta, od, pallor, soft, spec: SmearSpec) -> _Primitives:
+def _index(
+    profile: str,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    theta: np.ndarray,
+    od: np.ndarray,
+    pallor: np.ndarray,
+    soft: np.ndarray,
+    spec: SmearSpec,
+) -> _Primitives:
     n_by = -(-spec.height_px // _BIN_PX)
     n_bx = -(-spec.width_px // _BIN_PX)
     by = np.clip(np.floor(cy / _BIN_PX).astype(np.int64), 0, n_by - 1)
@@ -174,8 +202,22 @@ def _index(profile, cy, cx, a, b, theta, od, pallor, soft, spec: SmearSpec) -> _
     reach = (a + b if profile == "ring" else np.maximum(a, b)) + 2 * soft
     extent = float(reach.max()) if len(reach) else 0.0
     f8 = lambda v: np.ascontiguousarray(v, dtype=np.float64)  # noqa: E731
-    return _Primitives(profile, f8(cy), f8(cx), f8(a), f8(b), f8(theta), f8(od).reshape(-1, 3), f8(pallor),
-                       f8(soft), extent, order, starts, n_bx, n_by)
+    return _Primitives(
+        profile,
+        f8(cy),
+        f8(cx),
+        f8(a),
+        f8(b),
+        f8(theta),
+        f8(od).reshape(-1, 3),
+        f8(pallor),
+        f8(soft),
+        extent,
+        order,
+        starts,
+        n_bx,
+        n_by,
+    )
 
 
 def plan_smear(spec: SmearSpec) -> SmearLayout:
@@ -199,7 +241,9 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
     n_gaps = max(1, int(round(area_mm2 * spec.gaps_per_mm2)))
     gap_r = np.minimum(r1.uniform(*spec.gap_radius_um, size=n_gaps) * um, 0.22 * min(H, W))
     gap_c = r1.uniform((0.1 * H, 0.1 * W), (0.9 * H, 0.9 * W), size=(n_gaps, 2))
-    gy, gx = np.meshgrid((np.arange(64) + 0.5) * H / 64, (np.arange(64) + 0.5) * W / 64, indexing="ij")
+    gy, gx = np.meshgrid(
+        (np.arange(64) + 0.5) * H / 64, (np.arange(64) + 0.5) * W / 64, indexing="ij"
+    )
     grid = np.stack([gy.ravel(), gx.ravel()], 1)
 
     def outside_gaps(p: np.ndarray, margin: float) -> np.ndarray:
@@ -219,10 +263,13 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
     # white cells: neutrophils (lobed nucleus) and lymphocytes (one round nucleus)
     r2 = rngs[2]
     n_wbc = int(r2.poisson(n_rbc_est * spec.wbc_per_rbc))
-    wbc_c = _hardcore(r2, n_wbc, 16 * um, (H, W),
-                      lambda p: outside_gaps(p, 8 * um) & density_ok(p, r2))
+    wbc_c = _hardcore(
+        r2, n_wbc, 16 * um, (H, W), lambda p: outside_gaps(p, 8 * um) & density_ok(p, r2)
+    )
     lympho = r2.uniform(size=len(wbc_c)) < 0.4
-    wbc_r = np.where(lympho, r2.uniform(4.2, 5.2, len(wbc_c)), r2.uniform(5.2, 6.8, len(wbc_c))) * um
+    wbc_r = (
+        np.where(lympho, r2.uniform(4.2, 5.2, len(wbc_c)), r2.uniform(5.2, 6.8, len(wbc_c))) * um
+    )
     wbc_tree = cKDTree(wbc_c) if len(wbc_c) else None
 
     # red cells
@@ -242,16 +289,22 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
     aspect = 1 + np.minimum(np.abs(r3.normal(0, 0.06, n_rbc)), 0.2)
     rbc_theta = r3.uniform(0, np.pi, n_rbc)
     stain_at = lambda p: 1 + 0.6 * sv * _wave_at(stain, p[:, 0], p[:, 1])  # noqa: E731
-    rbc_od = (np.array([0.08, 0.45, 0.39]) * slide_gain) * (
-        stain_at(rbc_c) * np.clip(1 + 0.4 * sv * r3.normal(size=n_rbc), 0.7, 1.3)
-    )[:, None] * np.clip(1 + 0.15 * r3.normal(size=(n_rbc, 3)) * sv, 0.8, 1.2)
+    rbc_od = (
+        (np.array([0.08, 0.45, 0.39]) * slide_gain)
+        * (stain_at(rbc_c) * np.clip(1 + 0.4 * sv * r3.normal(size=n_rbc), 0.7, 1.3))[:, None]
+        * np.clip(1 + 0.15 * r3.normal(size=(n_rbc, 3)) * sv, 0.8, 1.2)
+    )
     pallor = r3.uniform(0.2, 0.45, n_rbc)
 
     # parasites: ring forms, far apart from each other
     r4 = rngs[4]
     n_par_target = int(round(spec.parasitemia * n_rbc))
     min_d = spec.min_parasite_distance_um * um
-    dots, cells, ring_c, ring_r = [], [], [], []
+    border = max(spec.parasite_border_um * um, 2.0)
+    dots: list[np.ndarray] = []
+    cells: list[int] = []
+    ring_c: list[np.ndarray] = []
+    ring_r: list[float] = []
     extra_dots: list[tuple[float, float, float]] = []
     taken: dict[tuple[int, int], list[np.ndarray]] = {}
     for i in r4.permutation(n_rbc):
@@ -259,13 +312,22 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
             break
         rr = r4.uniform(1.0, 1.6) * um
         room = 0.85 * rbc_r[i] / math.sqrt(aspect[i]) - rr - 0.7 * um
-        off_r, off_a, dot_a = r4.uniform(0, max(room, 0.0)), r4.uniform(0, 2 * np.pi), r4.uniform(0, 2 * np.pi)
+        off_r, off_a, dot_a = (
+            r4.uniform(0, max(room, 0.0)),
+            r4.uniform(0, 2 * np.pi),
+            r4.uniform(0, 2 * np.pi),
+        )
         rc = rbc_c[i] + off_r * np.array([np.sin(off_a), np.cos(off_a)])
         dot = rc + rr * np.array([np.sin(dot_a), np.cos(dot_a)])
-        if not (2 <= dot[0] < H - 2 and 2 <= dot[1] < W - 2):
+        if not (border <= dot[0] < H - border and border <= dot[1] < W - border):
             continue
         key = (int(dot[0] // min_d), int(dot[1] // min_d))
-        near = [q for dy in (-1, 0, 1) for dx in (-1, 0, 1) for q in taken.get((key[0] + dy, key[1] + dx), [])]
+        near = [
+            q
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            for q in taken.get((key[0] + dy, key[1] + dx), [])
+        ]
         if any(np.hypot(*(q - dot)) < min_d for q in near):
             continue
         taken.setdefault(key, []).append(dot)
@@ -275,7 +337,9 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
         ring_r.append(rr)
         if r4.uniform() < 0.25:  # "headphone" ring with a second, smaller dot
             a2 = dot_a + np.pi + r4.uniform(-0.6, 0.6)
-            extra_dots.append((rc[0] + rr * np.sin(a2), rc[1] + rr * np.cos(a2), r4.uniform(0.35, 0.55) * um))
+            extra_dots.append(
+                (rc[0] + rr * np.sin(a2), rc[1] + rr * np.cos(a2), r4.uniform(0.35, 0.55) * um)
+            )
     parasitized = np.zeros(n_rbc, bool)
     parasitized[cells] = True
     dots_a = np.array(dots).reshape(-1, 2)
@@ -296,13 +360,21 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
         return ok
 
     plt_c = _hardcore(r5, n_plt, 6 * um, (H, W), plt_ok, max_rounds=8)
-    n_sub = np.where(r5.uniform(size=len(plt_c)) < 0.12, r5.integers(3, 6, len(plt_c)), r5.integers(1, 4, len(plt_c)))
+    n_sub = np.where(
+        r5.uniform(size=len(plt_c)) < 0.12,
+        r5.integers(3, 6, len(plt_c)),
+        r5.integers(1, 4, len(plt_c)),
+    )
     owner = np.repeat(np.arange(len(plt_c)), n_sub)
     spread = np.where(n_sub[owner] >= 3, 1.6, 0.8) * um
     sub_c = plt_c[owner] + r5.normal(size=(len(owner), 2)) * spread[:, None]
     sub_r = r5.uniform(0.55, 1.25, len(owner)) * um
     dark = np.repeat(r5.uniform(size=len(plt_c)) < 0.2, n_sub)
-    plt_od = np.array([0.42, 0.72, 0.30]) * slide_gain * (r5.uniform(0.6, 1.2, len(owner)) * np.where(dark, 1.6, 1.0))[:, None]
+    plt_od = (
+        np.array([0.42, 0.72, 0.30])
+        * slide_gain
+        * (r5.uniform(0.6, 1.2, len(owner)) * np.where(dark, 1.6, 1.0))[:, None]
+    )
 
     # nuclei of white cells
     r6 = rngs[6]
@@ -334,22 +406,82 @@ def plan_smear(spec: SmearSpec) -> SmearLayout:
     small_c = np.vstack([sub_c, chrom_c])
     small_r = np.concatenate([sub_r, chrom_r])
     groups = (
-        _index("disc", wbc_c[:, 0], wbc_c[:, 1], wbc_r, wbc_r, z(len(wbc_r)), wbc_od, z(len(wbc_r)),
-               np.full(len(wbc_r), 1.5 * soft), spec),
-        _index("disc", rbc_c[:, 0], rbc_c[:, 1], rbc_r * np.sqrt(aspect), rbc_r / np.sqrt(aspect), rbc_theta,
-               rbc_od, pallor, np.full(n_rbc, soft), spec),
-        _index("disc", nuc_c_a[:, 0], nuc_c_a[:, 1], nuc_r_a, nuc_r_a, z(len(nuc_r_a)), nuc_od, z(len(nuc_r_a)),
-               np.full(len(nuc_r_a), 1.5 * soft), spec),
-        _index("ring", ring_c_a[:, 0], ring_c_a[:, 1], np.array(ring_r), ring_w, z(n_par), ring_od, z(n_par),
-               np.full(n_par, soft), spec),
-        _index("disc", small_c[:, 0], small_c[:, 1], small_r, small_r, z(len(small_r)),
-               np.vstack([plt_od, chrom_od]), z(len(small_r)), np.full(len(small_r), soft), spec),
+        _index(
+            "disc",
+            wbc_c[:, 0],
+            wbc_c[:, 1],
+            wbc_r,
+            wbc_r,
+            z(len(wbc_r)),
+            wbc_od,
+            z(len(wbc_r)),
+            np.full(len(wbc_r), 1.5 * soft),
+            spec,
+        ),
+        _index(
+            "disc",
+            rbc_c[:, 0],
+            rbc_c[:, 1],
+            rbc_r * np.sqrt(aspect),
+            rbc_r / np.sqrt(aspect),
+            rbc_theta,
+            rbc_od,
+            pallor,
+            np.full(n_rbc, soft),
+            spec,
+        ),
+        _index(
+            "disc",
+            nuc_c_a[:, 0],
+            nuc_c_a[:, 1],
+            nuc_r_a,
+            nuc_r_a,
+            z(len(nuc_r_a)),
+            nuc_od,
+            z(len(nuc_r_a)),
+            np.full(len(nuc_r_a), 1.5 * soft),
+            spec,
+        ),
+        _index(
+            "ring",
+            ring_c_a[:, 0],
+            ring_c_a[:, 1],
+            np.array(ring_r),
+            ring_w,
+            z(n_par),
+            ring_od,
+            z(n_par),
+            np.full(n_par, soft),
+            spec,
+        ),
+        _index(
+            "disc",
+            small_c[:, 0],
+            small_c[:, 1],
+            small_r,
+            small_r,
+            z(len(small_r)),
+            np.vstack([plt_od, chrom_od]),
+            z(len(small_r)),
+            np.full(len(small_r), soft),
+            spec,
+        ),
     )
     return SmearLayout(
-        spec=spec, rbc_centers=rbc_c, rbc_radii=rbc_r, rbc_od=rbc_od, parasitized=parasitized,
-        parasite_cells=np.array(cells, dtype=np.int64), parasite_dots=dots_a, wbc_centers=wbc_c,
-        wbc_radii=wbc_r, platelet_centers=plt_c, gap_centers=gap_c, gap_radii=gap_r,
-        _groups=groups, _light=(*light, light_tilt),
+        spec=spec,
+        rbc_centers=rbc_c,
+        rbc_radii=rbc_r,
+        rbc_od=rbc_od,
+        parasitized=parasitized,
+        parasite_cells=np.array(cells, dtype=np.int64),
+        parasite_dots=dots_a,
+        wbc_centers=wbc_c,
+        wbc_radii=wbc_r,
+        platelet_centers=plt_c,
+        gap_centers=gap_c,
+        gap_radii=gap_r,
+        _groups=groups,
+        _light=(*light, light_tilt),
     )
 
 
@@ -367,7 +499,9 @@ def _hash_noise(iy: np.ndarray, ix: np.ndarray, salt: int) -> np.ndarray:
 
     The two 16-bit halves of one hash are summed, giving a triangular distribution.
     """
-    h = (iy.astype(np.uint32) * np.uint32(0x9E3779B1)) ^ (ix.astype(np.uint32) * np.uint32(0x85EBCA77))
+    h = (iy.astype(np.uint32) * np.uint32(0x9E3779B1)) ^ (
+        ix.astype(np.uint32) * np.uint32(0x85EBCA77)
+    )
     h ^= np.uint32(salt & 0xFFFFFFFF)
     h ^= h >> np.uint32(16)
     h *= np.uint32(0x7FEB352D)
@@ -385,8 +519,10 @@ def _query(g: _Primitives, y0: float, y1: float, x0: float, x1: float) -> np.nda
     bx0, bx1 = max(int((x0 - e) // _BIN_PX), 0), min(int((x1 + e) // _BIN_PX), g.n_bins_x - 1)
     if by1 < by0 or bx1 < bx0 or len(g.cy) == 0:
         return np.empty(0, np.int64)
-    parts = [g.bin_order[g.bin_starts[r * g.n_bins_x + bx0]: g.bin_starts[r * g.n_bins_x + bx1 + 1]]
-             for r in range(by0, by1 + 1)]
+    parts = [
+        g.bin_order[g.bin_starts[r * g.n_bins_x + bx0] : g.bin_starts[r * g.n_bins_x + bx1 + 1]]
+        for r in range(by0, by1 + 1)
+    ]
     idx = np.sort(np.concatenate(parts))
     keep = (g.cy[idx] + e > y0) & (g.cy[idx] - e < y1) & (g.cx[idx] + e > x0) & (g.cx[idx] - e < x1)
     return idx[keep]
@@ -404,7 +540,9 @@ def _accumulate(od: np.ndarray, g: _Primitives, y: int, x: int, h: int, w: int, 
     px = np.floor(cx / d).astype(np.int64)[:, None] - size // 2 + ar
     dy = ((py + 0.5) * d - cy[:, None])[:, :, None]  # (n, S, 1) level-0 offsets of pixel centres
     dx = ((px + 0.5) * d - cx[:, None])[:, None, :]
-    ramp = np.sqrt(d * d + g.soft_px[idx] ** 2)[:, None, None]  # box filter of the level pixel + blur
+    ramp = np.sqrt(d * d + g.soft_px[idx] ** 2)[
+        :, None, None
+    ]  # box filter of the level pixel + blur
     if g.profile == "ring":
         dist = np.sqrt(dy * dy + dx * dx)
         sig = np.sqrt(b * b + (0.4 * d) ** 2)[:, None, None]
@@ -423,11 +561,15 @@ def _accumulate(od: np.ndarray, g: _Primitives, y: int, x: int, h: int, w: int, 
     lin = (ry[:, :, None] * w + rx[:, None, :])[inside]
     v = val[inside]
     counts = inside.sum((1, 2))
-    for ch in range(3):  # bincount adds in input order, so every pixel sums its primitives in index order
+    for ch in range(
+        3
+    ):  # bincount adds in input order, so every pixel sums its primitives in index order
         od[ch] += np.bincount(lin, weights=v * np.repeat(g.od[idx, ch], counts), minlength=h * w)
 
 
-def render_region(layout: SmearLayout, y: int, x: int, h: int, w: int, downsample: int = 1) -> np.ndarray:
+def render_region(
+    layout: SmearLayout, y: int, x: int, h: int, w: int, downsample: int = 1
+) -> np.ndarray:
     """Render ``[y, y + h) × [x, x + w)`` of the level with this ``downsample`` as uint8 (h, w, 3) RGB.
 
     Level pixel ``p`` covers level-0 pixels ``[p·downsample, (p + 1)·downsample)`` and is drawn
@@ -436,7 +578,9 @@ def render_region(layout: SmearLayout, y: int, x: int, h: int, w: int, downsampl
     """
     d = int(downsample)
     if d < 1 or h < 0 or w < 0:
-        raise ValueError(f"render_region: need downsample >= 1 and h, w >= 0; got {downsample}, {h}, {w}")
+        raise ValueError(
+            f"render_region: need downsample >= 1 and h, w >= 0; got {downsample}, {h}, {w}"
+        )
     spec = layout.spec
     od = np.zeros((3, h * w))
     for g in layout._groups:
@@ -445,9 +589,14 @@ def render_region(layout: SmearLayout, y: int, x: int, h: int, w: int, downsampl
     xc = (np.arange(x, x + w) + 0.5) * d
     *waves, tilt = layout._light
     gl = spec.lighting_gradient
-    light = 1 + gl * (0.5 * _wave_grid(tuple(waves), yc, xc)
-                      + tilt[0] * (yc / spec.height_px - 0.5)[:, None] + tilt[1] * (xc / spec.width_px - 0.5)[None, :])
-    iy, ix = np.meshgrid(np.arange(y, y + h, dtype=np.int64), np.arange(x, x + w, dtype=np.int64), indexing="ij")
+    light = 1 + gl * (
+        0.5 * _wave_grid(tuple(waves), yc, xc)
+        + tilt[0] * (yc / spec.height_px - 0.5)[:, None]
+        + tilt[1] * (xc / spec.width_px - 0.5)[None, :]
+    )
+    iy, ix = np.meshgrid(
+        np.arange(y, y + h, dtype=np.int64), np.arange(x, x + w, dtype=np.int64), indexing="ij"
+    )
     out = np.empty((h, w, 3), np.uint8)
     sigma = spec.noise_level / d  # a level pixel averages d² level-0 pixels
     for ch in range(3):
@@ -462,7 +611,12 @@ def level_shape(spec: SmearSpec, downsample: int = 1) -> tuple[int, int]:
     return -(-spec.height_px // downsample), -(-spec.width_px // downsample)
 
 
-def render_image(layout: SmearLayout, downsample: int = 1) -> np.ndarray:
-    """The whole level with this downsample (convenience for small images)."""
+def render_image(layout: SmearLayout, downsample: int = 1, tile_px: int = 512) -> np.ndarray:
+    """The whole level with this downsample (for small images), drawn in tiles to stay in cache."""
     h, w = level_shape(layout.spec, downsample)
-    return render_region(layout, 0, 0, h, w, downsample)
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(0, h, tile_px):
+        for x in range(0, w, tile_px):
+            th, tw = min(tile_px, h - y), min(tile_px, w - x)
+            out[y : y + th, x : x + tw] = render_region(layout, y, x, th, tw, downsample)
+    return out
