@@ -94,12 +94,13 @@ class BlockRecord:
     """What a worker reports for one block (small; never pixels)."""
 
     key: str
-    patches_scored: int
-    patches_skipped: int
+    patches_scored: int  # foreground patches whose origin cell this block owns (each patch counted once)
+    patches_skipped: int  # background patches whose origin cell this block owns
     seconds_read: float
     seconds_score: float
     seconds_write: float
     resumed: bool = False
+    patch_evaluations: int = 0  # patches sent through the model, halo included (per-patch equivalent)
 
 
 @dataclass
@@ -336,7 +337,7 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, model: Any, c
     marker = plan.blocks_dir / f"{block.key}.json"
     if marker.exists():
         return BlockRecord(**{**read_json(marker), "resumed": True})
-    p = block.patches
+    p, c = block.patches, block.cells
     valid = plan.valid[p.y : p.y1, p.x : p.x1]
     n_valid = int(valid.sum())
     t0 = time.perf_counter()
@@ -347,12 +348,14 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, model: Any, c
         t1 = time.perf_counter()
         scores = model.score_block(pixels, valid, plan.grid.stride_px, mode=cfg.model.mode, batch_size=cfg.model.batch_size)
         kernel = patch_weights(plan.grid.k, cfg.blending.weights, cfg.blending.sigma_frac)
-        c = block.cells
         prob = blend_cells(scores, valid, kernel, (p.y, p.x), (c.y, c.x, c.h, c.w))
         t2 = time.perf_counter()
         mz.write_block(plan.mosaic_path, plan.mosaic, block.cells, prob)
     t3 = time.perf_counter()
-    rec = BlockRecord(block.key, n_valid, int(valid.size - n_valid), t1 - t0, t2 - t1, t3 - t2)
+    # Patch (a, b) is owned by the block whose cells contain its origin cell (a, b): counts add up.
+    owned = valid[max(c.y, p.y) - p.y : min(c.y1, p.y1) - p.y, max(c.x, p.x) - p.x : min(c.x1, p.x1) - p.x]
+    n_owned = int(owned.sum())
+    rec = BlockRecord(block.key, n_owned, int(owned.size - n_owned), t1 - t0, t2 - t1, t3 - t2, patch_evaluations=n_valid)
     write_json(marker, asdict(rec))
     return rec
 
@@ -385,7 +388,7 @@ def finish_sample(plan: SamplePlan, records: list[BlockRecord], cfg: JobConfig, 
         reader.close()
     t2 = time.perf_counter()
     scored = sum(r.patches_scored for r in records)
-    skipped = plan.grid.n_patches - scored
+    skipped = sum(r.patches_skipped for r in records)
     score_s = sum(r.seconds_score for r in records)
     scored_cells = int(np.isfinite(prob[0]).sum())
     run = {
@@ -399,7 +402,8 @@ def finish_sample(plan: SamplePlan, records: list[BlockRecord], cfg: JobConfig, 
         "config": cfg.to_dict(),
         "grid": {"patch_px": plan.grid.patch_px, "stride_px": plan.grid.stride_px, "cells_shape": list(plan.grid.cells_shape),
                  "patches_shape": list(plan.grid.patches_shape), "border_policy": "patches from origin 0; the last may extend past the bottom/right edge, filled with the card's pad_value"},
-        "patches": {"total": plan.grid.n_patches, "scored": scored, "skipped_background": skipped},
+        "patches": {"total": plan.grid.n_patches, "scored": scored, "skipped_background": skipped,
+                    "evaluated_with_halo": sum(r.patch_evaluations for r in records)},
         "blocks": {"total": len(plan.blocks), "resumed": sum(r.resumed for r in records),
                    "without_foreground": sum(1 for r in records if r.patches_scored == 0)},
         "area": {"scored_cells": scored_cells, "cell_um": plan.mosaic.cell_um,

@@ -71,6 +71,9 @@ def test_small_blocks_equal_one_block_covering_the_image(tmp_path: Path, smear_l
         out = tmp_path / f"c{chunk}"
         (res,) = score_samples([str(tif)], _cfg(out, tiling={"chunk_cells": chunk}, blending={"weights": weights}), str(out), model=model)
         assert res.run["blocks"]["total"] == (1 if chunk == 64 else 3 * 3)
+        pt = res.run["patches"]
+        assert pt["scored"] + pt["skipped_background"] == pt["total"]  # each patch counted by one block
+        assert pt["evaluated_with_halo"] >= pt["scored"]
         maps.append(mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0))
     assert np.nanmax(np.abs(maps[0] - maps[1])) <= 1e-6
     assert np.array_equal(np.isnan(maps[0]), np.isnan(maps[1]))
