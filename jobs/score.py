@@ -59,7 +59,9 @@ def print_summary(results: list[Any], run: dict[str, Any], out_root: str, second
             print(f"skipped  {r.sample_id}: already complete → {r.out_dir}")
         else:
             print(f"ok       {r.sample_id}: {b.get('done')} blocks ({b.get('resumed')} resumed), {row.get('patches_scored', 0):,} patches "
-                  f"scored on {len(row.get('actors', []))} actor(s), {r.run['regions']['total']} regions, {row.get('seconds', 0):.1f} s → {r.out_dir}")
+                  f"scored on {row.get('n_actors', 0)} actor(s) ({row.get('actor_seconds', 0):.1f} actor-s, "
+                  f"{row.get('bytes_read', 0) / 2**20:,.1f} MiB read), {r.run['regions']['total']} regions, "
+                  f"{row.get('seconds', 0):.1f} s → {r.out_dir}")
     failed = sum(r.status == "failed" for r in results)
     print(f"{len(results) - failed}/{len(results)} samples ok in {seconds:.1f} s; outputs under {out_root}")
     if failed:

@@ -27,6 +27,13 @@ resubmitted (a block rewrites the same bytes, so this is idempotent); a task tha
 corrupt tile) fails only that sample: it is recorded in ``failures.jsonl`` and its remaining
 blocks are dropped; other samples go on. A :class:`~slidescore.errors.ConfigError` stops the run.
 
+Observability: the driver shows a progress bar per sample (blocks, patches/s); ``run.json`` of the
+run folder has per sample the blocks (total, done, resumed), patches scored, retries, the actors
+used (``actors``, ``n_actors``), ``actor_seconds`` (sum of the wall time of its accepted actor
+tasks), ``bytes_read`` (sum of the decoded pixel bytes those tasks read: the block + halo boxes
+clipped to the image, for blocks with foreground) and ``seconds_scoring`` (first block dispatched →
+last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``).
+
 This is the only module that imports ray.
 """
 
@@ -38,6 +45,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +71,7 @@ from slidescore.pipeline import (
     run_block,
     unique_ids,
 )
+from slidescore.types import Box
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +97,41 @@ class FaultInjection:
     when its N-th task starts; replacements do not. ``transient_errors``: first-generation actors
     raise ``TransientStorageError`` on their first N tasks.
     ``abort_after_blocks``: the driver raises :class:`RunAborted` after that many block records.
+    ``on_blocks_done``: called on the driver with the driver (its ``blocks_done`` and actor
+    ``slots``) after each task's records are in; a test removes a node from there, at a known point.
     """
 
     crash_on_task: int | None = None
     transient_errors: int = 0
     abort_after_blocks: int | None = None
+    on_blocks_done: Callable[[Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one actor task returns: its block records and what it cost."""
+
+    records: list[BlockRecord]
+    seconds: float  # wall time of the task in the actor (reader open, read, score, blend, write)
+    bytes_read: int  # decoded pixel bytes the task read from the image (blocks with foreground only)
+
+
+class _CountingReader:
+    """A :class:`~slidescore.io.SlideReader` that counts the decoded bytes it hands out."""
+
+    def __init__(self, inner: SlideReader) -> None:
+        self.inner = inner
+        self.uri, self.levels, self.mpp, self.mpp_source = inner.uri, inner.levels, inner.mpp, inner.mpp_source
+        self.n_channels, self.dtype = inner.n_channels, inner.dtype
+        self.bytes_read = 0
+
+    def read(self, level: int, box: Box) -> np.ndarray:
+        data = self.inner.read(level, box)
+        self.bytes_read += int(data.nbytes)
+        return data
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 # -- the actor --------------------------------------------------------------------------------
@@ -107,7 +146,7 @@ class ScoringActor:
 
         self.cfg = cfg
         self.model = load_model(cfg.model.name, device=device)
-        self.readers: collections.OrderedDict[str, SlideReader] = collections.OrderedDict()
+        self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
         self.tasks = 0
         self._crash_on = crash_on_task
         self._transient = transient_errors
@@ -116,25 +155,28 @@ class ScoringActor:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "device": str(self.model.device), "checksum": self.model.checksum}
 
-    def score(self, plan: SamplePlan, block_indices: list[int]) -> list[BlockRecord]:
+    def score(self, plan: SamplePlan, block_indices: list[int]) -> TaskResult:
         """Score some blocks of one sample (each writes its own chunks and completion marker)."""
+        t0 = time.perf_counter()
         self.tasks += 1
         if self.tasks == self._crash_on:
             os._exit(1)  # test hook: die like a killed process, mid-run
         if self.tasks <= self._transient:
             raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
         reader = self._reader(plan.uri)
+        bytes_before = reader.bytes_read
         try:
-            return [run_block(plan, plan.blocks[i], reader, self.model, self.cfg) for i in block_indices]
+            records = [run_block(plan, plan.blocks[i], reader, self.model, self.cfg) for i in block_indices]
+            return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
         except TransientStorageError:
             self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
             raise
 
-    def _reader(self, uri: str) -> SlideReader:
+    def _reader(self, uri: str) -> _CountingReader:
         if uri in self.readers:
             self.readers.move_to_end(uri)
             return self.readers[uri]
-        reader = open_image(uri)
+        reader = _CountingReader(open_image(uri))
         self.readers[uri] = reader
         while len(self.readers) > self.MAX_OPEN_READERS:
             self._drop_reader(next(iter(self.readers)))
@@ -160,8 +202,11 @@ class _Sample:
     retries: int = 0
     result: SampleResult | None = None
     t_first_task: float | None = None
+    t_last_record: float | None = None
     t_end: float | None = None
     patches_scored: int = 0
+    bytes_read: int = 0
+    actor_seconds: float = 0.0
     bar: Any = None
 
 
@@ -226,7 +271,7 @@ class _Driver:
     """The scheduling loop of one :func:`score_samples_ray` call."""
 
     def __init__(self, uris: list[str], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
-                 fault: FaultInjection | None) -> None:
+                 fault: FaultInjection | None, wait_for_pool: bool = False) -> None:
         from slidescore.model import load_model
 
         self.cfg, self.out_root, self.progress = cfg, out_root, progress
@@ -250,6 +295,8 @@ class _Driver:
         self.devices: set[str] = set()
         self.t0 = time.perf_counter()
         self.t_pool: float | None = None
+        self.t_pool_ready: float | None = None  # when the last actor of the first pool was ready
+        self.wait_for_pool = wait_for_pool
 
     # -- actors ---------------------------------------------------------------------------
     def _start(self, slot: _Slot) -> None:
@@ -291,6 +338,7 @@ class _Driver:
                 if all(s.retired for s in self.slots):
                     raise ModelLoadError(f"no scoring actor could start (last error: {e}); check model.name is readable "
                                          "on the worker nodes and the actors' resources") from None
+                self._note_pool_ready()
                 return
             log.warning("scoring actor %s failed to start (%s); retrying", slot.label, e)
             self._start(slot)
@@ -304,6 +352,11 @@ class _Driver:
         slot.start_failures = 0
         slot.ready_ref = None
         self.devices.add(info["device"])
+        self._note_pool_ready()
+
+    def _note_pool_ready(self) -> None:
+        if self.t_pool_ready is None and all(s.ready or s.retired for s in self.slots):
+            self.t_pool_ready = time.perf_counter()
 
     def _check_start_timeout(self) -> None:
         if self.t_pool is None or any(s.ready for s in self.slots):
@@ -414,6 +467,8 @@ class _Driver:
             self.delayed = [t for t in self.delayed if t.not_before > now]
             self.queue.extendleft(reversed(due))
         limit = self.cfg.cluster.max_in_flight_per_actor
+        if self.wait_for_pool and self.t_pool_ready is None:
+            return
         while self.queue:
             free = [s for s in self.slots if s.ready and s.in_flight < limit]
             if not free:
@@ -437,7 +492,7 @@ class _Driver:
             slot.in_flight -= 1
         s = self.by_id[task.sid]
         try:
-            records: list[BlockRecord] = ray.get(ref)
+            done: TaskResult = ray.get(ref)
         except RayActorError as e:
             if slot.gen == gen and not slot.retired:
                 self._replace(slot, f"{type(e).__name__} while scoring {s.sid}")
@@ -457,9 +512,13 @@ class _Driver:
             return
         if s.status != "running":
             return
+        records = done.records
         for rec, i in zip(records, task.blocks, strict=True):
             s.records[i] = rec
             s.patches_scored += 0 if rec.resumed else rec.patches_scored
+        s.bytes_read += done.bytes_read
+        s.actor_seconds += done.seconds
+        s.t_last_record = time.perf_counter()
         self.blocks_done += len(records)
         if s.bar is not None:
             rate = s.patches_scored / max(1e-9, time.perf_counter() - (s.t_first_task or s.t_start))
@@ -468,6 +527,8 @@ class _Driver:
         assert s.plan is not None
         if len(s.records) == len(s.plan.blocks):
             self._finish(s)
+        if self.fault.on_blocks_done is not None:
+            self.fault.on_blocks_done(self)
         if self.fault.abort_after_blocks is not None and self.blocks_done >= self.fault.abort_after_blocks:
             raise RunAborted(f"stopped after {self.blocks_done} blocks (FaultInjection.abort_after_blocks)")
 
@@ -547,20 +608,25 @@ class _Driver:
                             "n_regions": r.run.get("regions", {}).get("total") if r.run else None,
                             "blocks": blocks, "patches_scored": s.patches_scored, "retries": s.retries,
                             "seconds": round((s.t_end or s.t_start) - s.t_start, 3),
-                            "actors": sorted(s.actors)})
+                            "seconds_scoring": round(s.t_last_record - s.t_first_task, 3)
+                            if s.t_first_task is not None and s.t_last_record is not None else None,
+                            "bytes_read": s.bytes_read, "actor_seconds": round(s.actor_seconds, 3),
+                            "n_actors": len(s.actors), "actors": sorted(s.actors)})
         write_json(Path(self.out_root) / "run.json", {
             "slidescore_version": __version__, "code_version": code_version(), "config": self.cfg.to_dict(),
             "model": info, "runner": "ray",
             "cluster": {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
                         "actors_replaced": self.actors_replaced, "num_cpus_per_actor": c.num_cpus_per_actor,
                         "num_gpus_per_actor": c.num_gpus_per_actor, "resources": ray.cluster_resources(),
-                        "blocks_done": self.blocks_done, "seconds": time.perf_counter() - self.t0},
+                        "blocks_done": self.blocks_done, "seconds": time.perf_counter() - self.t0,
+                        "seconds_pool_start": None if self.t_pool is None or self.t_pool_ready is None
+                        else round(self.t_pool_ready - self.t_pool, 3)},
             "samples": samples,
         })
 
 
 def score_samples_ray(uris: list[str], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
-                      progress: bool = True, fault: FaultInjection | None = None) -> list[SampleResult]:
+                      progress: bool = True, fault: FaultInjection | None = None, wait_for_pool: bool = False) -> list[SampleResult]:
     """Score many samples on a Ray cluster; the distributed counterpart of ``pipeline.score_samples``.
 
     Connects with ``ray.init(address=cfg.cluster.address)`` unless Ray is already initialised
@@ -568,13 +634,16 @@ def score_samples_ray(uris: list[str], cfg: JobConfig, out_root: str, *, n_actor
     Returns one result per URI, in order (``ok``, ``skipped`` or ``failed``); failures are also
     appended to ``<out_root>/failures.jsonl`` and the run record is ``<out_root>/run.json``.
     Raises ``ConfigError`` / ``ModelLoadError`` / :class:`ClusterError` when nothing can run.
+    ``wait_for_pool``: dispatch no block until every actor of the pool has started (benchmarks: so
+    that the scoring time measures the pool, not the actors' staggered start); off in production,
+    where the first ready actor starts at once.
     """
     n = cfg.cluster.n_actors if n_actors is None else n_actors
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ConfigError(f"cluster.n_actors: expected a positive integer, got {n!r}")
     connected = connect(cfg.cluster)
     try:
-        return _Driver(list(uris), cfg, out_root, n, progress, fault).run()
+        return _Driver(list(uris), cfg, out_root, n, progress, fault, wait_for_pool).run()
     finally:
         if connected:
             ray.shutdown()

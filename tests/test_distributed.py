@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,12 @@ def test_mosaic_equals_single_process(ray_cluster, tmp_path: Path, images, rando
     n_blocks = (5 * 5) if chunk == 8 else (3 * 3)  # 38×33 cells
     assert rec["blocks"] == {"total": n_blocks, "done": n_blocks, "resumed": 0}
     assert rec["patches_scored"] == res.run["patches"]["scored"] > 0
-    assert 1 <= len(rec["actors"]) <= n_actors and run["cluster"]["n_actors"] == n_actors
+    assert 1 <= rec["n_actors"] == len(rec["actors"]) <= n_actors and run["cluster"]["n_actors"] == n_actors
     assert run["runner"] == "ray" and run["cluster"]["actors_replaced"] == 0
+    # observability: decoded bytes of the read boxes (block + halo, clipped to the image; only blocks
+    # with foreground are read), and the actors' task time
+    assert 3 * 300 * 380 <= rec["bytes_read"] <= 3 * 600 * 520 * 4  # at least the foreground box, at most a few times the image
+    assert rec["actor_seconds"] > 0
 
 
 def test_several_samples_share_the_pool_and_bad_ones_fail_alone(ray_cluster, tmp_path: Path, images, random_model_dir: Path, reference) -> None:
@@ -181,3 +186,76 @@ def test_aborted_run_resumes_only_missing_blocks(ray_cluster, tmp_path: Path, im
     assert rec["blocks"] == {"total": total, "done": total, "resumed": done}  # only the missing blocks were scored
     assert res.run["blocks"]["resumed"] == done
     _assert_same(_mosaic(res.out_dir), reference(8, "slide"))
+
+
+# -- node loss: a real multi-node cluster (ray.cluster_utils), in a child process -----------------
+def node_loss_child(image: str, model_dir: str, out: str) -> None:
+    """Run in a fresh interpreter (no other Ray session): two nodes, the worker node removed mid-run."""
+    import os
+
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # notice a dead node within a few seconds, not the default ~30 s
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4},
+    })
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    removed: list[int] = []
+
+    def remove_worker(driver) -> None:
+        """Once the actor on the worker node has blocks in flight, remove that node (like a lost VM)."""
+        if removed:
+            return
+        # first: let both actors finish starting (torch import), so the worker node's actor surely gets blocks
+        for slot in driver.slots:
+            if slot.ready_ref is not None:
+                ray.get(slot.ready_ref, timeout=120)
+        for slot in driver.slots:
+            if slot.ready and slot.in_flight and ray.get(slot.actor.info.remote())["node_id"] == worker.node_id:
+                removed.append(driver.blocks_done)
+                cluster.remove_node(worker, allow_graceful=False)
+                return
+
+    try:
+        # two actors of 1 CPU on a 1 + 1 CPU cluster: one lands on each node, so one is on the worker
+        cfg = _cfg(Path(out), Path(model_dir), chunk=8, n_actors=2, num_cpus_per_actor=1, max_in_flight_per_actor=2)
+        placed = {n["NodeID"]: n["Resources"].get("CPU") for n in ray.nodes() if n["Alive"]}
+        assert len(placed) == 2, placed
+        (res,) = score_samples_ray([image], cfg, out, progress=False, fault=FaultInjection(on_blocks_done=remove_worker))
+        assert res.status == "ok", res.error
+        assert removed, "the run ended before the worker node was removed"
+        deadline = time.monotonic() + 30  # the GCS marks the node dead after its missed health checks
+        while len([n for n in ray.nodes() if n["Alive"]]) != 1:
+            assert time.monotonic() < deadline, "the removed node is still alive after 30 s"
+            time.sleep(0.5)
+        Path(out, "node_loss.json").write_text(json.dumps({"removed_after_blocks": removed[0], "worker_node": worker.node_id}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_node_loss_mid_run_leaves_output_identical(tmp_path: Path, images, random_model_dir: Path, reference) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = "import sys; from tests.test_distributed import node_loss_child; node_loss_child(*sys.argv[1:])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code, str(images["slide"]), str(random_model_dir), str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    _assert_same(_mosaic(out / "slide"), reference(8, "slide"))
+    assert (out / "slide" / "_SUCCESS").exists()
+    run = _run_record(out)
+    (rec,) = run["samples"]
+    assert rec["blocks"] == {"total": 25, "done": 25, "resumed": 0}
+    assert run["cluster"]["actors_replaced"] >= 1  # the actor on the removed node was lost and replaced
+    assert rec["retries"] >= 1 and rec["n_actors"] >= 2  # its in-flight blocks were resubmitted to the other actor

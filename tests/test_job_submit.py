@@ -44,7 +44,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _job(tmp_path: Path, model_dir: Path, uris: list[Path], *, manifest: bool = True, **sections: dict) -> Path:
+def _job(tmp_path: Path, model_dir: Path, uris: list[Path] | list[str], *, manifest: bool = True, **sections: dict) -> Path:
     """A job YAML (written as JSON, which is YAML) whose samples come from a manifest file."""
     data: dict = {"model": {"name": str(model_dir)}, "output": {"uri": str(tmp_path / "out")},
                   "tiling": {"chunk_cells": 8}, "cluster": {"n_actors": 2, "num_cpus_per_actor": 0.5}}
@@ -178,7 +178,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     # both sides works too; token mode additionally proves the dashboard rejects an unauthenticated
     # client (checked below).
     token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # no AWS_* either: a job that reads from S3 must get its endpoint and credentials in its runtime env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
     dash, agent = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
@@ -209,11 +210,18 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(head: Head, job: Path, submission_id: str) -> tuple[str, str]:
-    """``ray job submit --no-wait``, poll the job until it ends; (status, logs)."""
+def _submit(head: Head, job: Path, submission_id: str, env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+    """``ray job submit --no-wait``, poll the job until it ends; (status, logs).
+
+    ``env_vars`` go into the job's runtime env: its driver and its actors see them (storage endpoint
+    and credentials, as a real deployment passes them or gets them from the pod's identity).
+    """
     excludes = [".venv", ".git", "demo-output", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache", ".mypy_cache"]
+    runtime_env: dict = {"excludes": excludes}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
     cmd = [str(RAY), "job", "submit", "--address", head.url, "--working-dir", str(REPO), "--runtime-env-json",
-           json.dumps({"excludes": excludes}), "--submission-id", submission_id, "--no-wait", "--",
+           json.dumps(runtime_env), "--submission-id", submission_id, "--no-wait", "--",
            "python", "-m", "jobs.score", "--config", str(job), "-q"]
     for _ in range(3):
         sub = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180)
@@ -233,18 +241,29 @@ def _submit(head: Head, job: Path, submission_id: str) -> tuple[str, str]:
 
 
 @pytest.mark.ray
+@pytest.mark.s3
 @pytest.mark.slow
-def test_ray_job_submit_scores_then_skips(ray_head: Head, tmp_path: Path, images, random_model_dir: Path) -> None:
+def test_ray_job_submit_scores_from_s3_then_skips(ray_head: Head, tmp_path: Path, images, random_model_dir: Path, s3fs_client,
+                                                  s3_server: str) -> None:
+    """The job reads its images from s3:// on the loopback S3 server; outputs stay on the local disk."""
     with pytest.raises(urllib.error.HTTPError) as e:  # token auth is really on
         urllib.request.urlopen(ray_head.url + "/api/jobs/", timeout=30)
     assert e.value.code == 401
     e.value.close()
     # one actor: the pool itself is tested in-process (test_distributed); on 2 cores every extra
     # process importing torch slows the whole job down
-    job = _job(tmp_path, random_model_dir, [images["a"], images["b"]], cluster={"n_actors": 1})
+    bucket = f"scans-{os.getpid()}"
+    s3fs_client.mkdir(bucket)
+    for sid in ("a", "b"):
+        s3fs_client.put(str(images[sid]), f"{bucket}/2026-11-22/{sid}.tif")
+    uris = [f"s3://{bucket}/2026-11-22/{sid}.tif" for sid in ("a", "b")]
+    job = _job(tmp_path, random_model_dir, uris, cluster={"n_actors": 1})
     out = tmp_path / "out"
+    # the head was started without them: the job gets the endpoint and credentials in its runtime env
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    assert aws["AWS_ENDPOINT_URL"] == s3_server and not any(k.startswith("AWS_") for k in ray_head.env)
 
-    status, logs = _submit(ray_head, job, "slidescore-first")
+    status, logs = _submit(ray_head, job, "slidescore-first", aws)
     assert status == "SUCCEEDED", logs
     assert "2/2 samples ok" in logs
     for sid in ("a", "b"):
@@ -253,9 +272,14 @@ def test_ray_job_submit_scores_then_skips(ray_head: Head, tmp_path: Path, images
     run = json.loads((out / "run.json").read_text())
     assert [s["status"] for s in run["samples"]] == ["ok", "ok"] and run["runner"] == "ray"
     assert all(s["blocks"]["done"] == s["blocks"]["total"] > 0 for s in run["samples"])
+    assert [s["uri"] for s in run["samples"]] == uris
+    assert all(s["bytes_read"] > 0 and s["actor_seconds"] > 0 and s["n_actors"] == 1 for s in run["samples"])
+    for sid, uri in zip(("a", "b"), uris, strict=True):
+        sample_run = json.loads((out / sid / "run.json").read_text())
+        assert sample_run["input"]["uri"] == uri and sample_run["input"]["etag"]
     success = {sid: (out / sid / "_SUCCESS").read_bytes() for sid in ("a", "b")}
 
-    status, logs = _submit(ray_head, job, "slidescore-again")
+    status, logs = _submit(ray_head, job, "slidescore-again", aws)
     assert status == "SUCCEEDED", logs
     assert "skipped  a: already complete" in logs and "skipped  b: already complete" in logs
     run = json.loads((out / "run.json").read_text())
