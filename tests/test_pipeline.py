@@ -143,3 +143,21 @@ def test_overview_shows_the_overlay_where_the_model_fired(tmp_path: Path, smear_
     y, x = cy * 16 + 8, cx * 16 + 8
     assert not np.array_equal(ov[y, x], img[y, x])
     assert np.array_equal(ov[5, 5], img[5, 5])  # background corner untouched
+
+
+def test_changed_parameter_never_reuses_old_blocks(tmp_path: Path, smear_like, random_model_dir: Path, constant_model_dir: Path) -> None:
+    tif, _ = smear_like
+    cfg = _cfg(tmp_path, tiling={"chunk_cells": 16})
+    (first,) = score_samples([str(tif)], cfg, str(tmp_path), model=load_model(str(random_model_dir)))
+    out = Path(first.out_dir)
+    (out / "_SUCCESS").unlink()  # an interrupted run of the old parameters, all block markers present
+    changed = cfg.replace(blending={"weights": "gaussian"})
+    (res,) = score_samples([str(tif)], changed, str(tmp_path), model=load_model(str(random_model_dir)))
+    assert res.run["run_key"] != first.run["run_key"] and res.run["blocks"]["resumed"] == 0
+    # a different model (checksum) with finished outputs present: refused unless --overwrite
+    (other,) = score_samples([str(tif)], changed, str(tmp_path), model=load_model(str(constant_model_dir)))
+    assert other.status == "failed" and "different run" in other.error and "--overwrite" in other.error
+    (redo,) = score_samples([str(tif)], changed.replace(output={"overwrite": True}), str(tmp_path), model=load_model(str(constant_model_dir)))
+    assert redo.status == "ok" and redo.run["blocks"]["resumed"] == 0
+    prob = mz.read_level(out / "probabilities.ome.zarr", 0)
+    np.testing.assert_allclose(prob[~np.isnan(prob)], 0.7, atol=1e-6)
