@@ -153,7 +153,9 @@ class ScoringActor:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(self.model.device), "checksum": self.model.checksum}
+                "device": str(self.model.device), "checksum": self.model.checksum,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def score(self, plan: SamplePlan, block_indices: list[int]) -> TaskResult:
         """Score some blocks of one sample (each writes its own chunks and completion marker)."""
@@ -250,7 +252,11 @@ def actor_device(cfg: JobConfig) -> str:
             f"cluster.num_gpus_per_actor: {gpus} GPUs reserved per actor but model.device is 'cpu'; "
             "set num_gpus_per_actor to 0 or model.device to auto"
         )
-    return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU(s): it is always cuda:0 there
+    if cfg.model.device == "auto":
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU(s), so cuda:0 there is its own GPU; "auto" also
+        # lets a cluster of logical GPUs without CUDA (tests, CPU nodes advertising GPUs) run on the CPU.
+        return "auto"
+    return "cuda"
 
 
 def connect(cluster: ClusterConfig) -> bool:
@@ -293,6 +299,7 @@ class _Driver:
         self.actors_started = 0
         self.actors_replaced = 0
         self.devices: set[str] = set()
+        self.actor_gpus: list[dict[str, Any]] = []  # what each started actor was pinned to
         self.t0 = time.perf_counter()
         self.t_pool: float | None = None
         self.t_pool_ready: float | None = None  # when the last actor of the first pool was ready
@@ -352,6 +359,8 @@ class _Driver:
         slot.start_failures = 0
         slot.ready_ref = None
         self.devices.add(info["device"])
+        self.actor_gpus.append({"actor": slot.label, "node_id": info["node_id"], "gpu_ids": info["gpu_ids"],
+                                "cuda_visible_devices": info["cuda_visible_devices"], "device": info["device"]})
         self._note_pool_ready()
 
     def _note_pool_ready(self) -> None:
@@ -618,6 +627,7 @@ class _Driver:
             "cluster": {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
                         "actors_replaced": self.actors_replaced, "num_cpus_per_actor": c.num_cpus_per_actor,
                         "num_gpus_per_actor": c.num_gpus_per_actor, "resources": ray.cluster_resources(),
+                        "actor_pinning": self.actor_gpus,
                         "blocks_done": self.blocks_done, "seconds": time.perf_counter() - self.t0,
                         "seconds_pool_start": None if self.t_pool is None or self.t_pool_ready is None
                         else round(self.t_pool_ready - self.t_pool, 3)},

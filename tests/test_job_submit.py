@@ -184,7 +184,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     dash, agent = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
     log = tmp_path_factory.mktemp("head") / "head.log"
-    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
+    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=2", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
            f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     with open(log, "w") as f:
@@ -250,14 +250,14 @@ def test_ray_job_submit_scores_from_s3_then_skips(ray_head: Head, tmp_path: Path
         urllib.request.urlopen(ray_head.url + "/api/jobs/", timeout=30)
     assert e.value.code == 401
     e.value.close()
-    # one actor: the pool itself is tested in-process (test_distributed); on 2 cores every extra
-    # process importing torch slows the whole job down
+    # the head advertises 2 logical GPUs: each actor reserves one and must see only its own
+    # (CUDA_VISIBLE_DEVICES = its GPU id); without CUDA, model.device auto runs them on the CPU
     bucket = f"scans-{os.getpid()}"
     s3fs_client.mkdir(bucket)
     for sid in ("a", "b"):
         s3fs_client.put(str(images[sid]), f"{bucket}/2026-11-22/{sid}.tif")
     uris = [f"s3://{bucket}/2026-11-22/{sid}.tif" for sid in ("a", "b")]
-    job = _job(tmp_path, random_model_dir, uris, cluster={"n_actors": 1})
+    job = _job(tmp_path, random_model_dir, uris, cluster={"n_actors": 2, "num_cpus_per_actor": 0.5, "num_gpus_per_actor": 1})
     out = tmp_path / "out"
     # the head was started without them: the job gets the endpoint and credentials in its runtime env
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
@@ -273,7 +273,10 @@ def test_ray_job_submit_scores_from_s3_then_skips(ray_head: Head, tmp_path: Path
     assert [s["status"] for s in run["samples"]] == ["ok", "ok"] and run["runner"] == "ray"
     assert all(s["blocks"]["done"] == s["blocks"]["total"] > 0 for s in run["samples"])
     assert [s["uri"] for s in run["samples"]] == uris
-    assert all(s["bytes_read"] > 0 and s["actor_seconds"] > 0 and s["n_actors"] == 1 for s in run["samples"])
+    assert all(s["bytes_read"] > 0 and s["actor_seconds"] > 0 and s["n_actors"] >= 1 for s in run["samples"])
+    pinning = run["cluster"]["actor_pinning"]
+    assert pinning and all(len(p["gpu_ids"]) == 1 and p["cuda_visible_devices"] == p["gpu_ids"][0] for p in pinning)
+    assert len({p["gpu_ids"][0] for p in pinning}) == len(pinning)  # never two actors on one GPU
     for sid, uri in zip(("a", "b"), uris, strict=True):
         sample_run = json.loads((out / sid / "run.json").read_text())
         assert sample_run["input"]["uri"] == uri and sample_run["input"]["etag"]
