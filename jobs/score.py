@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from slidescore.errors import ConfigError, ModelLoadError
+from slidescore.errors import ConfigError, InputError, ModelLoadError
 
 EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -82,8 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             cfg = cfg.replace(output={"uri": args.output})
         uris = cfg.samples.list_uris()
+        if cfg.samples.prefix:
+            from slidescore.io.storage import list_images
+
+            try:
+                uris += list_images(cfg.samples.prefix)
+            except InputError as e:
+                raise ConfigError(f"samples.prefix: {e}") from None
         if not uris:
-            raise ConfigError("samples: no samples to score; list image URIs in samples.uris or a file in samples.manifest")
+            raise ConfigError("samples: no samples to score; list image URIs in samples.uris, a file in samples.manifest, "
+                              "or a folder / s3:// prefix holding images in samples.prefix")
         out_root = cfg.output.uri
         if args.dry_run:
             return print_dry_run(dry_run_samples(uris, cfg, out_root))

@@ -153,11 +153,14 @@ class SamplesConfig:
     ``uris`` lists images directly; ``manifest`` names a text file with one URI per line (blank
     lines and ``#`` comments, whole-line or after the URI, are ignored; URIs cannot contain
     spaces; a relative manifest path is resolved against the working directory).
-    Both may be given: the listed URIs come first, then the manifest's.
+    ``prefix`` is a folder or object-store prefix (``s3://bucket/incoming/``) whose images are all
+    scored: files with an image extension and ``*.zarr`` folders directly under it, sorted.
+    All may be given: the listed URIs come first, then the manifest's, then the prefix's.
     """
 
     uris: tuple[str, ...] = ()
     manifest: str | None = None
+    prefix: str | None = None
 
     def validate(self, prefix: str) -> None:
         for u in self.uris:
@@ -165,6 +168,8 @@ class SamplesConfig:
                 raise ConfigError(f"{prefix}.uris: expected non-empty image URIs, got {u!r}")
         if self.manifest is not None and not self.manifest.strip():
             raise ConfigError(f"{prefix}.manifest: expected a path to a text file with one URI per line, got {self.manifest!r}")
+        if self.prefix is not None and not self.prefix.strip():
+            raise ConfigError(f"{prefix}.prefix: expected a folder or s3:// prefix holding images, got {self.prefix!r}")
 
     def list_uris(self) -> list[str]:
         """The URIs to score, in order: ``uris`` then the manifest's lines."""

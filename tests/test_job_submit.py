@@ -111,6 +111,23 @@ def test_dry_run_plans_every_sample_and_writes_nothing(tmp_path: Path, images, r
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_takes_samples_from_a_prefix(tmp_path: Path, images, random_model_dir: Path, capsys) -> None:
+    import shutil
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for sid in ("a", "b"):
+        shutil.copy(images[sid], inbox / f"{sid}.tif")
+    (inbox / "readme.txt").write_text("not an image")
+    job = _job(tmp_path, random_model_dir, [], manifest=False, samples={"prefix": str(inbox)})
+    assert main(["--config", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to score  a:" in out and "to score  b:" in out and "readme" not in out
+    job = _job(tmp_path, random_model_dir, [], manifest=False, samples={"prefix": str(tmp_path / "missing")})
+    assert main(["--config", str(job), "--dry-run"]) == 2
+    assert "samples.prefix: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

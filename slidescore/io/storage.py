@@ -136,3 +136,22 @@ def fingerprint(uri: str) -> dict[str, Any]:
     elif "mtime" in meta:
         fp["mtime"] = float(meta["mtime"]) if not hasattr(meta["mtime"], "timestamp") else meta["mtime"].timestamp()
     return fp
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr")
+
+
+def list_images(prefix: str) -> list[str]:
+    """Image URIs directly under a folder or object-store prefix (image extensions, ``*.zarr``), sorted."""
+    fs, path = filesystem(prefix)
+    entries = with_retries(lambda: fs.ls(path.rstrip("/"), detail=True), prefix, "listing the prefix")
+    proto = protocol_of(prefix)
+    out = []
+    for e in entries:
+        name = str(e["name"]).rstrip("/")
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        if e.get("type") == "directory" and not name.lower().endswith(".zarr"):
+            continue
+        out.append(name if is_local(prefix) else f"{proto}://{name}")
+    return sorted(out)

@@ -84,3 +84,18 @@ def test_ome_zarr_from_s3(tmp_path: Path, bucket: str, s3fs_client) -> None:
     r = open_image(f"s3://{bucket}/img.ome.zarr")
     assert r.mpp == pytest.approx(0.5) and r.levels[0].height == 300
     np.testing.assert_array_equal(r.read(0, Box(10, 20, 30, 40)), img[10:40, 20:60])
+
+
+def test_list_images_under_a_prefix(bucket: str, s3fs_client, tmp_path: Path) -> None:
+    from slidescore.io.storage import list_images
+
+    for key in ("b.svs", "a.tif", "notes.txt", "sub/c.tif"):
+        s3fs_client.pipe(f"{bucket}/in/{key}", b"x")
+    s3fs_client.pipe(f"{bucket}/in/d.ome.zarr/.zattrs", b"{}")
+    assert list_images(f"s3://{bucket}/in/") == [f"s3://{bucket}/in/{k}" for k in ("a.tif", "b.svs", "d.ome.zarr")]
+    (tmp_path / "x.tiff").write_bytes(b"x")
+    (tmp_path / "y.zarr").mkdir()
+    (tmp_path / "z.png").write_bytes(b"x")
+    assert list_images(str(tmp_path)) == [str(tmp_path / "x.tiff"), str(tmp_path / "y.zarr")]
+    with pytest.raises(SampleNotFoundError):
+        list_images(f"s3://{bucket}/nothing-here/")
