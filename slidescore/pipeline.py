@@ -492,7 +492,7 @@ def score_samples(uris: list[str], cfg: JobConfig, out_root: str, *, model: Any 
         except ConfigError:
             raise
         except (SlideScoreError, OSError) as e:
-            log.error("sample %s failed: %s", sid, e)
+            log.info("sample %s failed: %s", sid, e)  # the CLI prints one FAILED line per sample
             results.append(SampleResult(sid, uri, "failed", str(Path(out_root) / sid), error=str(e), error_type=type(e).__name__))
             append_jsonl(Path(out_root) / "failures.jsonl", {"sample_id": sid, "uri": uri, "error_type": type(e).__name__,
                                                               "error": str(e), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
