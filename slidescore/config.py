@@ -198,6 +198,40 @@ class SamplesConfig:
 
 
 @dataclass(frozen=True)
+class DecisionConfig:
+    """How probabilities become decisions (issue #7).
+
+    ``operating_point`` names one of the model card's ``operating_points`` (``None``: the card's
+    ``thresholds``). ``target_prevalence`` (one value per class, or one for all) corrects the
+    model's logits from its training prevalence to the target data's by the difference of their
+    log-odds. ``sample_call`` turns region/patch counts into a positive/negative/needs-review call.
+    """
+
+    operating_point: str | None = None
+    target_prevalence: tuple[float, ...] | None = None
+    sample_call: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if self.operating_point is not None and not self.operating_point.strip():
+            raise ConfigError(f"{prefix}.operating_point: expected the name of an operating point in the model card, got {self.operating_point!r}")
+        for p in self.target_prevalence or ():
+            if not 0 < p < 1:
+                raise ConfigError(f"{prefix}.target_prevalence: expected fractions in (0, 1), got {p!r}")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The per-sample report for the specialist (issue #8)."""
+
+    enabled: bool = True
+    top_k: int = 12
+    gradcam: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.top_k, f"{prefix}.top_k")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """How ``jobs/score.py`` runs on Ray: a fixed pool of scoring actors.
 
@@ -249,6 +283,8 @@ class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> JobConfig:

@@ -44,6 +44,17 @@ class ModelCard:
         Total stride of the network; dense scoring needs it to divide the scoring stride.
     pad_value
         Pixel value used where a patch extends past the image border (the background colour).
+    calibration
+        How logits are calibrated before thresholds apply, e.g. ``{"method": "temperature",
+        "temperature": 1.3}`` (empty: none). Written by ``slidescore calibrate``.
+    operating_points
+        Named decision points, e.g. ``{"precision_0.90": {"thresholds": [0.71], ...}}``, with the
+        validation figures behind them. A job picks one with ``decision.operating_point``.
+    training_prevalence
+        Positive fraction per class in the training data (for prior-shift correction).
+    input_conversion
+        Explicit rule for non-uint8 inputs, e.g. ``{"uint16": {"low": 0, "high": 4095}}``; images
+        of other pixel types are refused rather than silently rescaled.
     """
 
     name: str
@@ -65,6 +76,10 @@ class ModelCard:
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    operating_points: dict[str, Any] = field(default_factory=dict)
+    training_prevalence: tuple[float, ...] = ()
+    input_conversion: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.patch_px, int) or self.patch_px <= 0:
@@ -119,7 +134,7 @@ class ModelCard:
         if unknown:
             raise ConfigError(f"model card: unknown keys {unknown}; known keys are {sorted(known)}")
         kw = dict(data)
-        for key in ("classes", "thresholds", "mean", "std"):
+        for key in ("classes", "thresholds", "mean", "std", "training_prevalence"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "colors" in kw:
