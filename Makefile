@@ -22,6 +22,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Speed and memory against MONAI (docs/benchmarks.md); BENCH_ARGS e.g. "--size 2048 --skip-memory".
+bench: setup $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/speed.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(BIN)/pip install -e ".[bench]"
+	touch $@
+
 lint: setup
 	$(BIN)/ruff check slidescore jobs tests
 	$(BIN)/lint-imports

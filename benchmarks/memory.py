@@ -1,6 +1,6 @@
 """Peak memory of scoring a 4k×4k vs a 16k×16k JPEG-tiled smear TIFF (one process each).
 
-Usage: ``.venv/bin/python benchmarks/memory.py [--sizes 4096 16384] [--workdir /tmp/slidescore-bench]``
+Usage: ``.venv/bin/python benchmarks/memory.py [--sizes 4096 16384] [--workdir /tmp/slidescore-bench] [--json]``
 
 Each size is generated once (synthetic smear, 0.25 µm/px pyramid), then scored by
 ``slidescore score`` in a fresh child process whose peak RSS (``ru_maxrss``) is reported. The
@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--workdir", default="/tmp/slidescore-bench")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON line (for benchmarks/speed.py)")
     args = ap.parse_args()
     from slidescore.demo import generate_smear
 
@@ -49,6 +50,9 @@ def main() -> None:
         rec.update(size=size, file_mib=tif.stat().st_size / 2**20)
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows))
+        return
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}, "
           f"{resource.getrlimit(resource.RLIMIT_AS)}")
     print("| image (level 0) | TIFF size | wall time | peak RSS |")

@@ -1,8 +1,9 @@
 """Ray job entrypoint: score the samples of a job config on the cluster this job runs on.
 
-``python -m jobs.score --config job.yaml [--output DIR] [--dry-run] [--quiet]``, usually through
-``ray job submit --working-dir . -- python -m jobs.score --config job.yaml``. The samples come from
-the config (``samples.uris`` and/or ``samples.manifest``), the pool from ``cluster``. ``--dry-run``
+``python -m jobs.score --config job.yaml [--output DIR] [--uri URI ...] [--overwrite] [--dry-run] [--quiet]``,
+usually through ``ray job submit --working-dir . -- python -m jobs.score --config job.yaml``. The
+samples come from the config (``samples.uris``, ``samples.manifest``, ``samples.prefix``) or, when
+given, only from ``--uri`` (the intake poller submits one sample per job so); the pool from ``cluster``. ``--dry-run``
 validates the config, loads the model and plans every sample without writing anything.
 
 Exit codes: 0 all samples ok (or, with ``--dry-run``, all plannable), 1 some samples failed (see
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", required=True, help="job YAML with samples.uris / samples.manifest and a cluster section")
     p.add_argument("--output", "-o", help="output folder (overrides output.uri)")
+    p.add_argument("--uri", action="append", default=[], metavar="URI",
+                   help="score this image (repeatable); replaces the config's samples section (the intake poller uses it)")
+    p.add_argument("--overwrite", action="store_true", help="rescore samples whose finished outputs belong to another run")
     p.add_argument("--dry-run", action="store_true", help="validate, load the model, plan every sample; write nothing")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.output:
             cfg = cfg.replace(output={"uri": args.output})
-        uris = cfg.samples.list_uris()
-        if cfg.samples.prefix:
+        if args.overwrite:
+            cfg = cfg.replace(output={"overwrite": True})
+        # samples of several images (manifest `ID: URI URI`, samples.groups) come as SampleSpecs
+        uris: list[Any] = list(args.uri) if args.uri else cfg.samples.list_samples()
+        if cfg.samples.prefix and not args.uri:
             from slidescore.io.storage import list_images
 
             try:

@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from slidescore.errors import ConfigError, ModelLoadError
@@ -46,13 +45,32 @@ def cmd_score(args: argparse.Namespace) -> int:
         overrides["model"] = {"name": args.model}
     if overrides:
         cfg = cfg.replace(**overrides)
+    samples = [*args.images, *(parse_sample_arg(s) for s in args.sample)]
+    if not samples:
+        raise ConfigError("score: no images given; pass image paths/URIs, or --sample ID=URI1,URI2 for a sample of several images")
     model = load_model(cfg.model.name, device=cfg.model.device)
     t0 = time.perf_counter()
-    results = score_samples(args.images, cfg, cfg.output.uri, model=model, progress=_progress_factory(not args.quiet))
+    results = score_samples(samples, cfg, cfg.output.uri, model=model, progress=_progress_factory(not args.quiet))
     return _summarise(results, cfg.output.uri, time.perf_counter() - t0)
 
 
+def parse_sample_arg(text: str) -> Any:
+    """``ID=URI1,URI2,…`` → a :class:`~slidescore.config.SampleSpec` (URIs may not contain commas)."""
+    from slidescore.config import SampleSpec, check_sample_id
+
+    sid, sep, rest = text.partition("=")
+    uris = tuple(u.strip() for u in rest.split(",") if u.strip())
+    if not sep or not uris:
+        raise ConfigError(f"--sample: expected ID=URI1,URI2,… (a sample id, '=', comma-separated image URIs), got {text!r}")
+    check_sample_id(sid.strip(), "--sample")
+    if len(set(uris)) != len(uris):
+        raise ConfigError(f"--sample: an image is listed twice in {text!r}; list each image once")
+    return SampleSpec(sid.strip(), uris)
+
+
 def _summarise(results: list, out_root: str, seconds: float) -> int:
+    from slidescore.io.outputs import join
+
     failed = [r for r in results if r.status == "failed"]
     for r in results:
         if r.status == "failed":
@@ -66,7 +84,7 @@ def _summarise(results: list, out_root: str, seconds: float) -> int:
               f"{run['regions']['total']} regions (top peak {top:.3f}) → {r.out_dir}{note}")
     print(f"{len(results) - len(failed)}/{len(results)} samples ok in {seconds:.1f} s; outputs under {out_root}")
     if failed:
-        print(f"{len(failed)} sample(s) failed; details in {Path(out_root) / 'failures.jsonl'}", file=sys.stderr)
+        print(f"{len(failed)} sample(s) failed; details in {join(out_root, 'failures.jsonl')}", file=sys.stderr)
         return EXIT_SAMPLES_FAILED
     return EXIT_OK
 
@@ -77,15 +95,111 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(size_px=args.size, out_root=args.output, seed=args.seed, progress=not args.quiet)
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from slidescore.report.viewer import open_viewer, resolve_sample_dir
+
+    try:
+        sample_dir = resolve_sample_dir(args.output, args.sample)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import napari  # noqa: F401
+    except ImportError:
+        print("error: `slidescore view` needs napari; install the optional extra: pip install 'slidescore[view]'", file=sys.stderr)
+        return EXIT_USAGE
+    open_viewer(sample_dir, image=args.image)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slidescore.train import Augmentation, TrainOptions, run_train
+
+    opts = TrainOptions(
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, width=args.width,
+        balance=args.balance, val_frac=args.val_frac, seed=args.seed, augmentation=Augmentation.parse(args.augment),
+        device=args.device, positive=args.positive, name=args.name, pad_value=args.pad_value, progress=not args.quiet,
+    )
+    card = run_train(args.data, args.output, opts, mpp=args.mpp, resize=args.resize, group_regex=args.group_regex,
+                     synthetic_smears=args.synthetic_smears, synthetic_size_px=args.synthetic_size)
+    val = card.metrics["validation"]
+    for c, m in val["per_class"].items():
+        print(f"{c}: validation AUC-ROC {m['auc_roc']:.4f}, AUC-PR {m['auc_pr']:.4f} ({m['n_pos']} positive, {m['n_neg']} negative patches)")
+    print(f"confusion {val['confusion_labels']} (rows true, columns predicted): {val['confusion']}")
+    print(f"best epoch {card.training['best_epoch']}/{card.training['epochs_run']} on {card.training['device']}; "
+          f"wrote {args.output} (weights.pt, card.json, plots/)")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from slidescore.decide.calibrate import run_calibrate, summary_lines
+
+    card, dest = run_calibrate(args.model, args.valset, out=args.output, in_place=args.in_place, method=args.method,
+                               precisions=tuple(args.precision or ()), recalls=tuple(args.recall or ()),
+                               resize=args.resize, group_regex=args.group_regex, device=args.device,
+                               prevalence=args.prevalence)
+    print("\n".join(summary_lines(card)))
+    print(f"wrote {dest / 'card.json'}")
+    return EXIT_OK
+
+
+def _add_decide_commands(sub: Any) -> None:
+    """``train`` and ``calibrate`` (issue #7)."""
+    t = sub.add_parser("train", help="train a patch classifier (SmearNet) and write a model package")
+    t.add_argument("data", help="class folder (one subfolder of patches per class), annotation table (.csv/.parquet: "
+                                "image, y, x, h, w, label) or synthetic[:SEED]")
+    t.add_argument("--output", "-o", required=True, help="model package folder to write")
+    t.add_argument("--mpp", type=float, help="µm/px of the patches (class folders) or to read tables at")
+    t.add_argument("--resize", type=int, help="resize every folder patch to PX × PX (mixed-size folders)")
+    t.add_argument("--positive", help="positive class of two (default: the one not named uninfected/negative/...)")
+    t.add_argument("--balance", default="bias_init", choices=["downsample", "class_weights", "bias_init", "none"])
+    t.add_argument("--augment", default="default", help="none, default, or key=value list: flips, rot90, brightness, "
+                                                        "contrast, saturation, sharpness")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better validation loss")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--width", type=int, default=32, help="SmearNet channel width")
+    t.add_argument("--val-frac", type=float, default=0.2, help="fraction of patches (whole source images) for validation")
+    t.add_argument("--group-regex", help="regex on file stems whose group 1 names the source image (default: before _cell_N)")
+    t.add_argument("--synthetic-smears", type=int, default=4)
+    t.add_argument("--synthetic-size", type=int, default=1536, help="level-0 edge of each synthetic smear (0.25 µm/px)")
+    t.add_argument("--pad-value", type=int, default=255, help="fill beyond image borders at scoring time")
+    t.add_argument("--name", help="model name in the card (default: the output folder name)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="calibrate a model on a validation set and store operating points in its card")
+    c.add_argument("model", help="model package folder or builtin:NAME")
+    c.add_argument("valset", help="validation data, as for train (class folder, table or synthetic[:SEED])")
+    dest = c.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--output", "-o", help="write a new model package here")
+    dest.add_argument("--in-place", action="store_true", help="update the model package itself")
+    c.add_argument("--method", default="temperature", choices=["temperature", "isotonic"])
+    c.add_argument("--precision", action="append", metavar="P", help="operating point at target precision P (repeatable; "
+                                                                    "default 0.90)")
+    c.add_argument("--recall", action="append", metavar="R", help="operating point at target recall R (default 0.999)")
+    c.add_argument("--prevalence", default="auto", choices=["auto", "training", "calibration"],
+                   help="reference prevalence for prior shift (auto: the card's, else the validation set's)")
+    c.add_argument("--resize", type=int, help="resize folder patches to PX × PX")
+    c.add_argument("--group-regex", help="as for train")
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slidescore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="score images and write mosaics, regions and run records")
-    s.add_argument("images", nargs="+", help="image paths (tiled TIFF/SVS/OME-TIFF or OME-Zarr); one sample each")
+    s.add_argument("images", nargs="*", help="image paths or URLs (tiled TIFF/SVS/OME-TIFF or OME-Zarr); one sample each")
+    s.add_argument("--sample", action="append", default=[], metavar="ID=URI1,URI2",
+                   help="a sample of several images (fields of one smear), ranked together; repeatable")
     s.add_argument("--config", "-c", help="job YAML (defaults are used for everything not given)")
-    s.add_argument("--output", "-o", help="output folder (overrides output.uri)")
+    s.add_argument("--output", "-o", help="output folder or URL, e.g. s3://bucket/results (overrides output.uri)")
     s.add_argument("--model", help="model (overrides model.name): builtin:NAME, package folder or .pt/.ts file")
     s.add_argument("--mpp", type=float, help="level-0 µm/px for images without resolution metadata (overrides input.mpp)")
     s.add_argument("--overwrite", action="store_true", help="replace finished results of a different run")
@@ -98,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7, help="random seed of the generated smear")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+    _add_decide_commands(sub)
+
+    v = sub.add_parser("view", help="open a sample's image, probability maps and regions in napari (extra: slidescore[view])")
+    v.add_argument("output", help="a sample's output folder, or the output root of a run (then --sample picks one)")
+    v.add_argument("--sample", help="sample id under the output root (default: the first)")
+    v.add_argument("--image", help="source image URI, if it moved since scoring (default: the one in run.json)")
+    v.set_defaults(func=cmd_view)
     return p
 
 

@@ -9,6 +9,7 @@ what was expected and what was found. Configs are plain data (they pickle), hold
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,18 +26,35 @@ class ModelConfig:
     """Which model to run and how.
 
     ``name`` is ``builtin:<name>``, a model package folder (``card.json`` + ``weights.pt``), or a
-    TorchScript file with a ``card.json``/``.card.json`` beside it.
+    TorchScript file with a ``card.json``/``.card.json`` beside it. ``mode``: ``auto`` scores densely
+    when the card declares a dense-capable network (checked once against per-patch scoring, with a
+    fallback), ``dense`` insists (an error if the check fails), ``per_patch`` never does.
+    ``amp`` (``off``/``bf16``/``fp16``), ``channels_last`` and ``compile`` apply on CUDA only and
+    are ignored, with a log line, on CPU. ``prefetch_blocks``: blocks read and decoded ahead in
+    background threads while the model runs (0 = off).
     """
 
     name: str = "builtin:smearnet"
     device: str = "auto"
     batch_size: int = 256
     mode: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    prefetch_blocks: int = 2
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.batch_size, f"{prefix}.batch_size")
         _one_of(self.device, ("auto", "cpu", "cuda"), f"{prefix}.device", prefix_ok="cuda:")
         _one_of(self.mode, ("auto", "dense", "per_patch"), f"{prefix}.mode")
+        _one_of(self.amp, ("off", "bf16", "fp16"), f"{prefix}.amp")
+        if isinstance(self.prefetch_blocks, bool) or not isinstance(self.prefetch_blocks, int) or self.prefetch_blocks < 0:
+            raise ConfigError(f"{prefix}.prefetch_blocks: expected an int >= 0 (0 = read each block when it is scored), "
+                              f"got {self.prefetch_blocks!r}")
+
+    def runtime_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_model`` beyond the name: device and the CUDA options."""
+        return {"device": self.device, "amp": self.amp, "channels_last": self.channels_last, "compile": self.compile}
 
 
 @dataclass(frozen=True)
@@ -122,16 +140,49 @@ class RegionsConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """How images are read. ``mpp`` overrides (or supplies missing) resolution metadata."""
+    """How images are read.
+
+    ``mpp`` overrides (or supplies missing) level-0 resolution metadata, in µm/px (a GeoTIFF's
+    0.5 m/px is 500000). A pyramid level within ``mpp_tolerance`` (a fraction) of the model's µm/px
+    is scored as is; otherwise the nearest finer level is resampled to it. ``conversion`` overrides
+    the model card's ``input_conversion`` key by key: ``{"uint16": {"low": 0, "high": 4095}}``
+    maps a pixel type linearly from [low, high] onto 0…255 and clips (keys: a dtype name such as
+    ``uint16``/``int16``/``float32``, or ``float`` for any float type), and ``gray_to_rgb: true``
+    lets an RGB model score a single-channel image by replicating it.
+    """
 
     mpp: float | None = None
     mpp_tolerance: float = 0.1
+    conversion: dict[str, Any] | None = None
 
     def validate(self, prefix: str) -> None:
-        if self.mpp is not None and not (0 < self.mpp < 1e5):
+        if self.mpp is not None and not (0 < self.mpp <= 1e8):
             raise ConfigError(f"{prefix}.mpp: expected a positive µm/px, got {self.mpp!r}")
         if not 0 <= self.mpp_tolerance < 1:
             raise ConfigError(f"{prefix}.mpp_tolerance: expected a fraction in [0, 1), got {self.mpp_tolerance!r}")
+        if self.conversion is not None:
+            check_conversion(self.conversion, f"{prefix}.conversion")
+
+
+CONVERSION_DTYPES = ("uint16", "uint32", "int8", "int16", "int32", "float", "float16", "float32", "float64")
+
+
+def check_conversion(rules: Any, where: str) -> None:
+    """Validate an input-conversion mapping (config ``input.conversion`` or a card's ``input_conversion``)."""
+    if not isinstance(rules, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{uint16: {{low: 0, high: 4095}}}}, got {rules!r}")
+    for key, rule in rules.items():
+        if key == "gray_to_rgb":
+            if not isinstance(rule, bool):
+                raise ConfigError(f"{where}.gray_to_rgb: expected true or false, got {rule!r}")
+            continue
+        if key not in CONVERSION_DTYPES:
+            raise ConfigError(f"{where}.{key}: unknown key; expected a pixel type {list(CONVERSION_DTYPES)} or gray_to_rgb")
+        ok = isinstance(rule, dict) and set(rule) == {"low", "high"} and all(
+            isinstance(rule[k], int | float) and not isinstance(rule[k], bool) for k in ("low", "high"))
+        if not ok or not rule["low"] < rule["high"]:
+            raise ConfigError(f"{where}.{key}: expected {{low: <number>, high: <number>}} with low < high "
+                              f"(the input range mapped onto 0…255), got {rule!r}")
 
 
 @dataclass(frozen=True)
@@ -146,55 +197,145 @@ class OutputConfig:
         _one_of(self.dtype, ("float32", "uint8"), f"{prefix}.dtype")
 
 
+SAMPLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample: its id and its images (one, or several fields of one smear).
+
+    ``sample_id`` ``None`` means "derive it from the image's file name" (plain one-image entries).
+    A sample of several images is scored image by image and its regions are ranked together.
+    """
+
+    sample_id: str | None
+    uris: tuple[str, ...]
+
+
+def check_sample_id(sample_id: str, key: str) -> None:
+    """Sample ids become folder names: letters, digits, ``.``, ``_``, ``-``; not starting with a dot."""
+    if not isinstance(sample_id, str) or not SAMPLE_ID_PATTERN.match(sample_id):
+        raise ConfigError(
+            f"{key}: expected a sample id of letters, digits, '.', '_' or '-' (it names the output folder), got {sample_id!r}"
+        )
+
+
 @dataclass(frozen=True)
 class SamplesConfig:
     """Which images a job scores (used by ``jobs/score.py``; the CLI takes images as arguments).
 
-    ``uris`` lists images directly; ``manifest`` names a text file with one URI per line (blank
-    lines and ``#`` comments, whole-line or after the URI, are ignored; URIs cannot contain
-    spaces; a relative manifest path is resolved against the working directory).
+    ``uris`` lists images directly, one sample each; ``manifest`` names a text file with one sample
+    per line (blank lines and ``#`` comments, whole-line or after the URIs, are ignored; URIs cannot
+    contain spaces; a relative manifest path is resolved against the working directory). A line is
+    either one image URI (the sample id is the file name), or ``ID: URI [URI …]``: a sample with
+    that id made of those images (fields of one smear; one image with an explicit id is fine too).
+    ``groups`` maps sample ids to lists of image URIs in the config itself::
+
+        groups:
+          smear-17: [s3://slides/smear17/field1.tif, s3://slides/smear17/field2.tif]
+
     ``prefix`` is a folder or object-store prefix (``s3://bucket/incoming/``) whose images are all
-    scored: files with an image extension and ``*.zarr`` folders directly under it, sorted.
-    All may be given: the listed URIs come first, then the manifest's, then the prefix's.
+    scored, one sample each: files with an image extension and ``*.zarr`` folders directly under it,
+    sorted. All may be given: the listed URIs come first, then the manifest's, then the groups, then
+    the prefix's. Explicit sample ids must be unique.
     """
 
     uris: tuple[str, ...] = ()
     manifest: str | None = None
     prefix: str | None = None
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep tuples inside (validate() reports anything that is not a mapping of lists)
+        if isinstance(self.groups, dict) and all(isinstance(v, list | tuple) for v in self.groups.values()):
+            object.__setattr__(self, "groups", {k: tuple(v) for k, v in self.groups.items()})
 
     def validate(self, prefix: str) -> None:
         for u in self.uris:
             if not u.strip():
                 raise ConfigError(f"{prefix}.uris: expected non-empty image URIs, got {u!r}")
         if self.manifest is not None and not self.manifest.strip():
-            raise ConfigError(f"{prefix}.manifest: expected a path to a text file with one URI per line, got {self.manifest!r}")
+            raise ConfigError(f"{prefix}.manifest: expected a path to a text file with one sample per line, got {self.manifest!r}")
         if self.prefix is not None and not self.prefix.strip():
             raise ConfigError(f"{prefix}.prefix: expected a folder or s3:// prefix holding images, got {self.prefix!r}")
+        if not isinstance(self.groups, dict):
+            raise ConfigError(f"{prefix}.groups: expected a mapping of sample id → list of image URIs, got {self.groups!r}")
+        for sid, uris in self.groups.items():
+            check_sample_id(sid, f"{prefix}.groups")
+            if not isinstance(uris, tuple) or not uris or not all(isinstance(u, str) and u.strip() and " " not in u for u in uris):
+                raise ConfigError(
+                    f"{prefix}.groups.{sid}: expected a non-empty list of image URIs (without spaces), got {uris!r}"
+                )
+            if len(set(uris)) != len(uris):
+                raise ConfigError(f"{prefix}.groups.{sid}: an image is listed twice in {list(uris)}; list each image once")
+
+    def list_samples(self) -> list[str | SampleSpec]:
+        """The samples to score, in order (``uris``, the manifest's lines, ``groups``; not ``prefix``).
+
+        Plain one-image entries are URI strings (the id comes from the file name, made unique);
+        entries with an id are :class:`SampleSpec` s.
+        """
+        out: list[str | SampleSpec] = list(self.uris)
+        if self.manifest is not None:
+            out += _read_manifest(Path(self.manifest))
+        out += [SampleSpec(sid, uris) for sid, uris in self.groups.items()]
+        seen: set[str] = set()
+        for e in out:
+            if isinstance(e, SampleSpec) and e.sample_id is not None:
+                if e.sample_id in seen:
+                    raise ConfigError(f"samples: sample id {e.sample_id!r} is given twice (manifest / groups); ids must be unique")
+                seen.add(e.sample_id)
+        return out
 
     def list_uris(self) -> list[str]:
-        """The URIs to score, in order: ``uris`` then the manifest's lines."""
-        uris = list(self.uris)
-        if self.manifest is not None:
-            p = Path(self.manifest)
-            try:
-                lines = p.read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(
-                    f"samples.manifest: cannot read {str(p)!r} ({type(e).__name__}: {e}); expected a UTF-8 text "
-                    "file with one image URI per line"
-                ) from None
-            for n, line in enumerate(lines, 1):
-                text = line.strip()
-                if not text or text.startswith("#"):
-                    continue
-                uri, *rest = text.split(maxsplit=1)
-                if rest and not rest[0].startswith("#"):
-                    raise ConfigError(
-                        f"samples.manifest: {str(p)!r} line {n}: expected one URI per line (comments start with "
-                        f"'#'), got {text!r}"
-                    )
-                uris.append(uri)
-        return uris
+        """The one-image samples as URIs (``uris`` then the manifest's lines).
+
+        Raises ``ConfigError`` when some sample has an explicit id or several images: read those
+        with :meth:`list_samples`.
+        """
+        entries = self.list_samples()
+        named = [e for e in entries if not isinstance(e, str)]
+        if named:
+            raise ConfigError(
+                f"samples: {len(named)} sample(s) with an id or several images (e.g. {named[0].sample_id!r}); "
+                "this runner takes one image per sample — use SamplesConfig.list_samples()"
+            )
+        return [e for e in entries if isinstance(e, str)]
+
+
+def _read_manifest(p: Path) -> list[str | SampleSpec]:
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"samples.manifest: cannot read {str(p)!r} ({type(e).__name__}: {e}); expected a UTF-8 text "
+            "file with one image URI (or 'ID: URI URI …') per line"
+        ) from None
+    out: list[str | SampleSpec] = []
+    for n, line in enumerate(lines, 1):
+        tokens = line.split()
+        for i, t in enumerate(tokens):
+            if t.startswith("#"):
+                tokens = tokens[:i]
+                break
+        if not tokens:
+            continue
+        if tokens[0].endswith(":") and "://" not in tokens[0]:
+            sid, uris = tokens[0][:-1], tuple(tokens[1:])
+            check_sample_id(sid, f"samples.manifest: {str(p)!r} line {n}")
+            if not uris:
+                raise ConfigError(f"samples.manifest: {str(p)!r} line {n}: sample {sid!r} lists no image; expected 'ID: URI [URI …]'")
+            if len(set(uris)) != len(uris):
+                raise ConfigError(f"samples.manifest: {str(p)!r} line {n}: an image is listed twice for sample {sid!r}")
+            out.append(SampleSpec(sid, uris))
+        elif len(tokens) == 1:
+            out.append(tokens[0])
+        else:
+            raise ConfigError(
+                f"samples.manifest: {str(p)!r} line {n}: expected one URI per line, or 'ID: URI URI …' for a sample "
+                f"of several images (comments start with '#'), got {line.strip()!r}"
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -204,12 +345,16 @@ class DecisionConfig:
     ``operating_point`` names one of the model card's ``operating_points`` (``None``: the card's
     ``thresholds``). ``target_prevalence`` (one value per class, or one for all) corrects the
     model's logits from its training prevalence to the target data's by the difference of their
-    log-odds. ``sample_call`` turns region/patch counts into a positive/negative/needs-review call.
+    log-odds. ``sample_call`` turns region/patch counts into a positive/negative/needs-review call:
+    positive when at least ``min_positive_units`` units are positive and false positives alone
+    would give that many with probability <= ``call_alpha`` (see ``slidescore.decide.sample_call``).
     """
 
     operating_point: str | None = None
     target_prevalence: tuple[float, ...] | None = None
     sample_call: bool = True
+    call_alpha: float = 0.05
+    min_positive_units: int = 1
 
     def validate(self, prefix: str) -> None:
         if self.operating_point is not None and not self.operating_point.strip():
@@ -217,18 +362,37 @@ class DecisionConfig:
         for p in self.target_prevalence or ():
             if not 0 < p < 1:
                 raise ConfigError(f"{prefix}.target_prevalence: expected fractions in (0, 1), got {p!r}")
+        if not 0 < self.call_alpha < 1:
+            raise ConfigError(f"{prefix}.call_alpha: expected a probability in (0, 1), got {self.call_alpha!r}")
+        _positive_int(self.min_positive_units, f"{prefix}.min_positive_units")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """The per-sample report for the specialist (issue #8)."""
+    """The per-sample report for the specialist (issue #8).
+
+    ``top_k`` regions get level-0 crops (``crop_px`` to ``max_crop_px`` level-0 pixels a side) and,
+    with ``gradcam``, Grad-CAM maps. The overview is at most ``overview_px`` on its long side.
+    Data-quality checks run at the coarsest level at or finer than ``quality_mpp`` µm/px. The QuPath
+    tile heat map has at most ``qupath_max_tiles`` tiles.
+    """
 
     enabled: bool = True
     top_k: int = 12
     gradcam: bool = True
+    overview_px: int = 1024
+    crop_px: int = 192
+    max_crop_px: int = 512
+    quality_mpp: float = 1.0
+    qupath_max_tiles: int = 20000
 
     def validate(self, prefix: str) -> None:
-        _positive_int(self.top_k, f"{prefix}.top_k")
+        for key in ("top_k", "overview_px", "crop_px", "max_crop_px", "qupath_max_tiles"):
+            _positive_int(getattr(self, key), f"{prefix}.{key}")
+        if self.max_crop_px < self.crop_px:
+            raise ConfigError(f"{prefix}.max_crop_px: expected >= crop_px={self.crop_px}, got {self.max_crop_px!r}")
+        if not self.quality_mpp > 0:
+            raise ConfigError(f"{prefix}.quality_mpp: expected a positive µm/px, got {self.quality_mpp!r}")
 
 
 @dataclass(frozen=True)

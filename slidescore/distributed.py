@@ -10,6 +10,10 @@ in the same driver thread, as soon as its last block record arrives, while the a
 Sample order (rather than round-robin over samples) finishes the first samples early, keeps few
 readers open per actor, and leaves as many samples finished as possible when a job is stopped.
 Blocks without foreground ride along with the next block that has some, so a task is never empty.
+A sample of several images (:class:`~slidescore.config.SampleSpec`) is planned image by image
+(:func:`~slidescore.pipeline.plan_images`); its block tasks are per image, and it is finished once
+the blocks of all its images are in (regions ranked across the images). Outputs may be local or
+on an object store (``output.uri: s3://…``): actors and driver write through ``io.outputs``.
 
 Why plain actors and ``ray.wait`` rather than Ray Data: our unit of work is a block of one sample
 that writes its own mosaic chunks (ARCHITECTURE invariant 2) and returns a small
@@ -47,7 +51,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,10 +58,10 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from slidescore import __version__
-from slidescore.config import ClusterConfig, JobConfig
+from slidescore.config import ClusterConfig, JobConfig, SampleSpec
 from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, TransientStorageError
-from slidescore.io import SlideReader, open_image
-from slidescore.io.outputs import append_jsonl, read_json, write_json
+from slidescore.io import SlideReader
+from slidescore.io.outputs import exists, join, make_dirs, read_json, write_json
 from slidescore.pipeline import (
     BlockRecord,
     SamplePlan,
@@ -66,10 +69,15 @@ from slidescore.pipeline import (
     check_config_for_model,
     code_version,
     finish_sample,
+    image_error,
+    iter_block_pixels,
     model_info,
-    plan_sample,
+    open_for_plan,
+    plan_images,
+    record_failure,
+    resolve_samples,
     run_block,
-    unique_ids,
+    sample_label,
 )
 from slidescore.types import Box
 
@@ -145,7 +153,7 @@ class ScoringActor:
         from slidescore.model import load_model
 
         self.cfg = cfg
-        self.model = load_model(cfg.model.name, device=device)
+        self.model = load_model(cfg.model.name, **{**cfg.model.runtime_options(), "device": device})
         self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
         self.tasks = 0
         self._crash_on = crash_on_task
@@ -165,20 +173,23 @@ class ScoringActor:
             os._exit(1)  # test hook: die like a killed process, mid-run
         if self.tasks <= self._transient:
             raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
-        reader = self._reader(plan.uri)
+        reader = self._reader(plan)
         bytes_before = reader.bytes_read
         try:
-            records = [run_block(plan, plan.blocks[i], reader, self.model, self.cfg) for i in block_indices]
+            ahead = iter_block_pixels(plan, [plan.blocks[i] for i in block_indices], reader, self.model.card,
+                                      self.cfg.model.prefetch_blocks)
+            records = [run_block(plan, b, reader, self.model, self.cfg, pixels=px, seconds_read=rs) for b, px, rs in ahead]
             return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
         except TransientStorageError:
             self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
             raise
 
-    def _reader(self, uri: str) -> _CountingReader:
+    def _reader(self, plan: SamplePlan) -> _CountingReader:
+        uri = plan.uri
         if uri in self.readers:
             self.readers.move_to_end(uri)
             return self.readers[uri]
-        reader = _CountingReader(open_image(uri))
+        reader = _CountingReader(open_for_plan(plan))  # converted/resampled as planned (io.adapt)
         self.readers[uri] = reader
         while len(self.readers) > self.MAX_OPEN_READERS:
             self._drop_reader(next(iter(self.readers)))
@@ -194,12 +205,12 @@ class ScoringActor:
 @dataclass
 class _Sample:
     sid: str
-    uri: str
+    spec: SampleSpec
     t_start: float = 0.0
     status: str = "waiting"  # waiting, planning, running, finishing, ok, skipped, failed
-    plan: SamplePlan | None = None
-    ref: Any = None
-    records: dict[int, BlockRecord] = field(default_factory=dict)
+    plans: list[SamplePlan] | None = None  # one per image
+    refs: list[Any] | None = None  # the plans in the object store
+    records: dict[tuple[int, int], BlockRecord] = field(default_factory=dict)  # (image, block) → record
     actors: set[str] = field(default_factory=set)
     retries: int = 0
     result: SampleResult | None = None
@@ -211,10 +222,19 @@ class _Sample:
     actor_seconds: float = 0.0
     bar: Any = None
 
+    @property
+    def uri(self) -> str:
+        return sample_label(self.spec)
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(len(p.blocks) for p in self.plans or ())
+
 
 @dataclass
 class _Task:
     sid: str
+    image: int  # index of the image in its sample (block tasks are per image)
     blocks: tuple[int, ...]
     transient: int = 0
     lost: int = 0
@@ -276,7 +296,7 @@ def connect(cluster: ClusterConfig) -> bool:
 class _Driver:
     """The scheduling loop of one :func:`score_samples_ray` call."""
 
-    def __init__(self, uris: list[str], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
+    def __init__(self, uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
                  fault: FaultInjection | None, wait_for_pool: bool = False) -> None:
         from slidescore.model import load_model
 
@@ -286,7 +306,7 @@ class _Driver:
         # the driver needs the card and checksum only: load on the CPU, leave the GPUs to the actors
         self.model = load_model(cfg.model.name, device="cpu")
         check_config_for_model(cfg, self.model.card)
-        self.samples = [_Sample(sid, uri) for uri, sid in zip(uris, unique_ids(uris), strict=True)]
+        self.samples = [_Sample(str(spec.sample_id), spec) for spec in resolve_samples(uris)]
         self.by_id = {s.sid: s for s in self.samples}
         self.to_plan = collections.deque(self.samples)
         self.queue: collections.deque[_Task] = collections.deque()
@@ -390,31 +410,33 @@ class _Driver:
             return
         s = self.to_plan.popleft()
         s.status, s.t_start = "planning", time.perf_counter()
-        fut = self.pool.submit(plan_sample, s.uri, self.cfg, self.model.card, self.model.checksum, self.out_root, s.sid)
+        fut = self.pool.submit(plan_images, s.spec, self.cfg, self.model.card, self.model.checksum, self.out_root)
         self.jobs[fut] = ("plan", s)
 
-    def _on_planned(self, s: _Sample, plan: SamplePlan | None) -> None:
-        if plan is None:
-            out = Path(self.out_root) / s.sid
+    def _on_planned(self, s: _Sample, plans: list[SamplePlan] | None) -> None:
+        if plans is None:
+            out = join(self.out_root, s.sid)
             s.status, s.t_end = "skipped", s.t_start
-            s.result = SampleResult(s.sid, s.uri, "skipped", str(out), [], read_json(out / "run.json"))
+            s.result = SampleResult(s.sid, s.uri, "skipped", out, [], read_json(join(out, "run.json")), images=list(s.spec.uris))
             return
-        s.plan, s.status = plan, "running"
-        s.ref = ray.put(plan)  # the valid-patch grid travels to the object store once, not with every task
-        group: list[int] = []
-        for b in plan.blocks:
-            group.append(b.index)
-            p = b.patches
-            if plan.valid[p.y : p.y1, p.x : p.x1].any() or len(group) >= MAX_BLOCKS_PER_TASK:
-                self.queue.append(_Task(s.sid, tuple(group)))
-                group = []
-        if group:
-            self.queue.append(_Task(s.sid, tuple(group)))
+        s.plans, s.status = plans, "running"
+        # the valid-patch grid travels to the object store once per image, not with every task
+        s.refs = [ray.put(plan) for plan in plans]
+        for k, plan in enumerate(plans):
+            group: list[int] = []
+            for b in plan.blocks:
+                group.append(b.index)
+                p = b.patches
+                if plan.valid[p.y : p.y1, p.x : p.x1].any() or len(group) >= MAX_BLOCKS_PER_TASK:
+                    self.queue.append(_Task(s.sid, k, tuple(group)))
+                    group = []
+            if group:
+                self.queue.append(_Task(s.sid, k, tuple(group)))
         self._start_pool()
         if self.progress:
             from tqdm import tqdm
 
-            s.bar = tqdm(total=len(plan.blocks), unit="block", desc=s.sid, leave=False, dynamic_ncols=True,
+            s.bar = tqdm(total=s.n_blocks, unit="block", desc=s.sid, leave=False, dynamic_ncols=True,
                          mininterval=0.1 if sys.stderr.isatty() else 15.0)  # job logs are files: few lines
 
     def _fail(self, s: _Sample, err: BaseException, where: str) -> None:
@@ -422,13 +444,13 @@ class _Driver:
             return
         log.error("sample %s failed %s: %s", s.sid, where, err)
         s.status, s.t_end = "failed", time.perf_counter()
-        s.ref = None
+        s.refs = None
         self.queue = collections.deque(t for t in self.queue if t.sid != s.sid)
         self.delayed = [t for t in self.delayed if t.sid != s.sid]
         etype = type(err).__name__
-        s.result = SampleResult(s.sid, s.uri, "failed", str(Path(self.out_root) / s.sid), error=str(err), error_type=etype)
-        append_jsonl(Path(self.out_root) / "failures.jsonl", {"sample_id": s.sid, "uri": s.uri, "error_type": etype,
-                                                               "error": str(err), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        s.result = SampleResult(s.sid, s.uri, "failed", join(self.out_root, s.sid), error=str(err), error_type=etype,
+                                images=list(s.spec.uris))
+        record_failure(self.out_root, s.spec, err)
         self._close_bar(s)
 
     def _close_bar(self, s: _Sample) -> None:
@@ -437,13 +459,13 @@ class _Driver:
             s.bar = None
 
     def _finish(self, s: _Sample) -> None:
-        assert s.plan is not None
+        assert s.plans is not None
         s.status = "finishing"
-        s.ref = None  # release the plan in the object store
-        records = [s.records[b.index] for b in s.plan.blocks]
+        s.refs = None  # release the plans in the object store
+        records = [[s.records[k, b.index] for b in plan.blocks] for k, plan in enumerate(s.plans)]
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
-        fut = self.pool.submit(finish_sample, s.plan, records, self.cfg, info, self.model.card, s.t_start)
+        fut = self.pool.submit(finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start)
         self.jobs[fut] = ("finish", s)
 
     def _on_job_done(self, fut: cf.Future) -> None:
@@ -487,7 +509,8 @@ class _Driver:
             if sample.status != "running":
                 continue  # its sample failed: drop the rest of its blocks
             slot = min(free, key=lambda s: s.in_flight)
-            ref = slot.actor.score.remote(sample.ref, list(task.blocks))
+            assert sample.refs is not None
+            ref = slot.actor.score.remote(sample.refs[task.image], list(task.blocks))
             self.in_flight[ref] = (task, slot.index, slot.gen)
             slot.in_flight += 1
             sample.actors.add(slot.label)
@@ -514,6 +537,9 @@ class _Driver:
             if isinstance(cause, TransientStorageError):
                 self._retry(task, s, cause, lost=False)
             else:
+                plan = s.plans[task.image] if s.plans else None
+                if plan is not None and plan.image_id:  # a sample of several images: name the bad one
+                    cause = image_error(s.sid, plan.image_id, plan.uri, cause)
                 self._fail(s, cause, f"in blocks {list(task.blocks)}")
             return
         except RayError as e:  # worker crash, lost object, node died: like a lost actor, without replacing it
@@ -523,7 +549,7 @@ class _Driver:
             return
         records = done.records
         for rec, i in zip(records, task.blocks, strict=True):
-            s.records[i] = rec
+            s.records[task.image, i] = rec
             s.patches_scored += 0 if rec.resumed else rec.patches_scored
         s.bytes_read += done.bytes_read
         s.actor_seconds += done.seconds
@@ -533,8 +559,7 @@ class _Driver:
             rate = s.patches_scored / max(1e-9, time.perf_counter() - (s.t_first_task or s.t_start))
             s.bar.update(len(records))
             s.bar.set_postfix_str(f"{rate:,.0f} patches/s", refresh=False)
-        assert s.plan is not None
-        if len(s.records) == len(s.plan.blocks):
+        if len(s.records) == s.n_blocks:
             self._finish(s)
         if self.fault.on_blocks_done is not None:
             self.fault.on_blocks_done(self)
@@ -564,7 +589,7 @@ class _Driver:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> list[SampleResult]:
-        Path(self.out_root).mkdir(parents=True, exist_ok=True)
+        make_dirs(self.out_root)
         try:
             while True:
                 self._maybe_plan()
@@ -611,7 +636,7 @@ class _Driver:
         for s in self.samples:
             r = s.result
             assert r is not None
-            total = len(s.plan.blocks) if s.plan else (r.run.get("blocks", {}).get("total") if r.run else None)
+            total = s.n_blocks if s.plans else (r.run.get("blocks", {}).get("total") if r.run else None)
             blocks = {"total": total, "done": len(s.records), "resumed": sum(rec.resumed for rec in s.records.values())}
             samples.append({"sample_id": s.sid, "uri": s.uri, "status": r.status, "error": r.error,
                             "n_regions": r.run.get("regions", {}).get("total") if r.run else None,
@@ -621,7 +646,7 @@ class _Driver:
                             if s.t_first_task is not None and s.t_last_record is not None else None,
                             "bytes_read": s.bytes_read, "actor_seconds": round(s.actor_seconds, 3),
                             "n_actors": len(s.actors), "actors": sorted(s.actors)})
-        write_json(Path(self.out_root) / "run.json", {
+        write_json(join(self.out_root, "run.json"), {
             "slidescore_version": __version__, "code_version": code_version(), "config": self.cfg.to_dict(),
             "model": info, "runner": "ray",
             "cluster": {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
@@ -635,7 +660,7 @@ class _Driver:
         })
 
 
-def score_samples_ray(uris: list[str], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
+def score_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
                       progress: bool = True, fault: FaultInjection | None = None, wait_for_pool: bool = False) -> list[SampleResult]:
     """Score many samples on a Ray cluster; the distributed counterpart of ``pipeline.score_samples``.
 
@@ -659,7 +684,7 @@ def score_samples_ray(uris: list[str], cfg: JobConfig, out_root: str, *, n_actor
             ray.shutdown()
 
 
-def dry_run_samples(uris: list[str], cfg: JobConfig, out_root: str) -> list[dict[str, Any]]:
+def dry_run_samples(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str) -> list[dict[str, Any]]:
     """Plan every sample without writing anything and say what a run would do (no Ray needed).
 
     Raises ``ConfigError`` / ``ModelLoadError`` like a real run; per-sample problems are reported
@@ -671,21 +696,29 @@ def dry_run_samples(uris: list[str], cfg: JobConfig, out_root: str) -> list[dict
     model = load_model(cfg.model.name, device="cpu")
     check_config_for_model(cfg, model.card)
     rows = []
-    for uri, sid in zip(uris, unique_ids(uris), strict=True):
-        row: dict[str, Any] = {"sample_id": sid, "uri": uri}
+    for spec in resolve_samples(uris):
+        row: dict[str, Any] = {"sample_id": spec.sample_id, "uri": sample_label(spec)}
         try:
-            plan = plan_sample(uri, cfg, model.card, model.checksum, out_root, sid, dry_run=True)
+            plans = plan_images(spec, cfg, model.card, model.checksum, out_root, dry_run=True)
         except ConfigError:
             raise
         except (SlideScoreError, OSError) as e:
             rows.append({**row, "status": "failed", "error": str(e), "error_type": type(e).__name__})
             continue
-        if plan is None:
+        if plans is None:
             rows.append({**row, "status": "complete"})
             continue
-        done = 0 if cfg.output.overwrite else sum(1 for b in plan.blocks if (plan.blocks_dir / f"{b.key}.json").exists())
-        rows.append({**row, "status": "to score", "level": plan.level, "level_mpp": plan.level_mpp,
-                     "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
-                     "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
-                     "patches_to_score": int(np.count_nonzero(plan.valid))})
+        images = [_dry_run_image(plan, cfg) for plan in plans]
+        # one-image samples: that image's figures; several images: the first image's level, summed counts
+        rows.append({**row, "status": "to score", **images[0],
+                     **{k: sum(img[k] for img in images) for k in ("blocks", "blocks_done", "patches_total", "patches_to_score")},
+                     **({"images": images} if len(images) > 1 else {})})
     return rows
+
+
+def _dry_run_image(plan: SamplePlan, cfg: JobConfig) -> dict[str, Any]:
+    done = 0 if cfg.output.overwrite else sum(1 for b in plan.blocks if exists(join(plan.blocks_dir, f"{b.key}.json")))
+    return {"image_id": plan.image_id, "image": plan.uri, "level": plan.level, "level_mpp": plan.level_mpp,
+            "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
+            "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
+            "patches_to_score": int(np.count_nonzero(plan.valid))}

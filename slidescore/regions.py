@@ -3,11 +3,13 @@
 Works on the stitched cell-resolution map (never on blocks, so regions do not depend on block
 boundaries). Coordinates are reported in level-0 pixels of the source image and in µm; the
 conversion is given by the caller as ``cell_px0`` (level-0 pixels per cell) and ``mpp0`` (µm per
-level-0 pixel). Also builds the QuPath-importable GeoJSON FeatureCollection (pure data).
+level-0 pixel). Also builds the QuPath-importable GeoJSON FeatureCollection (pure data) and, for
+georeferenced images (GeoTIFF), map coordinates and a second GeoJSON in the image's CRS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +36,10 @@ class Region:
     centroid_um: tuple[float, float]
     threshold: float
     image: str = ""
+    # map coordinates (georeferenced images only): centroid and (min_x, min_y, max_x, max_y) in CRS units
+    centroid_map_x: float | None = None
+    centroid_map_y: float | None = None
+    bbox_map: tuple[float, float, float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -137,3 +143,55 @@ def regions_geojson(regions: list[Region], colors: dict[str, tuple[int, int, int
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def _to_map(affine: list[float] | tuple[float, ...], y_px: float, x_px: float) -> tuple[float, float]:
+    a, b, c, d, e, f = affine
+    return a * x_px + b * y_px + c, d * x_px + e * y_px + f
+
+
+def georeference_regions(regions: list[Region], georeference: dict[str, Any]) -> list[Region]:
+    """The regions with map coordinates: ``affine`` (level-0 pixel → map, ``[a, b, c, d, e, f]``) applied."""
+    affine = georeference["affine"]
+    out = []
+    for r in regions:
+        mx, my = _to_map(affine, *r.centroid_px)
+        corners = [_to_map(affine, y, x) for y, x in _bbox_corners(r.bbox_px)]
+        xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+        out.append(dataclasses.replace(r, centroid_map_x=mx, centroid_map_y=my, bbox_map=(min(xs), min(ys), max(xs), max(ys))))
+    return out
+
+
+def _bbox_corners(bbox_px: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    y, x, h, w = bbox_px
+    return [(y, x), (y, x + w), (y + h, x + w), (y + h, x), (y, x)]
+
+
+def regions_map_geojson(regions: list[Region], georeference: dict[str, Any], sample_id: str) -> dict[str, Any]:
+    """A FeatureCollection in the image's map CRS (GIS tools): each region's box mapped through the affine.
+
+    Coordinates are (x, y) = (easting, northing) in the CRS's units; a ``crs`` member names the EPSG
+    code (the GeoJSON 2008 form GDAL and QGIS read; RFC 7946 readers assume WGS 84 without it).
+    """
+    affine = georeference["affine"]
+    unit_um = _UNIT_UM.get(str(georeference.get("units")))
+    features = []
+    for r in regions:
+        ring = [list(_to_map(affine, y, x)) for y, x in _bbox_corners(r.bbox_px)]
+        cx, cy = _to_map(affine, *r.centroid_px)
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"slidescore:{sample_id}:{r.image}:{r.rank}:map")),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"rank": r.rank, "class_name": r.class_name, "peak_probability": r.peak_probability,
+                           "mean_probability": r.mean_probability, "area_um2": r.area_um2,
+                           "area_map_units2": r.area_um2 / unit_um**2 if unit_um else None,
+                           "centroid_map_x": cx, "centroid_map_y": cy, "threshold": r.threshold, "image": r.image},
+        })
+    gj: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if georeference.get("epsg"):
+        gj["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{georeference['epsg']}"}}
+    return gj
+
+
+_UNIT_UM = {"metre": 1e6, "foot": 0.3048e6, "US survey foot": 1200 / 3937 * 1e6, "kilometre": 1e9, "nautical mile": 1852e6}

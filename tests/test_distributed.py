@@ -11,7 +11,7 @@ import pytest
 import ray
 import tifffile
 
-from slidescore.config import JobConfig
+from slidescore.config import JobConfig, SampleSpec
 from slidescore.distributed import FaultInjection, RunAborted, score_samples_ray
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):
+    # s3_server first: Ray's worker processes inherit the environment of ray.init, and the S3-output
+    # test needs them to see AWS_ENDPOINT_URL (the loopback S3 server) like the driver does
     with pytest.MonkeyPatch.context() as mp:
         # Ray 2.60 turns token auth on for a new local cluster when RAY_AUTH_MODE is unset, and writes
         # ~/.ray/auth_token, which then also turns it on for every later `ray start --head` of this user.
@@ -186,6 +188,36 @@ def test_aborted_run_resumes_only_missing_blocks(ray_cluster, tmp_path: Path, im
     assert rec["blocks"] == {"total": total, "done": total, "resumed": done}  # only the missing blocks were scored
     assert res.run["blocks"]["resumed"] == done
     _assert_same(_mosaic(res.out_dir), reference(8, "slide"))
+
+
+@pytest.mark.s3
+def test_multi_image_samples_written_to_s3(ray_cluster, s3fs_client, tmp_path: Path, images, random_model_dir: Path, reference) -> None:
+    """Block tasks per image, regions ranked across the images, every output on S3; a bad image fails its sample."""
+    bucket = f"ray-{tmp_path.name[-6:].lower().replace('_', '-')}"
+    s3fs_client.mkdir(bucket)
+    s3fs_client.put(str(images["slide"]), f"{bucket}/in/slide.tif")
+    out = f"s3://{bucket}/out"
+    smear = SampleSpec("smear", (f"s3://{bucket}/in/slide.tif", str(images["b"])))
+    bad = SampleSpec("bad", (str(images["c"]), str(images["corrupt"])))  # the corrupt tile fails in a block
+    cfg = _cfg(Path("unused"), random_model_dir, 16, n_actors=2).replace(output={"uri": out})
+    results = score_samples_ray([smear, str(images["c"]), bad], cfg, out, progress=False)
+    assert [r.status for r in results] == ["ok", "ok", "failed"]
+    assert "image 'corrupt'" in results[2].error and results[2].error_type == "UnsupportedImageError"
+    _assert_same(mz.read_level(f"{out}/smear/images/slide/{MOSAIC}", 0), reference(16, "slide"))
+    _assert_same(mz.read_level(f"{out}/smear/images/b/{MOSAIC}", 0), reference(16, "b"))
+    _assert_same(mz.read_level(f"{out}/c/{MOSAIC}", 0), reference(16, "c"))
+    assert s3fs_client.exists(f"{bucket}/out/smear/_SUCCESS") and not s3fs_client.exists(f"{bucket}/out/bad/_SUCCESS")
+    doc = json.loads(s3fs_client.cat(f"{bucket}/out/smear/regions.json"))
+    assert {r["image"] for r in doc["regions"]} <= set(smear.uris)
+    assert [r["rank"] for r in doc["regions"]] == list(range(1, len(doc["regions"]) + 1))
+    run = json.loads(s3fs_client.cat(f"{bucket}/out/run.json"))
+    rec = {s["sample_id"]: s for s in run["samples"]}
+    assert rec["smear"]["blocks"]["total"] == rec["smear"]["blocks"]["done"] == 9 + 4  # 38×33 and 19×18 cells, 16-cell chunks
+    sample_run = json.loads(s3fs_client.cat(f"{bucket}/out/smear/run.json"))
+    assert [i["image_id"] for i in sample_run["images"]] == ["slide", "b"]
+    assert sample_run["patches"]["scored"] == rec["smear"]["patches_scored"] > 0
+    (failure,) = [json.loads(line) for line in s3fs_client.cat(f"{bucket}/out/failures.jsonl").decode().splitlines()]
+    assert failure["sample_id"] == "bad" and failure["images"] == list(bad.uris)
 
 
 # -- node loss: a real multi-node cluster (ray.cluster_utils), in a child process -----------------

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from slidescore.regions import find_regions, regions_geojson
+from slidescore.regions import Region, find_regions, regions_geojson
 
 
 def _map() -> np.ndarray:
@@ -62,3 +62,32 @@ def test_geojson_follows_qupath_rules() -> None:
         assert all(isinstance(v, float) for v in props["measurements"].values())
     # deterministic ids: a rerun writes identical bytes
     assert regions_geojson(regs, {}, "s1")["features"][0]["id"] == gj["features"][0]["id"]
+
+
+def test_map_coordinates_apply_the_affine_to_pixel_positions() -> None:
+    from slidescore.regions import georeference_regions, regions_map_geojson
+
+    regs = find_regions(_map(), ["parasitized"], [0.5], cell_px0=32.0, mpp0=0.25e6)
+    # a rotated grid: x = 0.3·col − 0.4·row + 1000, y = −0.4·col − 0.3·row + 9000 (0.5 m pixels)
+    georef = {"epsg": 32633, "affine": [0.3, -0.4, 1000.0, -0.4, -0.3, 9000.0], "units": "metre"}
+    mapped = georeference_regions(regs, georef)
+    assert [r.rank for r in mapped] == [r.rank for r in regs] and regs[0].centroid_map_x is None
+    for r in mapped:
+        cy, cx = r.centroid_px
+        assert (r.centroid_map_x, r.centroid_map_y) == pytest.approx((0.3 * cx - 0.4 * cy + 1000, -0.4 * cx - 0.3 * cy + 9000))
+        y, x, h, w = r.bbox_px
+        corners = [(0.3 * px - 0.4 * py + 1000, -0.4 * px - 0.3 * py + 9000) for py in (y, y + h) for px in (x, x + w)]
+        assert r.bbox_map == pytest.approx((min(c[0] for c in corners), min(c[1] for c in corners),
+                                            max(c[0] for c in corners), max(c[1] for c in corners)))
+    gj = json.loads(json.dumps(regions_map_geojson(mapped, georef, "s1")))
+    assert gj["crs"] == {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}}
+    ring = gj["features"][0]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) == 5
+    np.testing.assert_allclose(sorted(map(tuple, ring[:4])), sorted(corners_of(mapped[0])))
+    assert gj["features"][0]["properties"]["area_map_units2"] == pytest.approx(mapped[0].area_um2 / 1e12)
+    assert "crs" not in regions_map_geojson(mapped, {**georef, "epsg": None}, "s1")
+
+
+def corners_of(r: Region) -> list[tuple[float, float]]:
+    y, x, h, w = r.bbox_px
+    return [(0.3 * px - 0.4 * py + 1000, -0.4 * px - 0.3 * py + 9000) for py, px in ((y, x), (y, x + w), (y + h, x + w), (y + h, x))]

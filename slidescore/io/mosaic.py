@@ -15,7 +15,6 @@ value, NaN = not scored). Higher levels are built after all blocks, one whole ch
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import numcodecs
 import numpy as np
 import zarr
 
+from slidescore.io.outputs import join, local_path, remove, write_text
+from slidescore.io.storage import is_local, storage_options
 from slidescore.types import Box
 
 UINT8_NOT_SCORED = 255
@@ -107,12 +108,24 @@ def _multiscales(spec: MosaicSpec, name: str, with_channel: bool, method: str) -
     ]
 
 
+def _store(path: str | Path, *, read_only: bool = False) -> Any:
+    """What ``zarr.open_group`` gets for a location: a local path string, or an FsspecStore for a URL.
+
+    On an object store every chunk and metadata document is one PUT, the atomic unit there.
+    """
+    if isinstance(path, Path) or is_local(str(path)):
+        return local_path(path)
+    return zarr.storage.FsspecStore.from_url(str(path), storage_options=storage_options(str(path)), read_only=read_only)
+
+
+def _open(path: str | Path, mode: str) -> zarr.Group:
+    return zarr.open_group(_store(path, read_only=mode == "r"), mode=mode, zarr_format=2)  # type: ignore[arg-type]
+
+
 def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> None:
     """Create (or re-create) the empty mosaic: metadata, all level arrays, labels, OME-XML."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    remove(path)
+    root = _open(path, "w")
     fill: Any = float("nan") if spec.dtype == "float32" else UINT8_NOT_SCORED
     end = 1.0 if spec.dtype == "float32" else UINT8_SCALE
     for lvl in range(spec.n_levels):
@@ -161,8 +174,7 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
             },
         }
     )
-    (path / "OME").mkdir(exist_ok=True)
-    (path / "OME" / "METADATA.ome.xml").write_text(ome_xml(spec))
+    write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(spec))
 
 
 def ome_xml(spec: MosaicSpec) -> str:
@@ -222,14 +234,14 @@ def _arr(root: zarr.Group, name: str) -> zarr.Array:
 
 def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
     """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
-    root = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    root = _open(path, "r+")
     _arr(root, "0")[:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
     _arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
 
 
 def build_pyramid(path: str | Path, spec: MosaicSpec) -> None:
     """Fill levels 1… from the level below, one output chunk at a time (bounded memory)."""
-    root = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    root = _open(path, "r+")
     c = spec.chunk
     for lvl in range(1, spec.n_levels):
         src, dst = _arr(root, str(lvl - 1)), _arr(root, str(lvl))
@@ -267,16 +279,14 @@ def max_2x2(a: np.ndarray) -> np.ndarray:
 
 def read_level(path: str | Path, level: int = 0) -> np.ndarray:
     """Whole level as float32 probabilities (c, y, x), NaN = not scored."""
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(_store(path, read_only=True), mode="r")
     return decode(np.asarray(_arr(root, str(level))[...]))
 
 
 def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -> None:
     """Save the foreground mask (fraction per cell, uint8 0–255) as a single-channel OME-Zarr."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    remove(path)
+    root = _open(path, "w")
     one = MosaicSpec(
         shape=(1, *frac.shape), chunk=spec.chunk, n_levels=1, dtype="uint8", cell_um=spec.cell_um,
         source_mpp=spec.source_mpp, channel_names=("foreground",), colors=((255, 255, 255),), thresholds=(0.5,),

@@ -9,11 +9,13 @@ regions are drawn as numbered boxes.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from slidescore.io.outputs import write_bytes
 from slidescore.io.readers import SlideReader
 from slidescore.regions import Region
 from slidescore.types import Box
@@ -30,7 +32,7 @@ def render_overview(
     max_px: int = 1024,
     top: int = 20,
 ) -> None:
-    """Write the overview PNG. ``prob`` is one class's cell map (NaN = not scored)."""
+    """Write the overview PNG to ``path`` (local or URL). ``prob`` is one class's cell map (NaN = not scored)."""
     levels = reader.levels
     fits = [lv for lv in levels if max(lv.height, lv.width) <= max_px]
     lv = max(fits, key=lambda v: v.width) if fits else min(levels, key=lambda v: v.width)
@@ -55,5 +57,6 @@ def render_overview(
         pad = 3
         draw.rectangle([x - pad, y - pad, x + bw + pad, y + bh + pad], outline=(255, 200, 0), width=2)
         draw.text((x + bw + pad + 2, y - pad), str(r.rank), fill=(20, 20, 20))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())  # a local path or a URL, written atomically (see io.outputs)

@@ -19,7 +19,11 @@ from slidescore.types import Box, LevelInfo
 
 @runtime_checkable
 class SlideReader(Protocol):
-    """A lazily-read multi-resolution image."""
+    """A lazily-read multi-resolution image.
+
+    Readers may also have ``georeference`` (a dict with ``epsg``, ``affine`` and ``units`` for
+    GeoTIFF field images, else ``None``); read it with ``getattr(reader, "georeference", None)``.
+    """
 
     uri: str
     levels: tuple[LevelInfo, ...]

@@ -2,12 +2,15 @@
 
 Levels come from the first series' pyramid (SubIFDs or reduced-resolution pages); boxes are read
 through tifffile's Zarr store, which decodes only the tiles a box touches. Resolution (µm/px) is
-taken, in order, from OME-XML ``PhysicalSizeX``, an Aperio ``MPP =`` description, or the TIFF
-resolution tags (centimetre or inch units).
+taken, in order, from GeoTIFF tags (pixel size in a projected CRS's linear unit), OME-XML
+``PhysicalSizeX``, an Aperio ``MPP =`` description, or the TIFF resolution tags (centimetre or inch
+units). A GeoTIFF also gives :attr:`TiffReader.georeference`: the EPSG code and the affine from
+level-0 pixel corners to map coordinates, so outputs can be given in map units too.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +39,10 @@ class TiffReader:
             series = self._tif.series[0]
             self._levels = list(series.levels)
         except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
+            if hasattr(self, "_tif"):
+                self._tif.close()
+            if handle is not None:
+                handle.close()
             raise UnsupportedImageError(
                 f"{uri}: not a readable TIFF ({type(e).__name__}: {e}); expected a tiled or striped TIFF/SVS/OME-TIFF",
                 uri=uri,
@@ -43,13 +50,23 @@ class TiffReader:
         self._axes = series.axes
         shape0 = self._shape(self._levels[0])
         if shape0[0] < 1 or shape0[1] < 1:
+            self.close()
             raise UnsupportedImageError(f"{uri}: image has no pixels (shape {series.shape})", uri=uri)
         self.levels = tuple(
             LevelInfo(i, *self._shape(lv)[:2], downsample=shape0[1] / self._shape(lv)[1]) for i, lv in enumerate(self._levels)
         )
         self.n_channels = shape0[2]
         self.dtype = np.dtype(series.dtype)
-        self.mpp, self.mpp_source = self._read_mpp()
+        self.georeference: dict[str, Any] | None = None
+        geo = self._tif.geotiff_metadata if self._tif.is_geotiff else None
+        try:
+            if geo:
+                self.georeference, self.mpp, self.mpp_source = read_georeference(geo, uri)
+            else:
+                self.mpp, self.mpp_source = self._read_mpp()
+        except Exception:
+            self.close()
+            raise
         self._arrays: dict[int, zarr.Array] = {}
 
     def _shape(self, level: tifffile.TiffPageSeries) -> tuple[int, int, int]:
@@ -119,6 +136,70 @@ class TiffReader:
         self._tif.close()
         if self._handle is not None:
             self._handle.close()
+
+
+# GeoKey ids and EPSG unit codes (GeoTIFF 1.1, OGC 19-008r4)
+_LINEAR_UNITS_M = {9001: ("metre", 1.0), 9002: ("foot", 0.3048), 9003: ("US survey foot", 1200 / 3937),
+                   9030: ("nautical mile", 1852.0), 9036: ("kilometre", 1000.0)}
+_USER_DEFINED = 32767
+
+
+def _metre_crs(epsg: int) -> bool:
+    """Projected CRSs known to use metres, for files that omit ProjLinearUnitsGeoKey."""
+    return (32601 <= epsg <= 32660 or 32701 <= epsg <= 32760  # WGS 84 / UTM north, south
+            or 25828 <= epsg <= 25838 or 3040 <= epsg <= 3049  # ETRS89 / UTM
+            or 26901 <= epsg <= 26923  # NAD83 / UTM
+            or epsg in (3857, 3395, 3035, 2154, 27700, 28992, 31287, 3413, 3031, 5070, 2056, 3006))
+
+
+def read_georeference(geo: dict[str, Any], uri: str) -> tuple[dict[str, Any], float | None, str]:
+    """The georeference of a GeoTIFF and its pixel size in µm (``None`` when not a length).
+
+    Returns ``(georeference, mpp, mpp_source)``. ``georeference["affine"]`` is ``[a, b, c, d, e, f]``
+    with ``x_map = a·col + b·row + c`` and ``y_map = d·col + e·row + f`` for level-0 pixel coordinates
+    whose origin is the top-left corner of the top-left pixel (a ``PixelIsPoint`` tiepoint is shifted
+    by half a pixel to that convention, as GDAL does).
+    """
+    model = int(geo.get("GTModelTypeGeoKey", 0) or 0)  # 1 projected, 2 geographic, 3 geocentric
+    if "ModelTransformation" in geo:
+        m = [float(v) for v in np.asarray(geo["ModelTransformation"], dtype=np.float64).ravel()]
+        a, b, c, d, e, f = m[0], m[1], m[3], m[4], m[5], m[7]
+        source = "geotiff:ModelTransformation"
+    elif "ModelPixelScale" in geo and "ModelTiepoint" in geo:
+        sx, sy = (float(v) for v in geo["ModelPixelScale"][:2])
+        i, j, _, x, y, _ = (float(v) for v in np.asarray(geo["ModelTiepoint"], dtype=np.float64).ravel()[:6])
+        a, b, c, d, e, f = sx, 0.0, x - i * sx, 0.0, -sy, y + j * sy
+        source = "geotiff:ModelPixelScale"
+    else:
+        raise UnsupportedImageError(
+            f"{uri}: GeoTIFF without ModelPixelScale+ModelTiepoint or ModelTransformation tags; the pixel grid has no "
+            "map position — re-export it with a geotransform (e.g. gdal_translate)", uri=uri)
+    if int(geo.get("GTRasterTypeGeoKey", 1) or 1) == 2:  # PixelIsPoint: the tiepoint is a pixel centre
+        c, f = c - 0.5 * a - 0.5 * b, f - 0.5 * d - 0.5 * e
+    epsg_key = "GeographicTypeGeoKey" if model == 2 else "ProjectedCSTypeGeoKey"
+    code = geo.get(epsg_key)
+    epsg = int(code) if code is not None and int(code) not in (0, _USER_DEFINED) else None
+    pixel_size = math.hypot(a, d)
+    georef: dict[str, Any] = {"epsg": epsg, "affine": [a, b, c, d, e, f], "model": {1: "projected", 2: "geographic", 3: "geocentric"}.get(model, "unknown"),
+                              "pixel_origin": "top-left corner of pixel (0, 0), level-0 pixels (col, row)"}
+    crs = f"EPSG:{epsg}" if epsg else "a user-defined CRS"
+    if model == 2:
+        georef["units"] = "degree"
+        return georef, None, (f"none (GeoTIFF in geographic coordinates, {crs}: the pixel size {pixel_size:g}° is an angle, "
+                              "not a length — set input.mpp to the ground pixel size in µm, or reproject to a projected CRS)")
+    unit_code = geo.get("ProjLinearUnitsGeoKey")
+    if unit_code is not None and int(unit_code) in _LINEAR_UNITS_M:
+        unit, to_m = _LINEAR_UNITS_M[int(unit_code)]
+        unit_source = "ProjLinearUnitsGeoKey"
+    elif unit_code is None and epsg is not None and _metre_crs(epsg):
+        unit, to_m = "metre", 1.0
+        unit_source = f"EPSG:{epsg}"
+    else:
+        georef["units"] = "unknown"
+        return georef, None, (f"none (GeoTIFF in {crs} with linear unit code {unit_code}, which slidescore does not know; "
+                              "set input.mpp to the ground pixel size in µm)")
+    georef["units"] = unit
+    return georef, pixel_size * to_m * 1e6, f"{source}({unit}, {unit_source})"
 
 
 def write_tiff_pyramid(

@@ -36,6 +36,7 @@ class ZarrImageReader:
             raise UnsupportedImageError(f"{uri}: not a readable Zarr store ({type(e).__name__}: {e})", uri=uri) from None
         self.mpp: float | None = None
         self.mpp_source = "none"
+        self.georeference: dict[str, Any] | None = None  # OME-Zarr has no map georeference
         if isinstance(node, zarr.Array):
             self._arrays = [node]
             self._axes = _guess_axes(node.shape, uri)

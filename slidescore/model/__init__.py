@@ -2,16 +2,19 @@
 
 The only place that imports torch. :func:`load_model` turns a model reference from the config
 into a :class:`PatchClassifier` (a torch module plus its :class:`ModelCard`), which scores a block
-of pixels either densely (one pass, every patch at once) or patch by patch in large batches.
+of pixels either densely (one pass, every patch at once, verified once against per-patch scoring)
+or patch by patch in large batches.
 """
+
+from typing import Any
 
 from slidescore.model.card import ModelCard
 
-__all__ = ["ModelCard", "PatchClassifier", "load_model"]
+__all__ = ["ModelCard", "PatchClassifier", "classifier_from_module", "load_model"]
 
 
-def __getattr__(name: str):  # lazy: importing the card must not import torch
-    if name in ("PatchClassifier", "load_model"):
+def __getattr__(name: str) -> Any:  # lazy: importing the card must not import torch
+    if name in ("PatchClassifier", "classifier_from_module", "load_model"):
         from slidescore.model import scoring
 
         return getattr(scoring, name)

@@ -48,7 +48,74 @@ class SmearNet(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"smearnet": SmearNet}
+class _ValidBasicBlock(nn.Module):
+    """ResNet BasicBlock with unpadded 3 × 3 convolutions and a cropped shortcut.
+
+    The main branch shrinks the map by 4 (stride 1) or to ``(n − 3) // 2 − 1`` (stride 2). Output
+    position ``j`` sees input ``[s·j, s·j + 2s + 2]``; the shortcut samples that window's centre
+    (offset 2 for stride 1, 3 for stride 2), through a 1 × 1 convolution when the shape changes.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        h, w = out.shape[-2:]
+        s = self.stride
+        o = 2 if s == 1 else 3
+        ident = x[..., o : o + s * (h - 1) + 1 : s, o : o + s * (w - 1) + 1 : s]
+        return self.relu(out + self.shortcut(ident))
+
+
+class ValidResNet18(nn.Module):
+    """ResNet-18-style network for 224-px patches without zero padding; total stride 16.
+
+    Stem: 8 × 8 convolution, stride 2, then a 3 × 3 max-pool with stride 1 (so that the total stride,
+    16, divides a scoring stride of 112 and the receptive field is exactly 224 px). Four stages of
+    two BasicBlocks (widths ``w, 2w, 4w, 8w``) at strides 2, 4, 8, 16; a 1 × 1 convolution head
+    instead of global pooling, so the network stays fully convolutional. Sizes for one patch:
+    224 → 109 → 107 → 103 → 99 │ 47 → 43 │ 19 → 15 │ 5 → 1. For a block of ``224 + 16·m`` pixels
+    every strided layer sees the patch windows at even offsets, so dense output equals per-patch.
+    No pretrained weights ship with it (train your own; the card must say ``dense: true`` and
+    ``network_stride_px: 16``).
+    """
+
+    patch_px = 224
+    stride_px = 16
+
+    def __init__(self, n_outputs: int = 1, width: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, w, kernel_size=8, stride=2, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=1),
+        )
+        stages: list[nn.Module] = []
+        c_in = w
+        for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            s = 1 if i == 0 else 2
+            stages += [_ValidBasicBlock(c_in, c_out, s), _ValidBasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Conv2d(c_in, n_outputs, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"smearnet": SmearNet, "resnet18_valid": ValidResNet18}
 
 
 def build_architecture(name: str, **kwargs: object) -> nn.Module:

@@ -3,8 +3,18 @@
 A block arrives as the level pixels of its read box (patch grid origin at its top-left corner) and
 the boolean grid of patches to score. Dense mode runs the network once over the block and
 subsamples the logit map to the scoring stride (valid for cards that declare ``dense``); per-patch
-mode cuts the valid patches out with a strided view and scores them in large batches. Both return
-(C, Py, Px) probabilities, NaN where a patch was not scored.
+mode gathers the valid patches from a strided view, one batch at a time (memory bounded by
+``batch_size``; background patches never reach the model). Both return (C, Py, Px)
+probabilities, NaN where a patch was not scored.
+
+Dense mode is verified once per classifier: the first dense block is also scored patch by patch
+on a sample of its patches; if the two differ by more than ``DENSE_CHECK_TOLERANCE`` the card's
+``dense`` claim is wrong (zero padding, misaligned strides) and the classifier falls back to
+per-patch scoring with one warning (mode ``auto``) or refuses to go on (mode ``dense``).
+:meth:`PatchClassifier.scoring_info` reports what happened, for ``run.json``.
+
+CUDA options (``amp``, ``channels_last``, ``compile``, pinned host memory with non-blocking
+copies) apply on CUDA devices only; on CPU they are ignored with one log line.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import logging
 import warnings
 import zipfile
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,45 +39,141 @@ from slidescore.model.card import ModelCard
 
 log = logging.getLogger(__name__)
 
+DENSE_CHECK_TOLERANCE = 1e-4
+"""Largest max-abs difference in probability between dense and per-patch scoring we accept."""
+DENSE_CHECK_PATCHES = 32
+"""Patches of the first dense block that are also scored one by one for the check."""
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUTS = ("logits", "probabilities")
+
 
 class PatchClassifier:
-    """A torch module with its model card, ready to score pixels."""
+    """A torch module with its model card, ready to score pixels.
 
-    def __init__(self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto", checksum: str = "", source: str = "") -> None:
+    Parameters
+    ----------
+    module
+        Maps an (N, C, H, W) float batch to (N, K) or (N, K, H', W') outputs.
+    card
+        Patch size, normalisation, head, and whether the network is dense-capable.
+    device
+        ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    outputs
+        ``logits`` (the card's head turns them into probabilities) or ``probabilities`` (used as
+        they come; for plain modules handed to :func:`slidescore.score_array`).
+    amp, channels_last, compile
+        CUDA only: autocast to ``bf16``/``fp16``, NHWC memory format, ``torch.compile``.
+    """
+
+    def __init__(self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto", checksum: str = "",
+                 source: str = "", outputs: str = "logits", amp: str = "off", channels_last: bool = False,
+                 compile: bool = False) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if outputs not in OUTPUTS:
+            raise ConfigError(f"outputs: expected one of {OUTPUTS}, got {outputs!r}")
+        if amp not in AMP_DTYPES:
+            raise ConfigError(f"model.amp: expected one of {tuple(AMP_DTYPES)}, got {amp!r}")
         self.device = torch.device(device)
         self.module = module.eval().to(self.device)
         self.card = card
         self.checksum = checksum
         self.source = source
+        self.outputs = outputs
         mean = torch.tensor(card.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(card.std, dtype=torch.float32).view(1, -1, 1, 1)
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
+        # what the dense self-check found (None until a dense block was scored)
+        self.dense_checked = False
+        self.dense_used: bool | None = None
+        self.dense_max_diff: float | None = None
+        self._pinned: dict[tuple[tuple[int, ...], np.dtype], torch.Tensor] = {}
+        self._configure(amp, channels_last, compile)
+
+    def _configure(self, amp: str, channels_last: bool, compile: bool) -> None:
+        cuda = self.device.type == "cuda"
+        asked = {k: v for k, v in (("amp", amp if amp != "off" else None), ("channels_last", channels_last),
+                                    ("compile", compile)) if v}
+        if asked and not cuda:
+            log.info("model %r on %s: CUDA options %s are ignored on this device (CUDA only)",
+                     self.card.name, self.device, sorted(asked))
+        self.amp = amp if cuda else "off"
+        self.channels_last = bool(channels_last and cuda)
+        self.compiled = bool(compile and cuda)
+        self.pin_memory = cuda
+        self._forward_module: Any = self.module
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self._forward_module = self.module
+        if self.compiled:
+            self._forward_module = torch.compile(self.module)
+
+    def scoring_info(self) -> dict[str, Any]:
+        """How this classifier scored so far (dense self-check, device options), for run.json."""
+        return {
+            "device": str(self.device),
+            "card_dense": self.card.dense,
+            "network_stride_px": self.card.network_stride_px,
+            "dense_checked": self.dense_checked,
+            "dense_used": self.dense_used,
+            "dense_max_diff": self.dense_max_diff,
+            "dense_check_tolerance": DENSE_CHECK_TOLERANCE,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "compile": self.compiled,
+            "pinned_memory": self.pin_memory,
+        }
 
     # -- preprocessing / heads ------------------------------------------------------------
-    def _normalise(self, x_u8: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) uint8 → normalised float32 on the device."""
-        x = x_u8.to(self.device, non_blocking=True).float()
-        return x * self._scale + self._shift
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        """A host array → a tensor on the device (through a reused pinned buffer on CUDA)."""
+        if not self.pin_memory:
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
+        key = (arr.shape, arr.dtype)
+        buf = self._pinned.get(key)
+        if buf is None:
+            if len(self._pinned) >= 8:  # edge blocks and last batches have other shapes
+                self._pinned.clear()
+            buf = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype).pin_memory()
+            self._pinned[key] = buf
+        # every forward ends in a device→host copy of its result, which waits for this copy,
+        # so the buffer is free again when the next batch is staged in it
+        buf.numpy()[...] = arr
+        return buf.to(self.device, non_blocking=True)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 (0–255) or float (0–1) on any device → normalised float32 on ours."""
+        x = x.to(self.device, non_blocking=True)
+        scale = self._scale if x.dtype == torch.uint8 else self._scale * 255.0
+        x = x.float() * scale + self._shift
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _forward(self, x: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
+        dtype = AMP_DTYPES[self.amp] if amp else None
+        ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with ctx:
+            out = self._forward_module(x) if amp else self.module(x)
+        return out.float()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the card's head to (N, C, ...) logits."""
+        if self.outputs == "probabilities":
+            return logits
         if self.card.head == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
 
     # -- scoring --------------------------------------------------------------------------
     @torch.inference_mode()
-    def score_dense(self, pixels: np.ndarray, stride_px: int) -> np.ndarray:
-        """Every patch of a block in one pass: (h, w, c) uint8 → (C, Py, Px) float32."""
+    def score_dense(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True) -> np.ndarray:
+        """Every patch of a block in one pass: (h, w, c) pixels → (C, Py, Px) float32."""
         card = self.card
         t = card.network_stride_px
         if stride_px % t:
             raise ConfigError(f"tiling.stride_px={stride_px} is not a multiple of the network stride {t}; use per_patch mode")
-        x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
-        probs = self.probabilities(self.module(self._normalise(x)))[0]
+        x = self._to_device(pixels.transpose(2, 0, 1)[None])
+        probs = self.probabilities(self._forward(self._normalise(x), amp=amp))[0]
         step = stride_px // t
         py = (pixels.shape[0] - card.patch_px) // stride_px + 1
         px = (pixels.shape[1] - card.patch_px) // stride_px + 1
@@ -77,19 +184,80 @@ class PatchClassifier:
                 f"{pixels.shape[:2]} block; expected {(py, px)} — set dense: false in its card",
                 model=card.name,
             )
-        return out.float().cpu().numpy()
+        return out.cpu().numpy()
 
     @torch.inference_mode()
+    def _score_batch(self, batch: np.ndarray, *, amp: bool = True) -> np.ndarray:
+        """(B, c, P, P) patches → (B, C) float32 probabilities."""
+        logits = self._forward(self._normalise(self._to_device(batch)), amp=amp)
+        if logits.ndim == 4:
+            logits = logits.flatten(2).mean(-1) if logits.shape[-1] * logits.shape[-2] > 1 else logits[:, :, 0, 0]
+        return self.probabilities(logits).cpu().numpy()
+
     def score_patches(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
-        """(N, c, P, P) uint8 patches → (N, C) float32 probabilities, in batches."""
+        """(N, c, P, P) patches → (N, C) float32 probabilities, in batches."""
         out = np.empty((len(patches), self.card.n_classes), np.float32)
         for i in range(0, len(patches), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(patches[i : i + batch_size]))
-            logits = self.module(self._normalise(x))
-            if logits.ndim == 4:
-                logits = logits.flatten(2).mean(-1) if logits.shape[-1] * logits.shape[-2] > 1 else logits[:, :, 0, 0]
-            out[i : i + len(x)] = self.probabilities(logits).float().cpu().numpy()
+            out[i : i + batch_size] = self._score_batch(patches[i : i + batch_size])
         return out
+
+    def _score_windows(self, windows: np.ndarray, ys: np.ndarray, xs: np.ndarray, batch_size: int,
+                       *, amp: bool = True) -> np.ndarray:
+        """Patches ``windows[ys, xs]`` of a strided (Py, Px, c, P, P) view → (N, C) probabilities.
+
+        Each batch is gathered (one vectorised copy of ``batch_size`` patches) just before it is
+        scored, so memory stays at one batch whatever the block size.
+        """
+        out = np.empty((len(ys), self.card.n_classes), np.float32)
+        for i in range(0, len(ys), batch_size):
+            out[i : i + batch_size] = self._score_batch(windows[ys[i : i + batch_size], xs[i : i + batch_size]], amp=amp)
+        return out
+
+    def _dense_wanted(self, mode: str, stride_px: int) -> bool:
+        capable = self.card.dense and stride_px % self.card.network_stride_px == 0
+        if mode == "per_patch":
+            return False
+        if mode == "dense":
+            if not capable:
+                raise ConfigError(
+                    f"model.mode: dense needs a dense-capable model whose network stride ({self.card.network_stride_px}) "
+                    f"divides tiling.stride_px={stride_px}; model {self.card.name!r} is "
+                    f"{'dense' if self.card.dense else 'not dense'} — use auto"
+                )
+            return not self.dense_checked or bool(self.dense_used)
+        if mode != "auto":
+            raise ConfigError(f"model.mode: expected one of ('auto', 'dense', 'per_patch'), got {mode!r}")
+        return capable and (not self.dense_checked or bool(self.dense_used))
+
+    def _check_dense(self, pixels: np.ndarray, dense: np.ndarray | None, windows: np.ndarray, valid: np.ndarray,
+                     stride_px: int, mode: str, batch_size: int) -> bool:
+        """Compare dense scores with per-patch scores on a sample of this block's valid patches."""
+        ys, xs = np.nonzero(valid)
+        pick = np.unique(np.linspace(0, len(ys) - 1, min(len(ys), DENSE_CHECK_PATCHES)).round().astype(int))
+        ys, xs = ys[pick], xs[pick]
+        if dense is not None and self.amp != "off":  # the check is about the network, not precision
+            dense = self.score_dense(pixels, stride_px, amp=False)
+        if dense is None:
+            diff = float("inf")
+        else:
+            single = self._score_windows(windows, ys, xs, batch_size, amp=False)
+            diff = float(np.max(np.abs(dense[:, ys, xs].T - single)))
+            if not np.isfinite(diff):
+                diff = float("inf")
+        self.dense_checked = True
+        self.dense_max_diff = diff
+        self.dense_used = diff <= DENSE_CHECK_TOLERANCE
+        if self.dense_used:
+            log.info("model %r: dense scoring checked against per-patch scoring on %d patches (max diff %.2g)",
+                     self.card.name, len(ys), diff)
+            return True
+        msg = (f"model {self.card.name!r}: its card declares dense: true, but dense and per-patch scores differ "
+               f"by up to {diff:.3g} (> {DENSE_CHECK_TOLERANCE:g}) on {len(ys)} patches; the network is not "
+               "fully convolutional without zero padding at this stride")
+        if mode == "dense":
+            raise ConfigError(f"{msg} — use model.mode auto or per_patch, or set dense: false in the card")
+        log.warning("%s — scoring per patch from now on (set dense: false in the card)", msg)
+        return False
 
     def score_block(self, pixels: np.ndarray, valid: np.ndarray, stride_px: int, *, mode: str = "auto", batch_size: int = 256) -> np.ndarray:
         """Scores of the patches of a block; NaN where ``valid`` is False.
@@ -102,15 +270,45 @@ class PatchClassifier:
         out = np.full((self.card.n_classes, py, px), np.nan, np.float32)
         if not valid.any():
             return out
-        dense = mode == "dense" or (mode == "auto" and self.card.dense and stride_px % self.card.network_stride_px == 0)
-        if dense:
-            scores = self.score_dense(pixels, stride_px)
-            out[:, valid] = scores[:, valid]
-            return out
         windows = sliding_window_view(pixels, (p, p), axis=(0, 1))[::stride_px, ::stride_px][:py, :px]
-        patches = windows[valid]  # (N, c, P, P): the view's window axes come last
-        out[:, valid] = self.score_patches(patches, batch_size).T
+        if self._dense_wanted(mode, stride_px):
+            checking = not self.dense_checked
+            try:
+                scores: np.ndarray | None = self.score_dense(pixels, stride_px)
+            except ModelLoadError:
+                if not checking or mode == "dense":
+                    raise
+                scores = None  # a wrong-shaped dense map fails the check like wrong values do
+            if not checking or self._check_dense(pixels, scores, windows, valid, stride_px, mode, batch_size):
+                assert scores is not None
+                out[:, valid] = scores[:, valid]
+                return out
+        ys, xs = np.nonzero(valid)  # (N, c, P, P) per batch: the view's window axes come last
+        out[:, ys, xs] = self._score_windows(windows, ys, xs, batch_size).T
         return out
+
+
+def classifier_from_module(module: torch.nn.Module, *, patch_px: int, n_channels: int, n_classes: int | None = None,
+                           dense: bool = False, network_stride_px: int = 1, outputs: str = "probabilities",
+                           pad_value: int = 0, device: str = "auto", name: str | None = None) -> PatchClassifier:
+    """Wrap a plain torch module: input scaled to [0, 1] (uint8 / 255; float images as they are).
+
+    ``n_classes`` is probed with one blank patch when not given.
+    """
+    if n_channels not in (1, 3):
+        raise ConfigError(f"image: expected 1 or 3 channels (4 = RGBA, alpha dropped), got {n_channels}")
+    if n_classes is None:
+        with torch.inference_mode():
+            dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+            probe = module.eval()(torch.zeros(1, n_channels, patch_px, patch_px, device=dev))
+        n_classes = int(probe.shape[1])
+    card = ModelCard(
+        name=name or type(module).__name__, patch_px=patch_px, mpp=1.0,
+        classes=tuple(f"class_{i}" for i in range(n_classes)), thresholds=(0.5,) * n_classes,
+        color_space="RGB" if n_channels == 3 else "GRAY", mean=(0.0,) * n_channels, std=(1.0,) * n_channels,
+        dense=dense, network_stride_px=network_stride_px, pad_value=pad_value,
+    )
+    return PatchClassifier(module, card, device=device, outputs=outputs)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -139,18 +337,21 @@ def _read_card(path: Path) -> ModelCard:
     return ModelCard.from_dict(data)
 
 
-def load_model(name: str, *, device: str = "auto") -> PatchClassifier:
+def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool = False,
+               compile: bool = False) -> PatchClassifier:
     """Load ``builtin:<name>``, a model package folder, or a TorchScript / state-dict file.
 
     A package folder holds ``card.json`` and either ``weights.pt`` (a state dict of the card's
     built-in ``architecture``, loaded with ``weights_only=True``) or ``model.ts`` (TorchScript).
     A lone ``.pt``/``.ts`` file needs its card beside it as ``<file>.card.json`` or ``card.json``.
+    ``amp``, ``channels_last`` and ``compile`` are the CUDA options of :class:`PatchClassifier`.
     """
+    opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile}
     if name.startswith("builtin:"):
         folder = builtin_dir(name.split(":", 1)[1])
         if not (folder / "card.json").exists():
             raise ConfigError(f"model.name: unknown built-in model {name!r}; built-in models are {['builtin:' + n for n in builtin_names()]}")
-        return _load_package(folder, device, source=name)
+        return _load_package(folder, opts, source=name)
     path = Path(name)
     if not path.exists():
         raise ConfigError(
@@ -158,10 +359,10 @@ def load_model(name: str, *, device: str = "auto") -> PatchClassifier:
             "nor an existing model package folder or .pt/.ts file"
         )
     if path.is_dir():
-        return _load_package(path, device, source=name)
+        return _load_package(path, opts, source=name)
     for card_path in (path.with_name(path.name + ".card.json"), path.with_name("card.json")):
         if card_path.exists():
-            return _load_file(path, _read_card(card_path), device, source=name)
+            return _load_file(path, _read_card(card_path), opts, source=name)
     raise ModelLoadError(f"model {name}: no model card found; put {path.name}.card.json or card.json beside it", path=name)
 
 
@@ -174,15 +375,15 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _load_package(folder: Path, device: str, source: str) -> PatchClassifier:
+def _load_package(folder: Path, opts: dict[str, Any], source: str) -> PatchClassifier:
     card = _read_card(folder / "card.json")
     for fname in ("weights.pt", "model.ts", "model.pt"):
         if (folder / fname).exists():
-            return _load_file(folder / fname, card, device, source)
+            return _load_file(folder / fname, card, opts, source)
     raise ModelLoadError(f"model package {folder}: no weights.pt or model.ts inside", path=str(folder))
 
 
-def _load_file(path: Path, card: ModelCard, device: str, source: str) -> PatchClassifier:
+def _load_file(path: Path, card: ModelCard, opts: dict[str, Any], source: str) -> PatchClassifier:
     checksum = _sha256(path)
     module: torch.nn.Module
     if _is_torchscript(path):
@@ -210,4 +411,4 @@ def _load_file(path: Path, card: ModelCard, device: str, source: str) -> PatchCl
             raise ModelLoadError(
                 f"model {path}: weights do not fit architecture {card.architecture!r} ({e})", path=str(path)
             ) from None
-    return PatchClassifier(module, card, device=device, checksum=checksum, source=source)
+    return PatchClassifier(module, card, checksum=checksum, source=source, **opts)

@@ -56,7 +56,7 @@ def test_each_bad_input_fails_alone_with_a_clear_message(tmp_path: Path, bad_inp
         "truncated": ("truncated or corrupt", "not a readable TIFF"),
         "corrupt": ("failed to decode level 0", "truncated or corrupt"),
         "onepixel": ("smaller than one 64×64 patch",),
-        "sixteen": ("pixel type uint16", "convert the image to uint8"),
+        "sixteen": ("pixel type uint16 needs an explicit conversion",),
         "implausible": ("implausible resolution metadata", "set input.mpp"),
         "screenshot": ("no resolution metadata", "72 dpi looks like a software default"),
     }
@@ -64,6 +64,8 @@ def test_each_bad_input_fails_alone_with_a_clear_message(tmp_path: Path, bad_inp
         r = by_id[sid]
         assert r.status == "failed", sid
         assert any(f in r.error for f in fragments), (sid, r.error)
+        if sid == "sixteen":  # the fix: where the explicit rule goes
+            assert "input_conversion" in r.error and "input.conversion" in r.error, r.error
         assert sid in r.error or str(bad_inputs[sid]) in r.error, r.error  # names the sample
         assert not (tmp_path / sid / "_SUCCESS").exists()
     lines = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]

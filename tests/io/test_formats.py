@@ -101,3 +101,25 @@ def test_all_formats_give_the_same_mosaic(image: np.ndarray, tmp_path: Path, ran
         maps[kind] = mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0)
     for kind in KINDS[1:]:
         np.testing.assert_array_equal(maps[kind], maps["tiled"], err_msg=kind)  # lossless inputs: exactly equal
+
+
+def test_real_ndpi_file_when_one_is_given() -> None:
+    """Hamamatsu NDPI cannot be written by any library here: point SLIDESCORE_NDPI_FILE at a real slide."""
+    import os
+
+    path = os.environ.get("SLIDESCORE_NDPI_FILE")
+    if not path:
+        pytest.skip("SLIDESCORE_NDPI_FILE is not set: no real NDPI slide to read (none can be generated)")
+    reader = open_image(path)
+    try:
+        assert len(reader.levels) >= 2, "NDPI slides carry a pyramid of reduced-resolution pages"
+        ds = [lv.downsample for lv in reader.levels]
+        assert ds[0] == 1 and all(b > a for a, b in zip(ds, ds[1:], strict=False))
+        assert reader.mpp is not None and 0.1 <= reader.mpp <= 2.0, (reader.mpp, reader.mpp_source)  # 0.23 µm/px at 40×, 0.46 at 20×
+        assert reader.mpp_source.startswith("tiff:XResolution")
+        assert reader.n_channels == 3 and reader.dtype == np.uint8
+        top = reader.levels[-1]
+        pix = reader.read(top.index, Box(0, 0, min(256, top.height), min(256, top.width)))
+        assert pix.shape == (min(256, top.height), min(256, top.width), 3) and pix.std() > 0
+    finally:
+        reader.close()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,3 +105,102 @@ def test_list_images_under_a_prefix(bucket: str, s3fs_client, tmp_path: Path) ->
     assert list_images(str(tmp_path)) == [str(tmp_path / "x.tiff"), str(tmp_path / "y.zarr")]
     with pytest.raises(SampleNotFoundError):
         list_images(f"s3://{bucket}/nothing-here/")
+
+
+# -- storage failures as per-sample errors ------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def small_tif(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    img = textured_image(192, 160, seed=17, fg_box=(16, 16, 150, 120))
+    return write_tiff(tmp_path_factory.mktemp("small") / "good.tif", img, mpp=0.5)
+
+
+def _run(uris: list[str], out: Path, model_dir: Path) -> dict[str, Any]:
+    results = score_samples(uris, JobConfig.from_dict({"tiling": {"chunk_cells": 8}}), str(out), model=load_model(str(model_dir)))
+    return {r.sample_id: r for r in results}
+
+
+def test_zero_byte_and_missing_objects_fail_alone(bucket: str, s3fs_client, small_tif: Path, tmp_path: Path,
+                                                  random_model_dir: Path) -> None:
+    s3fs_client.put(str(small_tif), f"{bucket}/good.tif")
+    s3fs_client.pipe(f"{bucket}/empty.tif", b"")
+    by_id = _run([f"s3://{bucket}/empty.tif", f"s3://{bucket}/missing.tif", f"s3://{bucket}/good.tif"], tmp_path, random_model_dir)
+    assert by_id["good"].status == "ok" and (tmp_path / "good" / "_SUCCESS").exists()
+    assert by_id["empty"].status == "failed" and "empty (0 bytes)" in by_id["empty"].error and "re-upload" in by_id["empty"].error
+    assert by_id["missing"].status == "failed" and by_id["missing"].error_type == "SampleNotFoundError"
+    assert f"s3://{bucket}/missing.tif" in by_id["missing"].error and "check the bucket, key" in by_id["missing"].error
+    failed = sorted(json.loads(x)["sample_id"] for x in (tmp_path / "failures.jsonl").read_text().splitlines())
+    assert failed == ["empty", "missing"]
+
+
+def test_wrong_endpoint_fails_the_sample_quickly_and_others_finish(monkeypatch: pytest.MonkeyPatch, s3_server: str,
+                                                                   small_tif: Path, tmp_path: Path, random_model_dir: Path) -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens: connection refused
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    t0 = time.perf_counter()
+    by_id = _run(["s3://slides/remote.tif", str(small_tif)], tmp_path, random_model_dir)
+    elapsed = time.perf_counter() - t0
+    assert by_id["good"].status == "ok"
+    err = by_id["remote"]
+    assert err.status == "failed" and err.error_type == "InputError"
+    assert "cannot reach the storage endpoint" in err.error and "AWS_ENDPOINT_URL" in err.error and endpoint in err.error
+    assert elapsed < 60, f"a refused connection took {elapsed:.1f} s with the default timeouts and retries"
+
+
+@pytest.fixture(scope="module")
+def iam_s3(tmp_path_factory: pytest.TempPathFactory, small_tif: Path):
+    """A second moto server that enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT): the first 6 calls set up a
+    bucket, two objects and a user allowed to read only ``lab/open/*``; every later call is authorised."""
+    import boto3
+
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="6")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="admin", aws_secret_access_key="admin")
+        iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
+        iam.create_user(UserName="reader")  # 1
+        iam.put_user_policy(UserName="reader", PolicyName="read-open", PolicyDocument=json.dumps({  # 2
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                           "Resource": ["arn:aws:s3:::lab", "arn:aws:s3:::lab/open/*"]}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]  # 3
+        s3.create_bucket(Bucket="lab")  # 4
+        data = small_tif.read_bytes()
+        s3.put_object(Bucket="lab", Key="open/good.tif", Body=data)  # 5
+        s3.put_object(Bucket="lab", Key="secret/locked.tif", Body=data)  # 6: authorisation starts after this
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_access_denied_is_a_clear_per_sample_error(monkeypatch: pytest.MonkeyPatch, s3_server: str, iam_s3: tuple[str, str, str],
+                                                   tmp_path: Path, random_model_dir: Path) -> None:
+    endpoint, key_id, secret = iam_s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    by_id = _run(["s3://lab/secret/locked.tif", "s3://lab/open/good.tif"], tmp_path, random_model_dir)
+    assert by_id["good"].status == "ok", by_id["good"].error  # the same server, credentials and pixels: allowed
+    err = by_id["locked"]
+    assert err.status == "failed" and err.error_type == "InputError"
+    assert "s3://lab/secret/locked.tif" in err.error and "access denied" in err.error and "s3:GetObject" in err.error

@@ -1,0 +1,367 @@
+"""Speed of slidescore against MONAI's sliding-window inference, on the same model, image and output.
+
+Usage (one command, from a fresh clone): ``make bench`` or
+``.venv/bin/python benchmarks/speed.py [--size 1024] [--repeats 3] [--out benchmarks/results]``
+(needs the ``bench`` extra: ``pip install -e ".[bench]"``, which adds MONAI).
+
+Sections, each timed as the best of ``--repeats`` runs after one warm-up, interleaved so that load
+from other processes hits every method alike:
+
+1. **Built-in SmearNet, patch 64 / stride 16**, on a ``--size``² crop of a synthetic smear at
+   0.5 µm/px: slidescore dense, slidescore per-patch (``score_array``) and MONAI
+   ``sliding_window_inference`` (roi 64, overlap 0.75 → stride 16, ``mode="constant"``, the
+   predictor spreads each patch probability over its 64 × 64 pixels). MONAI's per-pixel map is
+   averaged over each 16 × 16 cell and compared with slidescore's cell map (they are the same
+   numbers in exact arithmetic: a cell's value is the plain mean of the patches covering it).
+2. **ResNet-18-style valid network, patch 224 / stride 112** (random weights) on the same kind
+   of image: the same three methods (MONAI overlap 0.5 → stride 112).
+3. **Arithmetic limit** of dense scoring for both: multiply-adds of scoring every patch alone /
+   multiply-adds of one dense pass over the image (convolutions counted by forward hooks).
+4. **End to end**: ``score_samples`` on the JPEG-tiled pyramidal TIFF on disk (mask, blocks with
+   read-ahead, mosaic, pyramid, regions, report files) vs ``score_array`` on the decoded pixels in
+   memory, same model, same patches (the job's foreground mask), same block size.
+5. **Peak memory** of ``slidescore score`` on 4k and 16k images (``benchmarks/memory.py``;
+   ``--skip-memory`` to leave it out).
+
+Writes ``speed.json`` and ``speed.md`` (markdown tables) under ``--out`` and prints the tables.
+Timings on a shared machine are noisy: rerun on a quiet one before quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import slidescore
+from slidescore.config import JobConfig
+from slidescore.io import open_image
+from slidescore.model import load_model
+from slidescore.model.architectures import ValidResNet18
+from slidescore.model.card import ModelCard
+from slidescore.model.scoring import PatchClassifier
+from slidescore.pipeline import plan_sample, score_samples
+from slidescore.types import Box
+
+HERE = Path(__file__).resolve().parent
+
+
+# -- machine ------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                            "load_average_at_start": list(os.getloadavg()), "slidescore": slidescore.__version__}
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class GpuSampler:
+    """GPU utilisation sampled with nvidia-smi every 0.2 s while in use (mean, max); CUDA only."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode == 0 and out.stdout.strip():
+                self.samples.append(float(out.stdout.split()[0]))
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict[str, float] | None:
+        return {"mean_pct": float(np.mean(self.samples)), "max_pct": float(np.max(self.samples))} if self.samples else None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_of(methods: dict[str, Callable[[], np.ndarray]], repeats: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Best wall time per method over ``repeats`` interleaved rounds; the last outputs."""
+    times = {k: float("inf") for k in methods}
+    outs: dict[str, np.ndarray] = {}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            sync()
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times, outs
+
+
+def count_macs(module: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    """Multiply-adds of the convolutions and linear layers of one forward pass."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def arithmetic_limit(clf: PatchClassifier, image_px: int, stride_px: int) -> dict[str, float]:
+    p = clf.card.patch_px
+    n = ((image_px - p) // stride_px + 1) ** 2
+    per_patch = count_macs(clf.module, (1, 3, p, p), clf.device) * n
+    dense = count_macs(clf.module, (1, 3, image_px, image_px), clf.device)
+    return {"patches": n, "per_patch_gmac": per_patch / 1e9, "dense_gmac": dense / 1e9, "limit": per_patch / dense}
+
+
+def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_size: int) -> Callable[[], np.ndarray]:
+    """MONAI sliding_window_inference on the same normalised input; returns its map per cell."""
+    from monai.inferers import sliding_window_inference
+
+    p = clf.card.patch_px
+    dev = clf.device
+    mean = torch.tensor(clf.card.mean, device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(clf.card.std, device=dev).view(1, -1, 1, 1)
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        probs = clf.probabilities(clf.module(batch))  # (B, K, 1, 1)
+        return probs.expand(-1, -1, p, p).contiguous()  # each patch's probability over its pixels
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(image).to(dev).permute(2, 0, 1)[None].float() / 255
+            x = (x - mean) / std
+            out = sliding_window_inference(x, (p, p), batch_size, predictor, overlap=1 - stride_px / p,
+                                           mode="constant", sw_device=dev, device=dev)
+        o = out[0].float().cpu().numpy()
+        k, h, w = o.shape
+        return o.reshape(k, h // stride_px, stride_px, w // stride_px, stride_px).mean(axis=(2, 4))
+
+    return run
+
+
+def compare(image: np.ndarray, clf: PatchClassifier, stride_px: int, batch_size: int, repeats: int,
+            label: str) -> dict[str, Any]:
+    """slidescore dense / per-patch vs MONAI on one image and model."""
+    kw = dict(stride_px=stride_px, batch_size=batch_size)
+    methods: dict[str, Callable[[], np.ndarray]] = {
+        "slidescore dense": lambda: slidescore.score_array(image, clf, mode="dense", **kw),
+        "slidescore per-patch": lambda: slidescore.score_array(image, clf, mode="per_patch", **kw),
+        "MONAI sliding_window_inference": monai_scorer(clf, image, stride_px, batch_size),
+    }
+    warm = image[: clf.card.patch_px + 2 * stride_px, : clf.card.patch_px + 2 * stride_px]
+    for name in methods:  # warm-up (and the one-time dense self-check) on a small crop
+        if name.startswith("slidescore"):
+            slidescore.score_array(warm, clf, mode="dense" if "dense" in name else "per_patch", **kw)
+        else:
+            monai_scorer(clf, warm, stride_px, batch_size)()
+    print(f"[{label}] timing {list(methods)} × {repeats} …", file=sys.stderr, flush=True)
+    times, outs = best_of(methods, repeats)
+    mp = image.shape[0] * image.shape[1] / 1e6
+    ref = outs["MONAI sliding_window_inference"]
+    monai_s = times["MONAI sliding_window_inference"]
+    rows = [{"method": k, "seconds": t, "megapixels_per_s": mp / t, "speedup_vs_monai": monai_s / t,
+             "max_abs_diff_vs_monai": float(np.max(np.abs(outs[k] - ref)))} for k, t in times.items()]
+    limit = arithmetic_limit(clf, image.shape[0], stride_px)
+    dense_vs_pp = times["slidescore per-patch"] / times["slidescore dense"]
+    return {"label": label, "image_px": list(image.shape[:2]), "patch_px": clf.card.patch_px, "stride_px": stride_px,
+            "batch_size": batch_size, "rows": rows, "arithmetic": limit, "dense_vs_per_patch": dense_vs_pp,
+            "fraction_of_limit": dense_vs_pp / limit["limit"],
+            "max_abs_diff_dense_vs_per_patch": float(np.max(np.abs(outs["slidescore dense"] - outs["slidescore per-patch"]))),
+            "dense_check": clf.scoring_info()}
+
+
+def resnet_classifier(width: int, device: str) -> PatchClassifier:
+    torch.manual_seed(0)
+    net = ValidResNet18(width=width)
+    card = ModelCard(name=f"resnet18_valid (width {width}, random weights)", patch_px=224, mpp=0.5, classes=("x",),
+                     architecture="resnet18_valid", dense=True, network_stride_px=16)
+    return PatchClassifier(net, card, device=device)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+def end_to_end(tif: Path, clf: PatchClassifier, work: Path, repeats: int, chunk_cells: int) -> dict[str, Any]:
+    """The job from the TIFF on disk vs score_array on the decoded pixels, same patches and blocks."""
+    results: dict[str, Any] = {}
+    for depth in (2, 0):
+        cfg = JobConfig.from_dict({"output": {"uri": str(work), "overwrite": True}, "tiling": {"chunk_cells": chunk_cells},
+                                   "model": {"prefetch_blocks": depth}})
+        best, run = float("inf"), {}
+        for i in range(repeats + 1):  # the first run is the warm-up
+            out = work / f"e2e-prefetch{depth}"
+            with GpuSampler() as gpu:
+                t0 = time.perf_counter()
+                (res,) = score_samples([str(tif)], cfg, str(out), model=clf)
+                dt = time.perf_counter() - t0
+            if res.status != "ok":
+                raise RuntimeError(f"end-to-end run failed: {res.error}")
+            if i and dt < best:
+                best, run = dt, {**res.run["timings_s"], "gpu_utilisation": gpu.summary()}
+        results[f"prefetch_blocks={depth}"] = {"seconds": best, "timings_s": run}
+        plan_cfg = cfg
+    plan = plan_sample(str(tif), plan_cfg, clf.card, clf.checksum, str(work / "plan"), dry_run=True)
+    assert plan is not None
+    reader = open_image(str(tif))
+    try:
+        pixels = reader.read(plan.level, Box(0, 0, *plan.level_shape))
+    finally:
+        reader.close()
+    times, _ = best_of({"in memory": lambda: slidescore.score_array(pixels, clf, stride_px=16, valid=plan.valid,
+                                                                    chunk_cells=chunk_cells)}, repeats)
+    mp = plan.level_shape[0] * plan.level_shape[1] / 1e6
+    rows = [{"method": "score_array, decoded pixels in memory", "seconds": times["in memory"], "megapixels_per_s": mp / times["in memory"]}]
+    for k, v in results.items():
+        rows.append({"method": f"score_samples from JPEG-tiled TIFF ({k})", "seconds": v["seconds"],
+                     "megapixels_per_s": mp / v["seconds"], "timings_s": v["timings_s"]})
+    for r in rows:
+        r["fraction_of_in_memory"] = times["in memory"] / r["seconds"]
+    return {"tif": str(tif), "level": plan.level, "level_shape": list(plan.level_shape), "blocks": len(plan.blocks),
+            "patches_scored": int(plan.valid.sum()), "rows": rows}
+
+
+def peak_memory(sizes: list[int], work: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([sys.executable, str(HERE / "memory.py"), "--json", "--workdir", str(work), "--sizes", *map(str, sizes)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- report ---------------------------------------------------------------------------------------
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"Machine: {m['nproc']} CPU cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} threads), "
+             f"MONAI {m.get('monai', '-')}, Python {m['python']}{', GPU ' + m['gpu'] if 'gpu' in m else ''}; "
+             f"load average at start {m['load_average_at_start'][0]:.1f}.", f"Command: `{res['command']}`", ""]
+    for sec in res["compare"]:
+        a = sec["arithmetic"]
+        lines += [f"**{sec['label']}**, patch {sec['patch_px']} / stride {sec['stride_px']}, image "
+                  f"{sec['image_px'][0]} × {sec['image_px'][1]} ({a['patches']} patches), batch {sec['batch_size']}, best of {res['repeats']}:", "",
+                  "| method | seconds | megapixels/s | × MONAI | max abs diff vs MONAI |", "| --- | --- | --- | --- | --- |"]
+        for r in sec["rows"]:
+            lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['megapixels_per_s']:.3f} | {r['speedup_vs_monai']:.2f}× | {r['max_abs_diff_vs_monai']:.1e} |")
+        lines += ["", f"Arithmetic limit (per-patch {a['per_patch_gmac']:.1f} GMAC / dense {a['dense_gmac']:.1f} GMAC): "
+                  f"**{a['limit']:.2f}×**; measured dense / per-patch: **{sec['dense_vs_per_patch']:.2f}×** "
+                  f"({sec['fraction_of_limit']:.2f} of the limit); dense vs per-patch max abs diff "
+                  f"{sec['max_abs_diff_dense_vs_per_patch']:.1e}; dense self-check max diff {sec['dense_check']['dense_max_diff']:.1e}.", ""]
+    if res.get("end_to_end"):
+        e = res["end_to_end"]
+        lines += [f"**End to end** (built-in model, level {e['level']} = {e['level_shape'][0]} × {e['level_shape'][1]} px of "
+                  f"`{Path(e['tif']).name}`, {e['blocks']} blocks, {e['patches_scored']} foreground patches, best of {res['repeats']}):", "",
+                  "| method | seconds | megapixels/s | × in memory |", "| --- | --- | --- | --- |"]
+        for r in e["rows"]:
+            lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['megapixels_per_s']:.2f} | {r['fraction_of_in_memory']:.2f} |")
+        lines.append("")
+    if res.get("memory"):
+        lines += ["**Peak memory** (`slidescore score`, default config, fresh process):", "",
+                  "| image (level 0) | TIFF size | wall time | peak RSS |", "| --- | --- | --- | --- |"]
+        for r in res["memory"]:
+            lines.append(f"| {r['size']} × {r['size']} | {r['file_mib']:.0f} MiB | {r['seconds']:.1f} s | {r['peak_rss_mib']:.0f} MiB |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024, help="SmearNet image edge (px at 0.5 µm/px); (size − 64) % 16 == 0")
+    ap.add_argument("--resnet-size", type=int, default=672, help="ResNet image edge; (size − 224) % 112 == 0")
+    ap.add_argument("--resnet-width", type=int, default=64, help="ResNet base width (64 = ResNet-18)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", default="/tmp/slidescore-bench", help="generated images are cached here")
+    ap.add_argument("--e2e-chunk-cells", type=int, default=64)
+    ap.add_argument("--memory-sizes", type=int, nargs="*", default=[4096, 16384])
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    if (args.size - 64) % 16 or (args.resnet_size - 224) % 112:
+        ap.error("--size must be 64 + 16·n and --resnet-size 224 + 112·n (the same patches for MONAI and slidescore)")
+    logging.basicConfig(level=logging.WARNING)
+    from slidescore.demo import generate_smear
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tif = work / "smear-4096.tif"  # shared with benchmarks/memory.py (same generator and seed)
+    if not tif.exists():
+        generate_smear(tif, 4096, seed=11, progress=False)
+    reader = open_image(str(tif))
+    try:  # level 1 is the model's 0.5 µm/px, 2048 × 2048
+        big = max(args.size, args.resnet_size)
+        if big > reader.levels[1].height:
+            ap.error(f"sizes above {reader.levels[1].height} px need a larger smear")
+        level1 = reader.read(1, Box(0, 0, big, big))
+    finally:
+        reader.close()
+
+    res: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+                           "repeats": args.repeats, "compare": []}
+    smear = load_model("builtin:smearnet", device=args.device)
+    res["compare"].append(compare(np.ascontiguousarray(level1[: args.size, : args.size]), smear, 16, args.batch_size,
+                                  args.repeats, "Built-in SmearNet"))
+    resnet = resnet_classifier(args.resnet_width, args.device)
+    res["compare"].append(compare(np.ascontiguousarray(level1[: args.resnet_size, : args.resnet_size]), resnet, 112,
+                                  max(1, args.batch_size // 16), args.repeats, "ResNet-18-style valid network"))
+    print("[end to end] …", file=sys.stderr, flush=True)
+    res["end_to_end"] = end_to_end(tif, smear, work, args.repeats, args.e2e_chunk_cells)
+    if not args.skip_memory:
+        print("[peak memory] …", file=sys.stderr, flush=True)
+        res["memory"] = peak_memory(args.memory_sizes, work)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(res, indent=2, default=float))
+    md = markdown(res)
+    (out / "speed.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

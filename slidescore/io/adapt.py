@@ -1,0 +1,232 @@
+"""Present any image to a model as uint8 at the model's resolution: explicit conversion and resampling.
+
+:func:`plan_input` decides, once per sample, how the image's pixels become the model's input and
+returns an :class:`InputRecipe` (plain data: it travels in the sample plan to every worker):
+
+- **pixel type**: uint8 is used as is; other types need an explicit linear window from the model
+  card's ``input_conversion`` or the config's ``input.conversion`` (``{"uint16": {"low": 0,
+  "high": 4095}}``: ``low`` → 0, ``high`` → 255, clipped; NaN → 0). Without a rule the sample is
+  refused — never silently rescaled.
+- **channels**: RGB and RGBA are passed on (the scorer drops alpha); a single-channel image goes to
+  a GRAY model as is, and to an RGB model only when ``gray_to_rgb`` is true (replicated).
+- **resolution**: when no pyramid level is within ``input.mpp_tolerance`` of the model's µm/px, a
+  *virtual level* is appended: the nearest finer level (or the finest, if none is finer) resampled
+  to exactly the model's µm/px. Downsampling averages each output pixel's footprint (area
+  weighting, the anti-aliased "box" resize); upsampling interpolates linearly. Every output pixel
+  is a fixed function of its own source pixels, so reading a box equals cropping the fully
+  resampled image and blocks stay exact.
+
+:class:`AdaptedReader` applies a recipe to a reader; :func:`open_adapted` opens a URI with one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from slidescore.config import InputConfig, check_conversion
+from slidescore.errors import UnsupportedImageError
+from slidescore.io.readers import SlideReader, open_image
+from slidescore.tiling import choose_level
+from slidescore.types import Box, LevelInfo
+
+if TYPE_CHECKING:
+    from slidescore.model.card import ModelCard
+
+
+_STRIP_ROWS = 256
+
+
+@dataclass(frozen=True)
+class InputRecipe:
+    """How one image becomes model input (picklable; recorded in run.json ``input.conversion``)."""
+
+    dtype: str
+    window: tuple[float, float] | None = None  # (low, high) mapped onto (0, 255); None: uint8 as is
+    window_source: str = ""
+    gray_to_rgb: bool = False
+    resample_from_level: int | None = None
+    resample_factor: float = 1.0  # source pixels per virtual pixel (> 1: downsampling)
+    resample_method: str = ""
+
+    @property
+    def scale(self) -> float:
+        """Virtual pixels per source pixel (the zoom applied to ``resample_from_level``)."""
+        return 1.0 / self.resample_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window"] = list(self.window) if self.window else None
+        d["scale"] = self.scale
+        return d
+
+
+def _rules(card: ModelCard, cfg: InputConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Card rules overridden key by key by the config's; and where each rule came from."""
+    check_conversion(card.input_conversion, f"model card {card.name!r}: input_conversion")  # a bad card: ConfigError
+    rules = dict(card.input_conversion)
+    source = {k: f"model card input_conversion.{k}" for k in rules}
+    for k, v in (cfg.conversion or {}).items():
+        rules[k] = v
+        source[k] = f"config input.conversion.{k}"
+    return rules, source
+
+
+def plan_input(reader: SlideReader, card: ModelCard, cfg: InputConfig, sample_id: str, mpp0: float) -> InputRecipe:
+    """Decide conversion, channels and resampling for one image, or refuse it with the fix."""
+    uri = reader.uri
+    rules, source = _rules(card, cfg)
+    dt = np.dtype(reader.dtype)
+    window: tuple[float, float] | None = None
+    window_source = ""
+    if dt != np.uint8:
+        key = dt.name if dt.name in rules else ("float" if dt.kind == "f" and "float" in rules else None)
+        if key is None or dt.kind not in "uif":
+            generic = "float" if dt.kind == "f" else dt.name
+            raise UnsupportedImageError(
+                f"sample {sample_id!r} ({uri}): pixel type {dt.name} needs an explicit conversion to 8 bits and model "
+                f"{card.name!r} gives none; add a window to the model card's input_conversion or the config's "
+                f"input.conversion, e.g. {{{generic}: {{low: <value shown black>, high: <value shown white>}}}}, "
+                "or convert the image to uint8",
+                uri=uri, dtype=dt.name)
+        window = (float(rules[key]["low"]), float(rules[key]["high"]))
+        window_source = source[key]
+    n = reader.n_channels
+    gray_to_rgb = False
+    if n == 1 and card.n_channels == 3:
+        if not rules.get("gray_to_rgb", False):
+            raise UnsupportedImageError(
+                f"sample {sample_id!r} ({uri}): single-channel image, model {card.name!r} expects {card.color_space}; "
+                "set gray_to_rgb: true in the model card's input_conversion (or the config's input.conversion) if the "
+                "model may score gray images replicated to RGB, or export an RGB image",
+                uri=uri)
+        gray_to_rgb = True
+    elif n not in (1, 3, 4):
+        raise UnsupportedImageError(
+            f"sample {sample_id!r} ({uri}): {n} channels; model {card.name!r} expects {card.color_space} "
+            "(1, 3 or 4 channels are read: gray, RGB, RGBA) — export an RGB image",
+            uri=uri)
+    recipe = InputRecipe(dtype=dt.name, window=window, window_source=window_source, gray_to_rgb=gray_to_rgb)
+    level_mpps = [mpp0 * lv.downsample for lv in reader.levels]
+    level, scale = choose_level(level_mpps, card.mpp, cfg.mpp_tolerance)
+    if scale == 1.0:
+        return recipe
+    factor = card.mpp / level_mpps[level]
+    return InputRecipe(**{**asdict(recipe), "resample_from_level": level, "resample_factor": factor,
+                          "resample_method": "area average" if factor > 1 else "linear interpolation"})
+
+
+class AdaptedReader:
+    """A reader seen through an :class:`InputRecipe`: uint8 pixels, model channels, a virtual level."""
+
+    def __init__(self, inner: SlideReader, recipe: InputRecipe) -> None:
+        self.inner = inner
+        self.recipe = recipe
+        self.uri, self.mpp, self.mpp_source = inner.uri, inner.mpp, inner.mpp_source
+        self.georeference: dict[str, Any] | None = getattr(inner, "georeference", None)
+        self.n_channels = 3 if recipe.gray_to_rgb else inner.n_channels
+        self.dtype = np.dtype(np.uint8)
+        self._lut: np.ndarray | None = None
+        levels = list(inner.levels)
+        self.virtual_level: int | None = None
+        if recipe.resample_from_level is not None:
+            src = inner.levels[recipe.resample_from_level]
+            f = recipe.resample_factor
+            self.virtual_level = len(levels)
+            levels.append(LevelInfo(len(levels), _out_len(src.height, f), _out_len(src.width, f), downsample=src.downsample * f))
+        self.levels = tuple(levels)
+
+    def read(self, level: int, box: Box) -> np.ndarray:
+        if level == self.virtual_level:
+            return self._channels(self._read_resampled(box))
+        return self._channels(self._convert(self.inner.read(level, box)))
+
+    def _convert(self, data: np.ndarray) -> np.ndarray:
+        if self.recipe.window is None:
+            return data
+        low, high = self.recipe.window
+        if data.dtype.kind in "ui" and data.dtype.itemsize <= 2:  # a lookup table: exact and fast
+            if self._lut is None:
+                info = np.iinfo(data.dtype)
+                self._lut = _window(np.arange(info.min, info.max + 1, dtype=np.float64), low, high)
+            return self._lut[data.astype(np.int64) - np.iinfo(data.dtype).min]
+        x = np.nan_to_num(data.astype(np.float64), nan=low, posinf=high, neginf=low)
+        return _window(x, low, high)
+
+    def _channels(self, data: np.ndarray) -> np.ndarray:
+        return np.repeat(data, 3, axis=-1) if self.recipe.gray_to_rgb and data.shape[-1] == 1 else data
+
+    def _read_resampled(self, box: Box) -> np.ndarray:
+        r = self.recipe
+        assert r.resample_from_level is not None  # only called for the virtual level
+        src = self.inner.levels[r.resample_from_level]
+        y0, iy, wy = axis_weights(box.y, box.h, r.resample_factor, src.height)
+        x0, ix, wx = axis_weights(box.x, box.w, r.resample_factor, src.width)
+        pix = self._convert(self.inner.read(r.resample_from_level, Box(y0, x0, int(iy.max()) + 1, int(ix.max()) + 1)))
+        out = np.empty((box.h, box.w, pix.shape[2]), np.uint8)
+        for r0 in range(0, box.h, _STRIP_ROWS):  # strips keep the float intermediates small
+            sy, swy = iy[r0 : r0 + _STRIP_ROWS], wy[r0 : r0 + _STRIP_ROWS]
+            rows = swy[:, 0, None, None] * pix[sy[:, 0]]  # uint8 · float32 → float32, (strip, m_x, c)
+            for k in range(1, sy.shape[1]):
+                rows += swy[:, k, None, None] * pix[sy[:, k]]
+            acc = wx[None, :, 0, None] * rows[:, ix[:, 0]]
+            for k in range(1, ix.shape[1]):
+                acc += wx[None, :, k, None] * rows[:, ix[:, k]]
+            out[r0 : r0 + len(sy)] = np.rint(np.clip(acc, 0, 255))
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _window(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """[low, high] → [0, 255] linearly, clipped, rounded to the nearest integer."""
+    return np.rint(np.clip((x - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
+
+
+def _out_len(n_src: int, factor: float) -> int:
+    return max(1, math.ceil(n_src / factor - 1e-9))
+
+
+def axis_weights(o0: int, n: int, factor: float, n_src: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Resampling weights of output pixels ``o0 … o0+n-1`` along one axis.
+
+    Returns ``(s0, idx, w)``: output pixel ``o0 + i`` is ``Σ_k w[i, k] · source[s0 + idx[i, k]]``, summed
+    in order of ``k``. Each row depends only on the global output index (never on ``o0`` or ``n``), so
+    a box is computed with the same float operations as the whole image. ``factor`` is source pixels
+    per output pixel: > 1 averages the footprint ``[i·factor, (i+1)·factor)`` clipped to the image
+    (area); < 1 interpolates linearly between the two source pixels nearest the output pixel's
+    centre (clamped at the edges).
+    """
+    i = np.arange(o0, o0 + n, dtype=np.float64)
+    if factor > 1:
+        lo, hi = i * factor, np.minimum((i + 1) * factor, n_src)
+        j0 = np.floor(lo).astype(np.int64)
+        width = max(1, int(np.max(np.ceil(hi) - j0))) if n else 1
+        js = j0[:, None] + np.arange(width)[None, :]
+        w = np.clip(np.minimum(js + 1, hi[:, None]) - np.maximum(js, lo[:, None]), 0, None)
+        w /= w.sum(axis=1, keepdims=True)
+    else:
+        centre = np.clip((i + 0.5) * factor - 0.5, 0, n_src - 1)
+        j0 = np.minimum(np.floor(centre).astype(np.int64), max(n_src - 2, 0))
+        t = centre - j0
+        js = j0[:, None] + np.arange(2)[None, :]
+        w = np.stack([1 - t, t], axis=1)
+    w[js >= n_src] = 0.0
+    js = np.minimum(js, n_src - 1)  # zero-weight taps past the edge point at a real pixel
+    s0 = int(js.min()) if n else 0
+    return s0, js - s0, w.astype(np.float32)
+
+
+def adapt_reader(reader: SlideReader, card: ModelCard, cfg: InputConfig, sample_id: str, mpp0: float) -> AdaptedReader:
+    """Wrap ``reader`` with the recipe :func:`plan_input` chooses (refusing what it cannot convert)."""
+    return AdaptedReader(reader, plan_input(reader, card, cfg, sample_id, mpp0))
+
+
+def open_adapted(uri: str, recipe: InputRecipe | None) -> SlideReader:
+    """Open ``uri`` for scoring, through ``recipe`` (``None``: the raw reader)."""
+    reader = open_image(uri)
+    return reader if recipe is None else AdaptedReader(reader, recipe)

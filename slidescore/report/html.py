@@ -1,0 +1,371 @@
+"""``report.html`` per sample and ``index.html`` per run: self-contained pages for the specialist.
+
+A report is one HTML file with every picture inlined as a base64 JPEG/PNG and its CSS inline: no
+CDN, no script, no side file, so it can be mailed or archived as is. It shows, top to bottom: the
+sample-level call and its numbers (``run["decision"]``, "not computed" while absent), the overview
+with the probability overlay, the outline of the thresholded area and numbered region boxes, the
+context (model and card, operating point and thresholds, patches scored/skipped, area discarded,
+regions), the data-quality checks, and the top-K regions as level-0 crops beside their overlay and
+Grad-CAM maps, each with its measurements; links point at the mosaic, the GeoJSONs and run.json.
+Elements carry stable ids/classes (``#call``, ``#overview``, ``.crop``) for tests and styling.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slidescore.config import ReportConfig
+from slidescore.io import SlideReader
+from slidescore.io.outputs import read_json, write_json, write_text
+from slidescore.regions import Region
+from slidescore.report import images as im
+from slidescore.report.quality import QualityThresholds, sample_quality
+from slidescore.report.qupath import tile_heatmap_geojson
+from slidescore.types import Box
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+INDEX = "index.html"
+TILES = "tiles.geojson"
+CALL_COLORS = {"positive": "#c0392b", "negative": "#1e8449", "needs review": "#d68910", "not computed": "#7f8c8d",
+               "failed": "#7b241c"}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1b1f23;background:#f6f7f9}
+header{background:#1f2d3d;color:#fff;padding:14px 24px;display:flex;align-items:center;gap:24px;flex-wrap:wrap}
+header h1{font-size:20px;margin:0;font-weight:600}
+main{padding:16px 24px;max-width:1400px}
+section{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px 16px;margin:0 0 16px}
+h2{font-size:16px;margin:0 0 10px}
+table{border-collapse:collapse}
+td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}
+th{font-weight:600;color:#444}
+.call{display:inline-block;padding:8px 18px;border-radius:6px;color:#fff;font-weight:700;font-size:18px;
+      letter-spacing:.03em;text-transform:uppercase}
+.kv td:first-child{color:#555;white-space:nowrap}
+.flags tr.raised td{background:#fdebd0}
+.flags tr.raised td:first-child{font-weight:700;color:#a04000}
+.ovw{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
+.ovw img{max-width:min(100%,900px);border:1px solid #ccc;image-rendering:auto}
+.region{display:flex;gap:10px;align-items:flex-start;border-top:1px solid #eee;padding:10px 0;flex-wrap:wrap}
+.region figure{margin:0;text-align:center}
+.region img{width:220px;height:auto;border:1px solid #ccc;display:block}
+.region figcaption{font-size:12px;color:#555}
+.rank{font-size:22px;font-weight:700;width:40px}
+.legend span{display:inline-block;width:14px;height:14px;vertical-align:middle;margin-right:4px;border:1px solid #999}
+a{color:#1a5fb4}
+.muted{color:#666}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool) or v is None:
+        return _e(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not np.isfinite(v):
+            return "—"
+        return f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return _e(v)
+
+
+def _kv(rows: list[tuple[str, Any]]) -> str:
+    return "<table class='kv'>" + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def call_of(run: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The sample-level call and the numbers behind it (``not computed`` without ``run['decision']``)."""
+    dec = run.get("decision")
+    if not isinstance(dec, dict) or not dec:
+        return "not computed", {}
+    call = dec.get("call") or dec.get("sample_call") or dec.get("label") or "not computed"
+    if isinstance(call, dict):  # {"call": {"label": ..., ...}}
+        dec = {**dec, **call}
+        call = call.get("label") or call.get("call") or "not computed"
+    call = str(call).replace("_", " ")
+    return call, {k: v for k, v in dec.items() if k not in ("call", "sample_call", "label")}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _call_badge(call: str) -> str:
+    color = CALL_COLORS.get(call.lower(), "#34495e")
+    return f"<span id='call' class='call' data-call='{_e(call)}' style='background:{color}'>{_e(call)}</span>"
+
+
+def render_overview(reader: SlideReader, prob: np.ndarray, cell_px0: float, regions: list[Region], card: Any,
+                    thresholds: list[float], max_px: int) -> np.ndarray:
+    """Thumbnail with every class's overlay, the thresholded-area outline and numbered region boxes."""
+    rgb, px0 = im.thumbnail(reader, max_px)
+    above = np.zeros(rgb.shape[:2], bool)
+    for ci, color in enumerate(card.class_colors()):
+        p = im.cells_at(prob[ci], rgb.shape[:2], px0, cell_px0)
+        rgb = im.overlay(rgb, p, (0, 150, 255) if card.n_classes == 1 else color)
+        above |= np.nan_to_num(p, nan=-1) >= thresholds[ci]
+    rgb = im.outline(rgb, above)
+    return im.draw_boxes(rgb, regions, px0)
+
+
+def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: dict[str, Any],
+                    cfg: ReportConfig, model: Any, cam_note: list[str]) -> tuple[str, dict[str, Any]]:
+    lv0 = reader.levels[0]
+    box = im.crop_box(r, (lv0.height, lv0.width), min_px=cfg.crop_px, max_px=cfg.max_crop_px)
+    crop = im.to_rgb(np.asarray(reader.read(0, box)))
+    p = im.cells_at(prob[r.class_index], crop.shape[:2], 1.0, cell_px0, (box.y, box.x))
+    color = (0, 150, 255) if card.n_classes == 1 else card.class_colors()[r.class_index]
+    ov = im.overlay(crop, p, color)
+    ov = im.outline(ov, np.nan_to_num(p, nan=-1) >= r.threshold)
+    ov = im.draw_boxes(ov, [r], 1.0, (box.y, box.x), labels=False)
+    figs = [("crop", "level-0 pixels", crop), ("overlay", "probability overlay, outline at threshold", ov)]
+    info: dict[str, Any] = {"crop_box_px": [box.y, box.x, box.h, box.w]}
+    if model is not None:
+        from slidescore.report.gradcam import explain_crop
+
+        level = int(run["input"]["level"])
+        ds = reader.levels[level].downsample
+        lv = reader.levels[level]
+        lbox = Box(int(box.y / ds), int(box.x / ds), max(1, round(box.h / ds)), max(1, round(box.w / ds))).clip(lv.height, lv.width)
+        pix = np.asarray(reader.read(level, lbox))
+        res = explain_crop(model, pix, r.class_index)
+        if res.note and res.note not in cam_note:
+            cam_note.append(res.note)
+        if res.cam is not None:
+            cam = im.resize(res.cam, crop.shape[:2])
+            figs.append(("gradcam", f"Grad-CAM ({res.layer})", im.heat_on(crop, cam)))
+            info["gradcam_peak_px"] = [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
+        if res.guided is not None:
+            g = im.resize(res.guided, crop.shape[:2])
+            figs.append(("guided", "guided Grad-CAM", im.heat_rgb(g)))
+    body = "".join(
+        f"<figure><img class='{cls}' alt='{_e(cls)} of region {r.rank}' src='{im.data_uri(pic)}'>"
+        f"<figcaption>{_e(cap)}</figcaption></figure>"
+        for cls, cap, pic in figs
+    )
+    meas = _kv([
+        ("class", _e(r.class_name)), ("peak probability", _num(r.peak_probability)),
+        ("mean probability", _num(r.mean_probability)), ("area", f"{_num(r.area_um2)} µm² ({r.n_cells} cells)"),
+        ("centroid", f"({r.centroid_px[0]:.0f}, {r.centroid_px[1]:.0f}) px · ({r.centroid_um[0]:.1f}, {r.centroid_um[1]:.1f}) µm"),
+        ("bounding box", "y {:.0f}, x {:.0f}, h {:.0f}, w {:.0f} px".format(*r.bbox_px)),
+        ("threshold", _num(r.threshold)),
+    ])
+    return f"<div class='region' id='region-{r.rank}'><div class='rank'>#{r.rank}</div>{body}{meas}</div>", info
+
+
+def _load_model_for(run: dict[str, Any]) -> tuple[Any, str]:
+    """The scoring model again (for Grad-CAM), on CPU; refused if its checksum differs from run.json's."""
+    from slidescore.errors import ConfigError, InputError
+    from slidescore.model import load_model
+
+    src = run.get("model", {}).get("source")
+    if not src:
+        return None, "not computed: run.json names no model source"
+    try:
+        model = load_model(src, device="cpu")
+    except (ConfigError, InputError, OSError) as e:
+        return None, f"not computed: the model {src!r} could not be loaded again ({e})"
+    if run["model"].get("sha256") and model.checksum != run["model"]["sha256"]:
+        return None, f"not computed: the model at {src!r} changed since scoring (checksum differs)"
+    return model, ""
+
+
+def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], reader: SlideReader, prob: np.ndarray,
+                 card: Any, *, cfg: ReportConfig | None = None, model: Any = None) -> dict[str, Any]:
+    """Write ``report.html`` and ``tiles.geojson`` of one sample; return what run.json should add.
+
+    Parameters
+    ----------
+    out_dir
+        The sample's output folder (where run.json, regions.* and the mosaic are).
+    run
+        The sample's run record (as written to run.json; ``decision`` optional).
+    regions
+        Ranked regions (rank 1 first); the first ``cfg.top_k`` get crops.
+    reader
+        An open reader of the source image (level 0 for crops, the scoring level for Grad-CAM).
+    prob
+        The (C, H, W) level-0 probability map (NaN = not scored).
+    card
+        The :class:`~slidescore.model.ModelCard`.
+    model
+        The :class:`~slidescore.model.PatchClassifier` for Grad-CAM; ``None`` loads the model named
+        in run.json on CPU (if ``cfg.gradcam``).
+
+    Returns
+    -------
+    ``{"quality": [...], "report": {...}}`` — merge it into run.json (``run.update(...)``).
+    """
+    t0 = time.perf_counter()
+    cfg = cfg or ReportConfig()
+    out = Path(out_dir)
+    cell_px0 = float(run["grid"]["stride_px"]) * float(run["input"]["level_mpp"]) / float(run["input"]["mpp0"])
+    thresholds = [float(run["thresholds"][c]) for c in card.classes]
+    flags = sample_quality(reader, run, card, QualityThresholds(quality_mpp=cfg.quality_mpp))
+
+    write_json(out / TILES, tile_heatmap_geojson(prob, card.classes, cell_px0, run["sample_id"], max_tiles=cfg.qupath_max_tiles))
+
+    cam_note: list[str] = []
+    if cfg.gradcam and model is None and regions:
+        model, note = _load_model_for(run)
+        if note:
+            cam_note.append(note)
+    if not cfg.gradcam:
+        model = None
+        cam_note.append("not computed: report.gradcam is off")
+    top = regions[: cfg.top_k]
+    region_html, region_info = [], []
+    for r in top:
+        h, info = _region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note)
+        region_html.append(h)
+        region_info.append({"rank": r.rank, **info})
+
+    overview = render_overview(reader, prob, cell_px0, top, card, thresholds, cfg.overview_px)
+    call, numbers = call_of(run)
+    top_peak = float(regions[0].peak_probability) if regions else (float(np.nanmax(prob)) if np.isfinite(prob).any() else None)
+    html_text = render_html(run, card, call, numbers, flags, overview, region_html, len(regions), top_peak, cam_note, cfg)
+    write_text(out / REPORT, html_text)
+    return {
+        "quality": flags,
+        "report": {"html": REPORT, "tiles_geojson": TILES, "top_k": len(top), "top_peak_probability": top_peak,
+                   "call": call, "gradcam": "; ".join(cam_note) or "guided Grad-CAM", "regions": region_info,
+                   "seconds": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, Any], flags: list[dict[str, Any]],
+                overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
+                cam_note: list[str], cfg: ReportConfig) -> str:
+    sid = run["sample_id"]
+    pt, area, inp = run["patches"], run.get("area", {}), run["input"]
+    model = run.get("model", {})
+    dcfg = run.get("config", {}).get("decision", {})
+    op = (run.get("decision") or {}).get("operating_point") or dcfg.get("operating_point") or "card thresholds"
+    raised = [f for f in flags if f["raised"]]
+    call_rows = [(k, _num(v)) for k, v in _flatten(numbers)] if numbers else \
+        [("status", "not computed: this run has no sample-level decision (run.json has no <code>decision</code>)")]
+    flag_rows = "".join(
+        f"<tr class='{'raised' if f['raised'] else 'ok'}'><td>{_e(f['flag'])}</td><td>{_num(f['value'])}</td>"
+        f"<td>{_num(f['threshold'])}</td><td>{'RAISED' if f['raised'] else 'ok'}</td><td>{_e(f['message'])}</td></tr>"
+        for f in flags
+    )
+    outs = run.get("outputs", {})
+    links = [(outs.get("mosaic", "probabilities.ome.zarr"), "probability mosaic (OME-Zarr; QuPath, napari)"),
+             ("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
+             ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.get("mask", "mask.ome.zarr"), "foreground mask")]
+    legend = "".join(f"<span style='background:rgb{tuple(c) if card.n_classes > 1 else (0, 150, 255)}'></span>{_e(n)} "
+                     for n, c in zip(card.classes, card.class_colors(), strict=True))
+    context = _kv([
+        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.get('source', ''))}, sha256 "
+                  f"{_e(str(model.get('sha256', ''))[:12])}…, on {_e(model.get('device', ''))})</span>"),
+        ("model card", _e(card.description) or "<span class='muted'>no description</span>"),
+        ("input", f"{card.patch_px}-px patches at {_num(card.mpp)} µm/px, {_e(card.color_space)}, head {_e(card.head)}, "
+                  f"classes {_e(', '.join(card.classes))}"),
+        ("operating point", _e(op)),
+        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run["thresholds"].items()))),
+        ("image", f"{_e(inp.get('uri'))} <span class='muted'>({_num(inp.get('mpp0'))} µm/px from {_e(inp.get('mpp_source'))}; "
+                  f"scored at level {_e(inp.get('level'))}, {_num(inp.get('level_mpp'))} µm/px, "
+                  f"{_e(' × '.join(str(v) for v in inp.get('level_shape', [])))} px)</span>"),
+        ("patches", f"{_num(pt['scored'])} scored, {_num(pt['skipped_background'])} skipped as background "
+                    f"of {_num(pt['total'])} ({pt['skipped_background'] / max(1, pt['total']):.1%} skipped)"),
+        ("area discarded", f"{area.get('discarded_fraction', float('nan')):.1%} of the image not scored (background)"),
+        ("regions", f"{n_regions:,} above threshold; top {len(region_html)} shown below"),
+        ("top score", _num(top_peak)),
+        ("run", f"key {_e(run.get('run_key'))}, slidescore {_e(run.get('slidescore_version'))}, code {_e(str(run.get('code_version'))[:12])}, "
+                f"{_num(run.get('timings_s', {}).get('total_s'))} s"),
+    ])
+    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f["flag"] for f in raised))) if raised else "no check raised"
+    regions_block = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
+    note = f"<p class='muted'>Explanations: {_e('; '.join(cam_note))}</p>" if cam_note else \
+        "<p class='muted'>Grad-CAM: where the network looked (red/yellow = strongest); guided Grad-CAM: which pixels drove it.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>slidescore report — {_e(sid)}</title><style>{CSS}</style></head>
+<body>
+<header><h1>{_e(sid)}</h1>{_call_badge(call)}
+<span>top score <b id="top-score">{_num(top_peak)}</b></span><span>{n_regions:,} regions</span>
+<span>data quality: {flag_summary}</span></header>
+<main>
+<section id="decision"><h2>Sample-level call: {_e(call)}</h2>{_kv(call_rows)}</section>
+<section><h2>Overview</h2><div class="ovw"><img id="overview" alt="overview of {_e(sid)} with probability overlay and regions"
+ src="{im.data_uri(overview)}"><div><p class="legend">overlay: {legend}<br><span style="background:rgb{im.OUTLINE_RGB}"></span>
+ area at or above threshold; numbered boxes: top regions by rank</p>
+<h2>Files</h2><ul>{''.join(f"<li><a href='{_e(href)}'>{_e(text)}</a></li>" for href, text in links)}</ul></div></div></section>
+<section id="context"><h2>Context</h2>{context}</section>
+<section id="quality"><h2>Data quality</h2><p>{flag_summary}</p><table class="flags"><tr><th>check</th><th>value</th>
+<th>threshold</th><th>status</th><th>detail</th></tr>{flag_rows}</table></section>
+<section id="regions"><h2>Top regions</h2>{note}{regions_block}</section>
+<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.get('slidescore_version'))} on
+{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: no network access needed.</footer>
+</main></body></html>
+"""
+
+
+def _sample_row(d: Path) -> dict[str, Any]:
+    run = read_json(d / "run.json")
+    rep = run.get("report") or {}
+    call, _ = call_of(run)
+    top = rep.get("top_peak_probability")
+    if top is None and (d / "regions.json").exists():
+        regs = read_json(d / "regions.json").get("regions") or []
+        top = regs[0]["peak_probability"] if regs else None
+    return {"sample_id": run.get("sample_id", d.name), "status": "ok" if (d / "_SUCCESS").exists() else "incomplete",
+            "call": call, "top": top, "regions": run.get("regions", {}).get("total"),
+            "raised": [f["flag"] for f in run.get("quality", []) if f.get("raised")],
+            "report": f"{d.name}/{REPORT}" if (d / REPORT).exists() else None, "error": ""}
+
+
+def write_index(out_root: str | Path) -> Path:
+    """Write ``index.html`` at a run's output root: every sample with its call and top score.
+
+    Samples are the sub-folders holding a run.json; failed samples come from failures.jsonl (the
+    latest entry per sample, unless the sample has since succeeded).
+    """
+    root = Path(out_root)
+    rows = [_sample_row(p.parent) for p in sorted(root.glob("*/run.json"))]
+    ok = {r["sample_id"] for r in rows}
+    failed: dict[str, dict[str, Any]] = {}
+    if (root / "failures.jsonl").exists():
+        for line in (root / "failures.jsonl").read_text().splitlines():
+            if line.strip():
+                f = json.loads(line)
+                if f.get("sample_id") not in ok:
+                    failed[f["sample_id"]] = f
+    rows += [{"sample_id": sid, "status": "failed", "call": "failed", "top": None, "regions": None, "raised": [],
+              "report": None, "error": f"{f.get('error_type', '')}: {f.get('error', '')}"} for sid, f in sorted(failed.items())]
+    body = "".join(
+        f"<tr class='sample' data-sample='{_e(r['sample_id'])}'><td>"
+        + (f"<a href='{_e(r['report'])}'>{_e(r['sample_id'])}</a>" if r["report"] else _e(r["sample_id"]))
+        + f"</td><td><span class='call' style='font-size:13px;padding:2px 10px;background:{CALL_COLORS.get(r['call'].lower(), '#34495e')}'>"
+        f"{_e(r['call'])}</span></td><td class='top'>{_num(r['top'])}</td><td>{_num(r['regions'])}</td>"
+        f"<td>{_e(', '.join(r['raised']) or '—')}</td><td>{_e(r['status'])} <span class='muted'>{_e(r['error'])}</span></td></tr>"
+        for r in rows
+    )
+    text = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>slidescore run — {_e(root.name)}</title><style>{CSS}</style></head>
+<body><header><h1>slidescore run: {len(rows)} samples</h1></header><main><section>
+<table id="samples"><tr><th>sample</th><th>call</th><th>top score</th><th>regions</th><th>quality flags raised</th><th>status</th></tr>
+{body}</table></section></main></body></html>
+"""
+    write_text(root / INDEX, text)
+    return root / INDEX

@@ -1,0 +1,147 @@
+"""Pictures for the report: thumbnail with overlay and outlines, region crops, heat maps, data URIs.
+
+Pure numpy + Pillow on pixels a :class:`~slidescore.io.SlideReader` returns. Coordinates follow
+the rest of slidescore: boxes are ``(y, x, h, w)`` in level-0 pixels, the probability map has one
+value per output cell of ``cell_px0`` level-0 pixels (NaN = not scored). Every picture is returned
+as an (h, w, 3) uint8 array; :func:`data_uri` turns one into an inline ``data:`` URI, so the
+report needs no side files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from slidescore.io import SlideReader
+from slidescore.regions import Region
+from slidescore.types import Box
+
+OUTLINE_RGB = (255, 200, 0)  # thresholded-area outline and region boxes: amber reads on pink and azure
+
+
+def to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """(h, w, c) pixels of any of 1/3/4 channels → (h, w, 3) uint8."""
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return np.ascontiguousarray(pixels[..., :3]).astype(np.uint8, copy=False)
+
+
+def thumbnail(reader: SlideReader, max_px: int = 1024) -> tuple[np.ndarray, float]:
+    """The whole image at most ``max_px`` on its long side; returns (rgb, level-0 px per thumb px)."""
+    levels = reader.levels
+    fits = [lv for lv in levels if max(lv.height, lv.width) <= max_px]
+    lv = max(fits, key=lambda v: v.width) if fits else min(levels, key=lambda v: v.width)
+    step = max(1, int(np.ceil(max(lv.height, lv.width) / max_px)))
+    rows = []
+    for y in range(0, lv.height, 2048):  # strips keep peak memory at one strip of the level
+        h = min(2048, lv.height - y)
+        rows.append(np.asarray(reader.read(lv.index, Box(y, 0, h, lv.width)))[(-y) % step :: step, ::step])
+    return to_rgb(np.concatenate(rows, axis=0)), lv.downsample * step
+
+
+def cells_at(prob: np.ndarray, shape: tuple[int, int], px0: float, cell_px0: float, origin_px0: tuple[float, float] = (0, 0)) -> np.ndarray:
+    """Sample a cell map (NaN kept) at every pixel of a picture of ``shape``.
+
+    Picture pixel (i, j) covers level-0 pixels from ``origin + (i, j) · px0``; its value is the cell
+    containing that pixel's centre (cells outside the map are NaN).
+    """
+    h, w = shape
+    yy = np.floor((origin_px0[0] + (np.arange(h) + 0.5) * px0) / cell_px0).astype(int)
+    xx = np.floor((origin_px0[1] + (np.arange(w) + 0.5) * px0) / cell_px0).astype(int)
+    oky = (yy >= 0) & (yy < prob.shape[0])
+    okx = (xx >= 0) & (xx < prob.shape[1])
+    out = prob[np.ix_(np.clip(yy, 0, prob.shape[0] - 1), np.clip(xx, 0, prob.shape[1] - 1))].astype(np.float32)
+    out[~oky, :] = np.nan
+    out[:, ~okx] = np.nan
+    return out
+
+
+def overlay(rgb: np.ndarray, p: np.ndarray, color: tuple[int, int, int], *, low: float = 0.2, high: float = 0.8,
+            opacity: float = 0.75) -> np.ndarray:
+    """Tint ``rgb`` with ``color`` in proportion to the per-pixel probability ``p`` (NaN = none)."""
+    alpha = np.clip((np.nan_to_num(p, nan=0.0) - low) / (high - low), 0, 1)[..., None] * opacity
+    out = rgb.astype(np.float32) * (1 - alpha) + np.asarray(color, np.float32) * alpha
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def outline(rgb: np.ndarray, above: np.ndarray, color: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
+    """Draw the boundary pixels of the boolean mask ``above`` onto a copy of ``rgb``."""
+    edge = above & ~ndimage.binary_erosion(above, border_value=0)
+    out = rgb.copy()
+    out[edge] = color
+    return out
+
+
+def draw_boxes(rgb: np.ndarray, regions: list[Region], px0: float, origin_px0: tuple[float, float] = (0, 0),
+               color: tuple[int, int, int] = OUTLINE_RGB, labels: bool = True) -> np.ndarray:
+    """Numbered region boxes (level-0 ``bbox_px``) drawn on a picture at ``px0`` level-0 px per px."""
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    for r in regions:
+        y, x, h, w = r.bbox_px
+        y0, x0 = (y - origin_px0[0]) / px0, (x - origin_px0[1]) / px0
+        y1, x1 = y0 + h / px0, x0 + w / px0
+        pad = 2
+        draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], outline=color, width=2)
+        if labels:
+            tx, ty = x1 + pad + 2, max(0.0, y0 - pad)
+            draw.rectangle([tx - 1, ty, tx + 7 * len(str(r.rank)) + 1, ty + 11], fill=(255, 255, 255))
+            draw.text((tx, ty), str(r.rank), fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def crop_box(region: Region, image_hw: tuple[int, int], *, min_px: int = 192, max_px: int = 512, margin_px: int = 32) -> Box:
+    """The level-0 box shown for a region: its bounding box plus a margin, at least ``min_px`` and
+    at most ``max_px`` on a side (centred on the peak when the region is larger), inside the image."""
+    y, x, h, w = region.bbox_px
+    size_h = int(np.clip(h + 2 * margin_px, min_px, max_px))
+    size_w = int(np.clip(w + 2 * margin_px, min_px, max_px))
+    cy = region.peak_px[0] if h + 2 * margin_px > max_px else y + h / 2
+    cx = region.peak_px[1] if w + 2 * margin_px > max_px else x + w / 2
+    hh, ww = image_hw
+    size_h, size_w = min(size_h, hh), min(size_w, ww)
+    y0 = int(np.clip(round(cy - size_h / 2), 0, hh - size_h))
+    x0 = int(np.clip(round(cx - size_w / 2), 0, ww - size_w))
+    return Box(y0, x0, size_h, size_w)
+
+
+def heat_rgb(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → a perceptually ordered dark-blue → red → yellow ramp (uint8 RGB)."""
+    v = np.clip(np.nan_to_num(v, nan=0.0), 0, 1)
+    r = np.clip(2.0 * v, 0, 1)
+    g = np.clip(2.0 * v - 0.8, 0, 1)
+    b = np.clip(0.5 - np.abs(v - 0.25) * 2, 0, 1) + np.clip(v - 0.9, 0, 1) * 5
+    return (np.stack([r, g, np.clip(b, 0, 1)], axis=-1) * 255).astype(np.uint8)
+
+
+def heat_on(rgb: np.ndarray, v: np.ndarray, opacity: float = 0.6) -> np.ndarray:
+    """A heat map blended over a picture (weight grows with the value, so cold areas stay visible)."""
+    a = (np.clip(np.nan_to_num(v, nan=0.0), 0, 1) * opacity)[..., None]
+    return np.clip(rgb.astype(np.float32) * (1 - a) + heat_rgb(v).astype(np.float32) * a, 0, 255).astype(np.uint8)
+
+
+def resize(rgb: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize an RGB or single-channel float picture to (h, w)."""
+    h, w = shape
+    if rgb.dtype == np.uint8:
+        res = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+        return np.asarray(Image.fromarray(rgb).resize((w, h), res))
+    img = Image.fromarray(np.ascontiguousarray(rgb, np.float32))  # float32 → mode "F"
+    return np.asarray(img.resize((w, h), Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR), np.float32)
+
+
+def data_uri(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 85) -> str:
+    """Encode a picture as an inline ``data:image/…;base64,`` URI (JPEG for photographs, PNG for flat art)."""
+    buf = io.BytesIO()
+    img = Image.fromarray(rgb)
+    if fmt.upper() == "JPEG":
+        img.save(buf, format="JPEG", quality=quality, optimize=True)
+        mime = "jpeg"
+    else:
+        img.save(buf, format="PNG", optimize=True)
+        mime = "png"
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")

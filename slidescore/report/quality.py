@@ -1,0 +1,197 @@
+"""Data-quality flags of a sample: what in the input could make its scores untrustworthy.
+
+Measured on tiles of ``tile_px`` pixels of one low-resolution level (the coarsest at or finer than
+``quality_mpp`` µm/px), read block by block so memory stays bounded whatever the image size:
+
+* ``blank_fraction`` — tiles with almost no foreground (brightfield rule of :mod:`slidescore.mask`);
+* ``dark_fraction`` — tiles whose mean brightness is below ``dark_gray`` (pen, folds, off-slide);
+* ``out_of_focus_fraction`` — foreground tiles whose variance of the Laplacian of brightness is
+  below ``focus_min_laplacian_var`` (blur removes the high frequencies the Laplacian measures);
+* ``stain_shift`` — how far the mean colour of foreground tiles is from the model's training data,
+  in the card's normalisation units (``max_c |mean_c − card.mean_c| / card.std_c``); skipped for
+  cards with the generic normalisation (0.5 ± 0.25), which carry no training statistics;
+* ``background_brightness`` — mean brightness of blank tiles (dim illumination, no white balance);
+* ``mpp_overridden`` — the resolution came from the config, not the image's metadata.
+
+Every check is returned, raised or not, as ``{flag, value, threshold, raised, message}``, so
+run.json and the report show what was checked and never hide a problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from slidescore.io import SlideReader
+from slidescore.mask import detect_foreground
+from slidescore.types import Box
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_GENERIC_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Limits of the checks (defaults measured on the synthetic smears and their blurred copies)."""
+
+    quality_mpp: float = 1.0
+    tile_px: int = 64
+    blank_tile_fg: float = 0.02
+    dark_gray: float = 60.0
+    focus_tile_fg: float = 0.5
+    focus_min_laplacian_var: float = 150.0
+    max_blank_fraction: float = 0.9
+    max_dark_fraction: float = 0.05
+    max_out_of_focus_fraction: float = 0.25
+    max_stain_shift: float = 1.0
+    min_background_gray: float = 170.0
+
+
+@dataclass
+class TileStats:
+    """Per-tile measurements (1-D arrays, one entry per tile)."""
+
+    n_px: np.ndarray
+    fg_frac: np.ndarray
+    gray: np.ndarray
+    lap_var: np.ndarray
+    rgb_mean: np.ndarray  # (n, 3), 0–255
+    level: int
+    level_mpp: float
+
+    @staticmethod
+    def concat(parts: list[TileStats], level: int, level_mpp: float) -> TileStats:
+        def cat(key: str) -> np.ndarray:
+            return np.concatenate([getattr(p, key) for p in parts])
+
+        return TileStats(cat("n_px"), cat("fg_frac"), cat("gray"), cat("lap_var"), cat("rgb_mean"), level=level, level_mpp=level_mpp)
+
+
+def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85) -> TileStats:
+    """Measure the tiles of one (h, w, 3) uint8 block; partial tiles at the edge measure what they have."""
+    h, w = rgb.shape[:2]
+    fg = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
+    gray = rgb[..., :3].astype(np.float32) @ _LUMA
+    lap = ndimage.laplace(gray, mode="reflect")
+    th, tw = -(-h // tile_px), -(-w // tile_px)
+
+    def tiles(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        pad = np.full((th * tile_px, tw * tile_px, *a.shape[2:]), fill, np.float32)
+        pad[:h, :w] = a
+        return pad.reshape(th, tile_px, tw, tile_px, *a.shape[2:]).swapaxes(1, 2).reshape(th * tw, tile_px * tile_px, *a.shape[2:])
+
+    valid = tiles(np.ones((h, w), np.float32))
+    n = valid.sum(axis=1)
+    lap_t = tiles(lap)
+    mean_lap = lap_t.sum(axis=1) / n
+    lap_var = (lap_t**2).sum(axis=1) / n - mean_lap**2
+    return TileStats(
+        n_px=n,
+        fg_frac=tiles(fg.astype(np.float32)).sum(axis=1) / n,
+        gray=tiles(gray).sum(axis=1) / n,
+        lap_var=np.maximum(lap_var, 0),
+        rgb_mean=tiles(rgb[..., :3].astype(np.float32)).sum(axis=1) / n[:, None],
+        level=0,
+        level_mpp=0.0,
+    )
+
+
+def quality_level(reader: SlideReader, mpp0: float, quality_mpp: float) -> int:
+    """The coarsest level at or finer than ``quality_mpp`` (the finest level if all are coarser)."""
+    mpps = [mpp0 * lv.downsample for lv in reader.levels]
+    fine_enough = [i for i, m in enumerate(mpps) if m <= quality_mpp * 1.01]
+    return max(fine_enough, key=lambda i: mpps[i]) if fine_enough else int(np.argmin(mpps))
+
+
+def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None = None, *, block_px: int = 2048) -> TileStats:
+    """Tile statistics of the whole image at the quality level, read in ``block_px`` squares."""
+    th = th or QualityThresholds()
+    lvl = quality_level(reader, mpp0, th.quality_mpp)
+    info = reader.levels[lvl]
+    step = max(th.tile_px, block_px // th.tile_px * th.tile_px)  # blocks hold whole tiles
+    parts = []
+    for y in range(0, info.height, step):
+        for x in range(0, info.width, step):
+            box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
+            pix = np.asarray(reader.read(lvl, box))
+            if pix.shape[-1] == 1:
+                pix = np.repeat(pix, 3, axis=-1)
+            parts.append(tile_stats(pix[..., :3].astype(np.uint8, copy=False), th.tile_px))
+    return TileStats.concat(parts, lvl, mpp0 * info.downsample)
+
+
+def _flag(flag: str, value: float | str | None, threshold: float | str | None, raised: bool, message: str) -> dict[str, Any]:
+    return {"flag": flag, "value": value, "threshold": threshold, "raised": bool(raised), "message": message}
+
+
+def quality_flags(stats: TileStats, run: dict[str, Any], card: Any, th: QualityThresholds | None = None) -> list[dict[str, Any]]:
+    """Evaluate every check on measured tiles and the run record; one dict per check."""
+    th = th or QualityThresholds()
+    w = stats.n_px / max(1.0, float(stats.n_px.sum()))  # partial edge tiles weigh less
+    blank = stats.fg_frac < th.blank_tile_fg
+    dark = stats.gray < th.dark_gray
+    focus_tiles = (stats.fg_frac >= th.focus_tile_fg) & ~dark
+    where = f"at level {stats.level} ({stats.level_mpp:.3g} µm/px), {th.tile_px}-px tiles"
+    flags = []
+
+    v = float(w[blank].sum())
+    flags.append(_flag("blank_fraction", round(v, 4), th.max_blank_fraction, v > th.max_blank_fraction,
+                       f"{v:.1%} of the image is blank {where}; "
+                       + ("check the scan (empty slide, wrong focus plane) or the mask settings" if v > th.max_blank_fraction else "ok")))
+    v = float(w[dark].sum())
+    flags.append(_flag("dark_fraction", round(v, 4), th.max_dark_fraction, v > th.max_dark_fraction,
+                       f"{v:.1%} of the image is dark (mean brightness < {th.dark_gray:g}/255) {where}; "
+                       + ("pen marks, folds, bubbles or off-slide areas may be scored" if v > th.max_dark_fraction else "ok")))
+    if focus_tiles.any():
+        blurred = focus_tiles & (stats.lap_var < th.focus_min_laplacian_var)
+        v = float(w[blurred].sum() / w[focus_tiles].sum())
+        flags.append(_flag("out_of_focus_fraction", round(v, 4), th.max_out_of_focus_fraction, v > th.max_out_of_focus_fraction,
+                           f"{v:.1%} of foreground tiles look out of focus (variance of the Laplacian < "
+                           f"{th.focus_min_laplacian_var:g}; median {float(np.median(stats.lap_var[focus_tiles])):.3g}) {where}; "
+                           + ("rescan the blurred areas or treat their scores with caution" if v > th.max_out_of_focus_fraction else "ok")))
+    else:
+        flags.append(_flag("out_of_focus_fraction", None, th.max_out_of_focus_fraction, False,
+                           f"not measured: no tile is at least {th.focus_tile_fg:.0%} foreground {where}"))
+
+    mean, std = tuple(card.mean), tuple(card.std)
+    fg_tiles = stats.fg_frac >= th.focus_tile_fg
+    if len(mean) != 3 or (mean, std) == _GENERIC_NORM:
+        flags.append(_flag("stain_shift", None, th.max_stain_shift, False,
+                           "not measured: the model card carries no training colour statistics (generic 0.5 ± 0.25 normalisation)"))
+    elif not fg_tiles.any():
+        flags.append(_flag("stain_shift", None, th.max_stain_shift, False, f"not measured: no foreground tiles {where}"))
+    else:
+        rgb = (stats.rgb_mean[fg_tiles] * w[fg_tiles, None]).sum(axis=0) / w[fg_tiles].sum() / 255.0
+        z = np.abs(rgb - np.asarray(mean)) / np.asarray(std)
+        v = float(z.max())
+        flags.append(_flag("stain_shift", round(v, 3), th.max_stain_shift, v > th.max_stain_shift,
+                           f"foreground mean RGB {tuple(round(float(c) * 255) for c in rgb)} vs the model's training mean "
+                           f"{tuple(round(c * 255) for c in mean)}: {v:.2f} training standard deviations (largest channel); "
+                           + ("unusual stain or brightness for this model: check staining, scanner colour profile, or recalibrate"
+                              if v > th.max_stain_shift else "ok")))
+    if blank.any():
+        v = float((stats.gray[blank] * w[blank]).sum() / w[blank].sum())
+        flags.append(_flag("background_brightness", round(v, 1), th.min_background_gray, v < th.min_background_gray,
+                           f"blank areas have mean brightness {v:.0f}/255; "
+                           + ("dim illumination or missing white balance: the mask and the model may misjudge the sample"
+                              if v < th.min_background_gray else "ok")))
+    else:
+        flags.append(_flag("background_brightness", None, th.min_background_gray, False, f"not measured: no blank tiles {where}"))
+
+    src = str(run.get("input", {}).get("mpp_source", ""))
+    overridden = src.startswith("config")
+    mpp0 = run.get("input", {}).get("mpp0")
+    flags.append(_flag("mpp_overridden", src, "config", overridden,
+                       f"resolution {mpp0} µm/px taken from {src or 'unknown'}; "
+                       + ("the image's own metadata was missing or overridden — verify the scanner's µm/px"
+                          if overridden else "read from the image metadata")))
+    return flags
+
+
+def sample_quality(reader: SlideReader, run: dict[str, Any], card: Any, th: QualityThresholds | None = None) -> list[dict[str, Any]]:
+    """Measure the image behind ``reader`` and evaluate every check (see the module docstring)."""
+    mpp0 = float(run.get("input", {}).get("mpp0") or reader.mpp or 1.0)
+    return quality_flags(measure_tiles(reader, mpp0, th), run, card, th)

@@ -1,0 +1,494 @@
+"""The intake poller: grouping, run keys, job names, decisions, RayJob objects, and end to end on a
+real Ray head (``ray start --head``, token auth) with images on the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from slidescore.config import JobConfig
+from slidescore.errors import ConfigError
+from slidescore.intake import (
+    ACTIVE,
+    FAILED,
+    MAX_RAYJOB_NAME,
+    SUCCEEDED,
+    Attempt,
+    IntakeConfig,
+    PollSummary,
+    RayJobsBackend,
+    Sample,
+    SampleState,
+    build_rayjob,
+    decide,
+    group_samples,
+    job_name,
+    load_intake_config,
+    parse_job_name,
+    poll,
+    rayjob_state,
+    sample_run_key,
+    score_command,
+)
+from slidescore.io.storage import list_images
+from slidescore.model import load_model
+from tests.conftest import textured_image, write_tiff
+from tests.test_job_submit import RAY, REPO, Head, _free_port, _get, _stop
+
+sys.path.insert(0, str(REPO / "tests" / "k8s"))
+from k8s_checks import (  # noqa: E402
+    check_kuberay_admission,
+    crd_problems,
+    object_meta_problems,
+    pod_template_problems,
+)
+from kustomize_lite import render  # noqa: E402
+
+
+# -- config ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["k8s/base/config", "k8s/overlays/example/config"])
+def test_deployed_intake_configs_load(where: str) -> None:
+    cfg = load_intake_config(REPO / where / "intake.yaml")
+    assert cfg.submit == "rayjob" and cfg.intake_prefix and cfg.intake_prefix.startswith("s3://")
+    assert cfg.job_config == str((REPO / where / "job.yaml").resolve())  # beside it, as in the ConfigMap mount
+    assert (cfg.max_in_flight, cfg.max_attempts) == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"output": "o", "intake_prefix": "p", "max_inflight": 2}, "max_inflight: unknown key"),
+        ({"output": "o", "intake_prefix": "p", "max_in_flight": 0}, "max_in_flight: expected a positive integer"),
+        ({"output": "o", "intake_prefix": "p", "max_attempts": True}, "max_attempts: expected a positive integer"),
+        ({"output": "o", "intake_prefix": "p", "submit": "kubectl"}, r"submit: expected one of \['rayjob', 'ray_jobs'\]"),
+        ({"output": "o"}, "intake_prefix: expected a folder or s3:// prefix"),
+        ({"intake_prefix": "p"}, "output: required"),
+        ({"output": "", "intake_prefix": "p"}, "output: expected a non-empty string"),
+    ],
+)
+def test_intake_config_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        IntakeConfig.from_dict(data)
+
+
+# -- grouping, run keys, names --------------------------------------------------------------------
+def test_one_image_is_one_sample_and_shared_ids_are_conflicts(tmp_path: Path) -> None:
+    uris = ["s3://in/x/a.tif", "s3://in/x/b.ome.tiff", "s3://in/x/c.svs", "s3://in/x/a.svs", "s3://in/x/slide 7.ndpi"]
+    samples, conflicts = group_samples(uris)
+    assert samples == [Sample("b", ("s3://in/x/b.ome.tiff",)), Sample("c", ("s3://in/x/c.svs",)),
+                       Sample("slide_7", ("s3://in/x/slide 7.ndpi",))]
+    assert conflicts == {"a": ["s3://in/x/a.tif", "s3://in/x/a.svs"]}
+    for name in ("p.tif", "q.tiff", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "r.zarr").mkdir()
+    samples, conflicts = group_samples(list_images(str(tmp_path)))
+    assert [s.sample_id for s in samples] == ["p", "q", "r"] and not conflicts
+
+
+def test_run_key_follows_input_model_and_config(tmp_path: Path, random_model_dir: Path, constant_model_dir: Path) -> None:
+    img = write_tiff(tmp_path / "a.tif", textured_image(128, 128, seed=1))
+    model, other = load_model(str(random_model_dir)), load_model(str(constant_model_dir))
+    s, cfg = Sample("a", (str(img),)), JobConfig()
+    key = sample_run_key(s, model.checksum, model.card, cfg)
+    assert key == sample_run_key(s, model.checksum, model.card, cfg.replace(cluster={"n_actors": 7}, output={"uri": "/x"}))
+    assert key != sample_run_key(s, other.checksum, other.card, cfg)
+    assert key != sample_run_key(s, model.checksum, model.card, cfg.replace(tiling={"stride_px": 32}))
+    write_tiff(img, textured_image(128, 128, seed=2))  # same name, new content
+    assert key != sample_run_key(s, model.checksum, model.card, cfg)
+
+
+def test_job_names_carry_run_key_and_attempt() -> None:
+    key = "0123456789abcdef"
+    assert job_name(key, 1) == "slidescore-0123456789abcdef-a1" and parse_job_name(job_name(key, 12)) == (key, 12)
+    assert len(job_name("f" * 16, 999)) <= MAX_RAYJOB_NAME  # pipeline.run_key_for gives 16 hex digits
+    with pytest.raises(ValueError, match="longer than KubeRay's 47"):
+        job_name("f" * 32, 9999)
+    assert parse_job_name("slidescore-score") is None and parse_job_name("raysubmit_123") is None
+    with pytest.raises(ValueError):
+        job_name("NOT-HEX", 1)
+    with pytest.raises(ValueError):
+        job_name(key, 0)
+
+
+# -- decisions ------------------------------------------------------------------------------------
+def _st(sid: str, key: str, *attempts: tuple[int, str], done: str | None = None, quarantined: str | None = None) -> SampleState:
+    return SampleState(Sample(sid, (f"s3://in/{sid}.tif",)), key, done, quarantined,
+                       tuple(Attempt(job_name(key, n), n, state, f"exit 1 in {n}") for n, state in attempts))
+
+
+def test_decide_skips_done_waits_for_running_and_bounds_in_flight() -> None:
+    states = [_st("a", "aaaaaaaa", (1, SUCCEEDED), done="aaaaaaaa"), _st("b", "bbbbbbbb", (1, ACTIVE)),
+              _st("c", "cccccccc"), _st("d", "dddddddd", (1, FAILED)), _st("e", "eeeeeeee")]
+    got = {d.sample_id: (d.action, d.attempt) for d in decide(states, in_flight=1, max_in_flight=3, max_attempts=3)}
+    assert got == {"a": ("done", 0), "b": ("running", 1), "c": ("submit", 1), "d": ("submit", 2), "e": ("deferred", 1)}
+    got = {d.sample_id: d.action for d in decide(states, in_flight=5, max_in_flight=3, max_attempts=3)}
+    assert got["c"] == got["d"] == got["e"] == "deferred"
+    # the image of c was replaced while a job of its old key runs: wait, never two writers
+    got = {d.sample_id: d.action for d in decide(states, in_flight=1, max_in_flight=3, max_attempts=3, busy=frozenset({"c"}))}
+    assert got["c"] == "running" and got["d"] == "submit"
+
+
+def test_decide_quarantines_after_max_attempts_until_the_input_changes() -> None:
+    failing = _st("x", "11111111", (1, FAILED), (2, FAILED))
+    (d,) = decide([failing], in_flight=0, max_in_flight=4, max_attempts=2)
+    assert (d.action, d.attempt) == ("quarantine", 2) and "2 attempts failed" in d.reason and "exit 1 in 2" in d.reason
+    (d,) = decide([_st("x", "11111111", (1, FAILED), (2, FAILED), quarantined="11111111")], in_flight=0, max_in_flight=4,
+                  max_attempts=2)
+    assert d.action == "quarantined"
+    # a new file under the same name: a new run key, so attempts start over
+    (d,) = decide([_st("x", "22222222", quarantined="11111111")], in_flight=0, max_in_flight=4, max_attempts=2)
+    assert (d.action, d.attempt) == ("submit", 1)
+    # finished outputs of another run key: reported, rescored only when asked
+    changed = _st("y", "33333333", done="44444444")
+    assert decide([changed], in_flight=0, max_in_flight=4, max_attempts=2)[0].action == "changed"
+    assert decide([changed], in_flight=0, max_in_flight=4, max_attempts=2, rescore_changed=True)[0].action == "submit"
+
+
+def test_rayjob_status_mapping() -> None:
+    assert rayjob_state({})[0] == ACTIVE
+    assert rayjob_state({"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}})[0] == ACTIVE
+    assert rayjob_state({"status": {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}})[0] == ACTIVE
+    assert rayjob_state({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}})[0] == SUCCEEDED
+    state, message = rayjob_state({"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "boom"}})
+    assert state == FAILED and "boom" in message
+
+
+# -- the RayJob object the poller creates ----------------------------------------------------------
+@pytest.mark.parametrize("where", ["k8s/base", "k8s/overlays/example"])
+def test_rayjob_from_the_template_is_schema_valid(where: str) -> None:
+    (template,) = [o for o in render(REPO / where) if o["kind"] == "RayJob"]
+    assert template["spec"]["suspend"] is True
+    key, sample = "0123456789abcdef", Sample("smear_17", ("s3://in/incoming/smear 17.tif",))
+    cmd = score_command(sample, "/etc/slidescore/job.yaml", "s3://out/results")
+    obj = build_rayjob(template, job_name(key, 3), sample, key, 3, cmd)
+    assert crd_problems(obj) == []
+    assert check_kuberay_admission([obj]) == []
+    assert pod_template_problems(obj, "1.30.0") == []  # submitter, head and worker pods as core PodTemplates
+    assert object_meta_problems(obj, "1.30.0") == []  # labels and annotations are valid ObjectMeta
+    assert obj["metadata"]["name"] == "slidescore-0123456789abcdef-a3" and len(obj["metadata"]["name"]) <= MAX_RAYJOB_NAME
+    assert obj["spec"]["suspend"] is False
+    assert obj["spec"]["entrypoint"] == ("python -m jobs.score --config /etc/slidescore/job.yaml --output s3://out/results -q "
+                                         "--uri 's3://in/incoming/smear 17.tif'")
+    assert obj["metadata"]["labels"]["slidescore.io/run-key"] == key and obj["metadata"]["labels"]["slidescore.io/attempt"] == "3"
+    assert obj["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]  # the overlay's GPUs, untouched
+    assert template["spec"]["suspend"] is True  # the template is not modified
+    bad = build_rayjob(template, job_name(key, 3), sample, key, 3, cmd)
+    bad["spec"]["entrypoints"] = bad["spec"].pop("entrypoint")
+    assert crd_problems(bad)  # the schema check does reject a wrong object
+    with pytest.raises(ValueError, match="longer than KubeRay's 47"):
+        build_rayjob(template, "slidescore-" + "a" * 40, sample, key, 1, cmd)
+
+
+# -- end to end: S3 intake prefix, a real Ray head, local outputs ---------------------------------
+@pytest.fixture(scope="module")
+def intake_head(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
+    """``ray start --head`` with token auth; unlike tests/test_job_submit.py's head it has the S3
+    endpoint and credentials in its environment, as the deployed head has them from its Secret."""
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
+    assert env["AWS_ENDPOINT_URL"] == s3_server
+    dash, agent = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayin", dir="/tmp")
+    log = tmp_path_factory.mktemp("intake-head") / "head.log"
+    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
+           f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    head = Head(f"http://127.0.0.1:{dash}", env, token, proc, log)
+    try:
+        import socket
+
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                _get(head, "/api/version")
+                socket.create_connection(("127.0.0.1", agent), timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the dashboard did not answer within 180 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield head
+    finally:
+        _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _jobs(head: Head) -> dict[str, dict]:
+    return {j["submission_id"]: j for j in _get(head, "/api/jobs/") if (j.get("submission_id") or "").startswith("slidescore-")}
+
+
+def _wait_all(head: Head, timeout_s: float = 300) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            jobs = _jobs(head)
+        except OSError:  # a busy machine can make the dashboard miss a poll
+            jobs = None
+        if jobs is not None and all(j["status"] in ("SUCCEEDED", "FAILED", "STOPPED") for j in jobs.values()):
+            return jobs
+        assert time.monotonic() < deadline, f"jobs still running after {timeout_s} s: {jobs}"
+        time.sleep(2)
+
+
+def _cli_poll(head: Head, config: Path) -> tuple[dict, str]:
+    """One poll as the CronJob runs it: ``python -m jobs.intake`` in its own process."""
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-m", "jobs.intake", "--config", str(config), "--json"], env=head.env,
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+        # right after start the head may not yet know the node's job agent ("No available agent …")
+        if p.returncode == 0 or "agent" not in p.stderr:
+            break
+        time.sleep(5)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: Path, s3fs_client) -> None:
+    import zarr
+
+    head = intake_head
+    bucket = f"intake-{os.getpid()}"
+    s3fs_client.mkdir(bucket)
+    for i, sid in enumerate(("a", "b", "c")):
+        img = write_tiff(tmp_path / f"{sid}.tif", textured_image(160, 192, seed=i, fg_box=(16, 16, 128, 160)))
+        s3fs_client.put(str(img), f"{bucket}/incoming/{sid}.tif")
+    s3fs_client.pipe(f"{bucket}/incoming/readme.txt", b"not an image")
+    out = tmp_path / "out"
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump({"model": {"name": str(random_model_dir)}, "tiling": {"chunk_cells": 8},
+                                        "output": {"uri": str(out)}, "cluster": {"n_actors": 1, "num_cpus_per_actor": 0.5}}))
+    intake_yaml = tmp_path / "intake.yaml"
+    intake_yaml.write_text(yaml.safe_dump({"intake_prefix": f"s3://{bucket}/incoming/", "output": str(out), "job_config": "job.yaml",
+                                           "max_in_flight": 4, "max_attempts": 2, "submit": "ray_jobs", "ray_address": head.url}))
+
+    # 1. one poll submits the three samples; their jobs write finished outputs
+    s, text = _cli_poll(head, intake_yaml)
+    assert sorted(s["submitted"]) == ["a", "b", "c"] and s["in_flight"] == 3, text
+    assert "intake: 3 submitted, 0 retried" in text
+    jobs = _wait_all(head)
+    assert sorted(jobs) == sorted(s["jobs"].values()) and all(j["status"] == "SUCCEEDED" for j in jobs.values()), jobs
+    cfg = load_intake_config(intake_yaml)
+    model = load_model(str(random_model_dir))
+    from slidescore.intake import load_job_config
+
+    job_cfg = load_job_config(cfg)
+    for sid in ("a", "b", "c"):
+        key = sample_run_key(Sample(sid, (f"s3://{bucket}/incoming/{sid}.tif",)), model.checksum, model.card, job_cfg)
+        assert json.loads((out / sid / "_SUCCESS").read_text())["run_key"] == key  # the job computed the poller's key
+        assert s["jobs"][sid] == job_name(key, 1)
+        level0 = zarr.open_group(str(out / sid / "probabilities.ome.zarr"), mode="r")["0"]
+        assert level0.shape == (1, 10, 12) and np.isfinite(level0[:]).any()
+        assert jobs[s["jobs"][sid]]["metadata"]["slidescore_sample_id"] == sid
+
+    # 2. a second poll (in this process from here on, but for the last) submits nothing
+    auth = {"Authorization": f"Bearer {head.token}"}
+
+    def in_process_poll() -> PollSummary:
+        return poll(cfg, job_cfg, RayJobsBackend(head.url, headers=auth), model_checksum=model.checksum, card=model.card)
+
+    s2 = in_process_poll()
+    assert s2.submitted == s2.retried == [] and sorted(s2.done) == ["a", "b", "c"] and s2.in_flight == 0, s2
+
+    # 3. a new image and a corrupt one arrive; two polls started together submit each once
+    img = write_tiff(tmp_path / "d.tif", textured_image(160, 160, seed=7))
+    s3fs_client.put(str(img), f"{bucket}/incoming/d.tif")
+    s3fs_client.pipe(f"{bucket}/incoming/x.tif", b"II*\x00" + bytes(range(256)) * 8)
+    results: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def one_poll(i: int) -> None:
+        barrier.wait()
+        results[i] = in_process_poll()
+
+    threads = [threading.Thread(target=one_poll, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results)
+    submitted = [sid for r in results for sid in r.submitted]
+    assert sorted(submitted) == ["d", "x"], [r.to_dict() for r in results]  # each by exactly one of the two polls
+    for r in results:
+        assert sorted(r.done) == ["a", "b", "c"]
+        assert set(r.submitted) | set(r.running) | set(r.refused) == {"d", "x"}
+    jobs = _wait_all(head)
+    assert len(jobs) == 5 and jobs[job_name(_key(results, "d"), 1)]["status"] == "SUCCEEDED"
+    assert jobs[job_name(_key(results, "x"), 1)]["status"] == "FAILED"
+    assert (out / "d" / "_SUCCESS").exists() and not (out / "x" / "_SUCCESS").exists()
+    # Ray refuses a submission id it has seen: a late duplicate of this attempt is not run again
+    d_sample = Sample("d", (f"s3://{bucket}/incoming/d.tif",))
+    backend = RayJobsBackend(head.url, headers=auth)
+    assert backend.submit(job_name(_key(results, "d"), 1), d_sample, _key(results, "d"), 1, ["true"]) is False
+
+    # 4. the corrupt image is retried on the next poll, alone
+    s4 = in_process_poll()
+    assert s4.retried == ["x"] and s4.submitted == [] and s4.jobs["x"] == job_name(_key(results, "x"), 2), s4
+    assert any(line.startswith("retry     x: ") for line in s4.lines())
+    jobs = _wait_all(head)
+    assert jobs[s4.jobs["x"]]["status"] == "FAILED"
+
+    # 5. attempts used up: quarantined with the reason, and never submitted again
+    s, text = _cli_poll(head, intake_yaml)
+    assert s["quarantined"] == ["x"] and s["submitted"] == s["retried"] == [], text
+    assert "QUARANTINED x: see _quarantine/x.json" in text
+    q = json.loads((out / "_quarantine" / "x.json").read_text())
+    assert q["run_key"] == _key(results, "x") and [a["name"][-2:] for a in q["attempts"]] == ["a1", "a2"]
+    assert "2 attempts failed" in q["reason"] and "FAILED" in q["reason"] and "x.tif" in q["reason"], q["reason"]
+    s6 = in_process_poll()
+    assert s6.still_quarantined == ["x"] and s6.submitted == s6.retried == s6.quarantined == [], s6
+    assert sorted(s6.done) == ["a", "b", "c", "d"] and len(_jobs(head)) == 6
+
+
+def _key(results: list, sid: str) -> str:
+    for r in results:
+        if sid in r.jobs:
+            parsed = parse_job_name(r.jobs[sid])
+            assert parsed is not None
+            return parsed[0]
+    raise AssertionError(f"{sid} was not submitted")
+
+
+# -- submit: rayjob against a loopback stand-in for the Kubernetes API (no cluster here) -----------
+class _FakeKubeApi:
+    """Enough of the API server for RayJobs in one namespace: list (label selector), get, create
+    (409 on a duplicate name), with bearer-token checks. Objects are kept as posted."""
+
+    def __init__(self, template: dict) -> None:
+        import http.server
+
+        self.objects: dict[str, dict] = {"slidescore-score": template}
+        self.requests: list[tuple[str, str]] = []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self) -> str | None:
+                api.requests.append((self.command, self.path))
+                if self.headers.get("Authorization") != "Bearer sa-token":
+                    self._reply(401, {"kind": "Status", "code": 401})
+                    return None
+                base = "/apis/ray.io/v1/namespaces/imaging/rayjobs"
+                if not self.path.startswith(base):
+                    self._reply(404, {"kind": "Status", "code": 404})
+                    return None
+                return self.path[len(base):]
+
+            def do_GET(self) -> None:  # noqa: N802
+                rest = self._route()
+                if rest is None:
+                    return
+                if rest.startswith("?labelSelector=slidescore.io/run-key"):
+                    items = [o for o in api.objects.values() if "slidescore.io/run-key" in o["metadata"].get("labels", {})]
+                    self._reply(200, {"kind": "RayJobList", "items": items})
+                elif rest.lstrip("/") in api.objects:
+                    self._reply(200, api.objects[rest.lstrip("/")])
+                else:
+                    self._reply(404, {"kind": "Status", "code": 404})
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self._route() is None:
+                    return
+                obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = obj["metadata"]["name"]
+                if name in api.objects:
+                    self._reply(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
+                    return
+                api.objects[name] = obj
+                self._reply(201, obj)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def set_status(self, name: str, deployment: str, job: str, message: str = "") -> None:
+        self.objects[name]["status"] = {"jobDeploymentStatus": deployment, "jobStatus": job, "message": message}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_rayjob_backend_polls_submit_retry_quarantine(tmp_path: Path, random_model_dir: Path) -> None:
+    from slidescore.intake import RayJobBackend, load_job_config
+
+    (template,) = [o for o in render(REPO / "k8s/overlays/example") if o["kind"] == "RayJob"]
+    api = _FakeKubeApi(template)
+    try:
+        inbox, out = tmp_path / "inbox", tmp_path / "out"
+        inbox.mkdir()
+        for i, sid in enumerate(("a", "b", "c")):
+            write_tiff(inbox / f"{sid}.tif", textured_image(96, 96, seed=i))
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"model": {"name": str(random_model_dir)}}))
+        cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": str(out), "max_in_flight": 2, "max_attempts": 2,
+                                      "namespace": "imaging"}, base_dir=tmp_path)
+        job_cfg, model = load_job_config(cfg), load_model(str(random_model_dir))
+
+        def run() -> PollSummary:
+            backend = RayJobBackend(cfg.namespace, cfg.rayjob_template, api_url=api.url, token="sa-token")
+            return poll(cfg, job_cfg, backend, model_checksum=model.checksum, card=model.card)
+
+        s = run()
+        assert s.submitted == ["a", "b"] and s.deferred == ["c"] and s.in_flight == 2  # max_in_flight
+        for sid in ("a", "b"):
+            obj = api.objects[s.jobs[sid]]
+            assert crd_problems(obj) == [] and check_kuberay_admission([obj]) == []
+            assert obj["spec"]["suspend"] is False and f"--uri {inbox / sid}.tif" in obj["spec"]["entrypoint"]
+            assert obj["metadata"]["annotations"]["slidescore.io/sample-id"] == sid
+        assert api.objects["slidescore-score"]["spec"]["suspend"] is True
+        first = dict(s.jobs)
+        s = run()  # nothing finished: no slot free, nothing new
+        assert s.submitted == [] and sorted(s.running) == ["a", "b"] and s.deferred == ["c"]
+        # a succeeds (its job writes the marker), b fails: c takes a slot, b is retried
+        api.set_status(first["a"], "Complete", "SUCCEEDED")
+        key_a = parse_job_name(first["a"])[0]  # type: ignore[index]
+        (out / "a").mkdir(parents=True)
+        (out / "a" / "_SUCCESS").write_text(json.dumps({"run_key": key_a}))
+        api.set_status(first["b"], "Failed", "FAILED", "job b failed: UnsupportedImageError")
+        s = run()
+        assert s.done == ["a"] and s.retried == ["b"] and s.submitted == ["c"] and s.jobs["b"].endswith("-a2")
+        api.set_status(s.jobs["b"], "Failed", "FAILED", "again: UnsupportedImageError")
+        # a poll that overlapped and tries the same attempt again is refused by the API (409)
+        backend = RayJobBackend(cfg.namespace, cfg.rayjob_template, api_url=api.url, token="sa-token")
+        assert backend.submit(s.jobs["c"], Sample("c", (str(inbox / "c.tif"),)), parse_job_name(s.jobs["c"])[0], 1,  # type: ignore[index]
+                              ["true"]) is False
+        s = run()
+        assert s.quarantined == ["b"] and s.running == ["c"] and s.submitted == s.retried == []
+        q = json.loads((out / "_quarantine" / "b.json").read_text())
+        assert "again: UnsupportedImageError" in q["reason"] and len(q["attempts"]) == 2
+        s = run()
+        assert s.still_quarantined == ["b"] and s.quarantined == [] and s.submitted == s.retried == []
+        assert json.loads((out / "_intake" / "last_poll.json").read_text())["still_quarantined"] == ["b"]
+        assert all(method in ("GET", "POST") for method, _ in api.requests)  # never deletes or patches
+    finally:
+        api.close()
