@@ -43,6 +43,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         overrides["input"] = {"mpp": args.mpp}
     if args.model:
         overrides["model"] = {"name": args.model}
+    if args.operating_point:
+        overrides.setdefault("decision", {})["operating_point"] = args.operating_point
+    if args.target_prevalence:
+        overrides.setdefault("decision", {})["target_prevalence"] = args.target_prevalence
     if overrides:
         cfg = cfg.replace(**overrides)
     samples = [*args.images, *(parse_sample_arg(s) for s in args.sample)]
@@ -134,8 +138,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from slidescore.decide.calibrate import run_calibrate, summary_lines
 
+    given = bool(args.precision or args.recall)  # neither: the defaults precision_0.90 and recall_0.999
     card, dest = run_calibrate(args.model, args.valset, out=args.output, in_place=args.in_place, method=args.method,
-                               precisions=tuple(args.precision or ()), recalls=tuple(args.recall or ()),
+                               precisions=tuple(args.precision or (() if given else ("0.90",))),
+                               recalls=tuple(args.recall or (() if given else ("0.999",))),
                                resize=args.resize, group_regex=args.group_regex, device=args.device,
                                prevalence=args.prevalence)
     print("\n".join(summary_lines(card)))
@@ -180,7 +186,7 @@ def _add_decide_commands(sub: Any) -> None:
     c.add_argument("--method", default="temperature", choices=["temperature", "isotonic"])
     c.add_argument("--precision", action="append", metavar="P", help="operating point at target precision P (repeatable; "
                                                                     "default 0.90)")
-    c.add_argument("--recall", action="append", metavar="R", help="operating point at target recall R (default 0.999)")
+    c.add_argument("--recall", action="append", metavar="R", help="operating point at target recall R (repeatable; default 0.999)")
     c.add_argument("--prevalence", default="auto", choices=["auto", "training", "calibration"],
                    help="reference prevalence for prior shift (auto: the card's, else the validation set's)")
     c.add_argument("--resize", type=int, help="resize folder patches to PX × PX")
@@ -202,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", help="output folder or URL, e.g. s3://bucket/results (overrides output.uri)")
     s.add_argument("--model", help="model (overrides model.name): builtin:NAME, package folder or .pt/.ts file")
     s.add_argument("--mpp", type=float, help="level-0 µm/px for images without resolution metadata (overrides input.mpp)")
+    s.add_argument("--operating-point", help="named operating point of the model card (overrides decision.operating_point)")
+    s.add_argument("--target-prevalence", type=float, nargs="+", metavar="P",
+                   help="prevalence of the target data, one per class or one for all (overrides decision.target_prevalence)")
     s.add_argument("--overwrite", action="store_true", help="replace finished results of a different run")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)

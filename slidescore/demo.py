@@ -107,7 +107,12 @@ def run_demo(size_px: int = 8192, out_root: str = "demo-output", seed: int = 7, 
               f"({r.centroid_px[0]:.0f}, {r.centroid_px[1]:.0f})")
     print(f"planted-parasite recall among reported regions: {recall:.3f} ({round(recall * len(parasites))}/{len(parasites)}); "
           f"regions containing a parasite: {hit}/{n_reg}")
-    print(f"outputs: {result.out_dir} (probabilities.ome.zarr, mask.ome.zarr, regions.json/.csv/.geojson, run.json)")
+    sc = run.get("decision", {}).get("sample_call")
+    if sc:
+        per = sc["per_class"][card_classes[0]] if (card_classes := run["model"]["card"]["classes"]) else {}
+        print(f"sample call: {sc['call'].upper()} at operating point {sc.get('operating_point') or 'default'} "
+              f"({per.get('reason', '')})")
+    print(f"outputs: {result.out_dir} (report.html, probabilities.ome.zarr, mask.ome.zarr, regions.json/.csv/.geojson, run.json)")
     write_json(Path(result.out_dir) / "demo.json", {"recall": recall, "n_parasites": int(len(parasites)), "n_regions": n_reg,
                                                     "regions_with_parasite": hit, "generate_s": t_gen, "score_s": seconds})
     return 0

@@ -78,6 +78,7 @@ from slidescore.pipeline import (
     resolve_samples,
     run_block,
     sample_label,
+    write_run_index,
 )
 from slidescore.types import Box
 
@@ -658,6 +659,7 @@ class _Driver:
                         else round(self.t_pool_ready - self.t_pool, 3)},
             "samples": samples,
         })
+        write_run_index(self.out_root, self.cfg)
 
 
 def score_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,

@@ -36,6 +36,7 @@ import numpy as np
 from slidescore import __version__
 from slidescore.blend import blend_cells, patch_weights
 from slidescore.config import JobConfig, SampleSpec
+from slidescore.decide import DecisionPolicy
 from slidescore.errors import (
     ConfigError,
     InputError,
@@ -50,10 +51,12 @@ from slidescore.io.outputs import (
     append_jsonl,
     exists,
     join,
+    local_path,
     make_dirs,
     read_json,
     read_text,
     remove,
+    write_bytes,
     write_csv,
     write_json,
     write_text,
@@ -447,7 +450,7 @@ def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
 
 def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:
     if cfg.regions.thresholds is None:
-        return tuple(card.thresholds)
+        return DecisionPolicy.from_card(card, cfg.decision).thresholds
     if len(cfg.regions.thresholds) != card.n_classes:
         raise ConfigError(
             f"regions.thresholds: {len(cfg.regions.thresholds)} values given, model {card.name!r} has "
@@ -519,6 +522,8 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, model: Any, c
             pixels = prepare_pixels(read_padded(reader, plan.level, block.read, card.pad_value), card)
         t1 = time.perf_counter()
         scores = model.score_block(pixels, valid, plan.grid.stride_px, mode=cfg.model.mode, batch_size=cfg.model.batch_size)
+        # calibration and prior shift act on patch probabilities, before blending (identity when the card has none)
+        scores = DecisionPolicy.from_card(model.card, cfg.decision).transform(scores)
         kernel = patch_weights(plan.grid.k, cfg.blending.weights, cfg.blending.sigma_frac)
         prob = blend_cells(scores, valid, kernel, (p.y, p.x), (c.y, c.x, c.h, c.w))
         t2 = time.perf_counter()
@@ -563,6 +568,15 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         for plan, prob in zip(plans, probs, strict=True)
     ]
     regions = rank_across_images(found) if multi else found[0]
+    all_records = [r for recs in per_image for r in recs]
+    policy = DecisionPolicy.from_card(card, cfg.decision)
+    decision = policy.record()
+    if policy.sample_call_enabled:
+        # overlapping patches: (patch/stride)² patches cover one patch-sized field, the independent unit
+        k2 = (first.grid.patch_px // first.grid.stride_px) ** 2
+        n_units = sum(r.patches_scored for r in all_records) // k2
+        counts = {c: sum(1 for r in regions if r.class_name == c) for c in card.classes}
+        decision["sample_call"] = policy.sample_call(n_units, counts, unit="patch field")
     n_regions = len(regions)
     regions = _georeferenced(regions[: cfg.regions.top_k], plans)  # GeoTIFF: map coordinates too
     doc: dict[str, Any] = {"sample_id": first.sample_id, "n_regions_total": n_regions,
@@ -591,7 +605,6 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
             reader.close()
     t2 = time.perf_counter()
     images = [_image_run(plan, recs, prob) for plan, recs, prob in zip(plans, per_image, probs, strict=True)]
-    all_records = [r for recs in per_image for r in recs]
     scored = sum(r.patches_scored for r in all_records)
     score_s = sum(r.seconds_score for r in all_records)
     megapixels = sum(p.level_shape[0] * p.level_shape[1] for p in plans) / 1e6
@@ -626,15 +639,51 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         run.update({k: images[0][k] for k in ("grid", "patches", "blocks", "area")})
     run.update({
         "thresholds": dict(zip(card.classes, first.mosaic.thresholds, strict=True)),
+        "decision": decision,
         "regions": {"total": n_regions, "written": len(regions)},
         "timings_s": timings_s,
         "throughput": {"patches_per_s": scored / score_s if score_s else None,
                        "megapixels_per_s": megapixels / max(1e-9, time.perf_counter() - t_start)},
         "outputs": outputs,
     })
+    if cfg.report.enabled:
+        _write_reports(run, plans, probs, regions, images if multi else None, card, cfg)
     write_json(join(out, "run.json"), run)
     write_json(join(out, SUCCESS), {"run_key": first.run_key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, regions, run, images=[p.uri for p in plans])
+
+
+def _write_reports(run: dict[str, Any], plans: list[SamplePlan], probs: list[np.ndarray], regions: list[Region],
+                   images: list[dict[str, Any]] | None, card: ModelCard, cfg: JobConfig) -> None:
+    """``report.html`` + ``tiles.geojson`` per image folder (the sample folder for one image); updates ``run``.
+
+    The report is rendered into a local temporary folder and its files copied to the output (a
+    local folder or an object store), each in one write.
+    """
+    import tempfile
+
+    from slidescore.report import write_report  # lazy: Grad-CAM loads torch only when used
+
+    quality: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    for i, (plan, prob) in enumerate(zip(plans, probs, strict=True)):
+        run_i = run if images is None else {**run, **images[i], "sample_id": f"{plan.sample_id}/{plan.image_id}"}
+        mine = regions if images is None else [r for r in regions if r.image == plan.uri]
+        reader = open_for_plan(plan)
+        try:
+            with tempfile.TemporaryDirectory(prefix="slidescore-report-") as tmp:
+                added = write_report(tmp, run_i, mine, reader, prob, card, cfg=cfg.report)
+                for f in sorted(Path(tmp).iterdir()):
+                    if f.is_file():
+                        write_bytes(join(plan.out_dir, f.name), f.read_bytes())
+        finally:
+            reader.close()
+        quality += [{**q, "image": plan.image_id} if images is not None else q for q in added.get("quality", [])]
+        reports.append({**added.get("report", {}), **({"image_id": plan.image_id} if images is not None else {})})
+    run["quality"] = quality
+    run["report"] = reports[0] if images is None else {"images": reports}
+    run["outputs"]["report"] = "report.html" if images is None else f"{IMAGES}/<image_id>/report.html"
+    run["outputs"]["tiles"] = "tiles.geojson" if images is None else f"{IMAGES}/<image_id>/tiles.geojson"
 
 
 def _cell_px0(plan: SamplePlan) -> float:
@@ -796,7 +845,23 @@ def score_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
         "model": model_info(model),
         "samples": [_sample_row(r) for r in results],
     })
+    write_run_index(out_root, cfg)
     return results
+
+
+def write_run_index(out_root: str, cfg: JobConfig) -> None:
+    """``index.html`` at the run's output root: every sample with its call and top score.
+
+    Written for local output folders; on an object store each sample's ``report.html`` stands alone.
+    """
+    if not cfg.report.enabled:
+        return
+    if "://" in str(out_root) and not str(out_root).startswith("file://"):
+        log.info("index.html is written for local output folders only; %s has a report.html per sample", out_root)
+        return
+    from slidescore.report import write_index
+
+    write_index(local_path(out_root))
 
 
 def record_failure(out_root: str, spec: SampleSpec, err: BaseException) -> None:

@@ -8,8 +8,10 @@ On the calibrated probabilities each requested operating point is chosen per cla
 threshold with validation precision >= P (``precision_P``) or the highest with recall >= R
 (``recall_R``) — and stored with its validation figures, together with a compact validation ROC
 (for prior-shifted precision targets and the sample-level call). The card's default thresholds are
-carried through the calibration map, so default decisions on single patches do not change. The
-result is a new model package (weights copied), or the same one with ``in_place``.
+carried through the calibration map, so default decisions on single patches do not change.
+Calibrating a calibrated package starts again from its uncalibrated thresholds and replaces its
+operating points. The result is a new model package (weights copied), or the same one with
+``in_place``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,10 @@ def calibrate_patchset(classifier: Any, ps: PatchSet, out: Path, *, method: str 
                             "source_images": int(len(np.unique(ps.groups)))},
                  roc={c: cal.compact_roc(after[:, j], y_cls[:, j]) for j, c in enumerate(card.classes)})
 
-    points: dict[str, Any] = dict(card.operating_points or {})
+    # a new calibration changes the probability scale: earlier operating points are dropped, and the
+    # default thresholds are mapped from the uncalibrated ones the card started with
+    base_thresholds = tuple(float(t) for t in (card.calibration or {}).get("thresholds_before", card.thresholds))
+    points: dict[str, Any] = {}
     for kind, values in (("precision", precisions), ("recall", recalls)):
         for v in values:
             name = fmt_name(kind, v)
@@ -123,18 +128,19 @@ def calibrate_patchset(classifier: Any, ps: PatchSet, out: Path, *, method: str 
             points[name] = {"kind": kind, "target": target, "thresholds": ths, "attained": attained,
                             "validation": val, "fitted_on": ps.source}
     prev_val = tuple(round(float(y_cls[:, j].mean()), 6) for j in range(card.n_classes))
-    if prevalence == "calibration" or (prevalence == "auto" and not card.training_prevalence):
+    from_earlier_calibration = (card.calibration or {}).get("prevalence_reference") == "calibration set"
+    if prevalence == "calibration" or (prevalence == "auto" and (not card.training_prevalence or from_earlier_calibration)):
         train_prev, calib["prevalence_reference"] = prev_val, "calibration set"
     else:
         train_prev, calib["prevalence_reference"] = tuple(card.training_prevalence), "training"
     calib["calibration_set_prevalence"] = list(prev_val)
     if head == "softmax":
-        new_thresholds = tuple(card.thresholds)
+        new_thresholds = base_thresholds
     elif method == "temperature":
-        new_thresholds = tuple(round(float(cal.sigmoid(cal.logit(t) / calib["temperature"])), 6) for t in card.thresholds)
+        new_thresholds = tuple(round(float(cal.sigmoid(cal.logit(t) / calib["temperature"])), 6) for t in base_thresholds)
     else:
-        new_thresholds = tuple(round(float(cal.apply_isotonic(t, *knots[j])), 6) for j, t in enumerate(card.thresholds))
-    calib["thresholds_before"] = list(card.thresholds)
+        new_thresholds = tuple(round(float(cal.apply_isotonic(t, *knots[j])), 6) for j, t in enumerate(base_thresholds))
+    calib["thresholds_before"] = list(base_thresholds)
     return dataclasses.replace(card, calibration=calib, operating_points=points, thresholds=new_thresholds,
                                training_prevalence=train_prev)
 

@@ -153,6 +153,14 @@ def test_cli_train_then_calibrate_then_score_with_an_operating_point(patch_folde
     assert pol.thresholds == tuple(card["operating_points"]["precision_0.90"]["thresholds"])
     with pytest.raises(SystemExit):  # neither --output nor --in-place: argparse usage error
         main(["calibrate", str(pkg), str(patch_folder)])
+    # isotonic, in place: the package itself is updated, and its map is monotone
+    assert main(["calibrate", str(pkg), str(patch_folder), "--in-place", "--method", "isotonic"]) == 0
+    iso = load_model(str(pkg)).card
+    assert iso.calibration["method"] == "isotonic" and "recall_0.999" in iso.operating_points
+    pol = DecisionPolicy.from_card(iso, DecisionConfig())
+    q = pol.transform(np.linspace(0, 1, 101)[None])
+    assert np.all(np.diff(q[0]) >= 0) and q.min() >= 0 and q.max() <= 1
+    assert iso.calibration["ece_after"]["parasitized"] <= iso.calibration["ece_before"]["parasitized"]
 
 
 def test_cli_reports_bad_data_as_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
