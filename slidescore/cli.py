@@ -52,7 +52,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     samples = [*args.images, *(parse_sample_arg(s) for s in args.sample)]
     if not samples:
         raise ConfigError("score: no images given; pass image paths/URIs, or --sample ID=URI1,URI2 for a sample of several images")
-    model = load_model(cfg.model.name, device=cfg.model.device)
+    model = load_model(cfg.model.name, **cfg.model.runtime_options())
     t0 = time.perf_counter()
     results = score_samples(samples, cfg, cfg.output.uri, model=model, progress=_progress_factory(not args.quiet))
     return _summarise(results, cfg.output.uri, time.perf_counter() - t0)

@@ -48,6 +48,7 @@ import concurrent.futures as cf
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,10 +134,12 @@ class _CountingReader:
         self.uri, self.levels, self.mpp, self.mpp_source = inner.uri, inner.levels, inner.mpp, inner.mpp_source
         self.n_channels, self.dtype = inner.n_channels, inner.dtype
         self.bytes_read = 0
+        self._lock = threading.Lock()  # read-ahead threads read concurrently
 
     def read(self, level: int, box: Box) -> np.ndarray:
         data = self.inner.read(level, box)
-        self.bytes_read += int(data.nbytes)
+        with self._lock:
+            self.bytes_read += int(data.nbytes)
         return data
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -496,7 +496,7 @@ def read_block_pixels(plan: SamplePlan, block: Block, reader: SlideReader, card:
     return prepare_pixels(read_padded(reader, plan.level, block.read, card.pad_value), card)
 
 
-def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, card: ModelCard, depth: int):
+def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, card: ModelCard, depth: int) -> Iterator[tuple[Block, np.ndarray | None, float | None]]:
     """``(block, pixels, read_seconds)`` in order, read ``depth`` blocks ahead in background threads."""
     return prefetch(blocks, lambda b: read_block_pixels(plan, b, reader, card), depth=depth)
 

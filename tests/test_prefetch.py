@@ -11,8 +11,8 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
-from slidescore.io import open_image
 from slidescore.io import mosaic as mz
+from slidescore.io import open_image
 from slidescore.io.prefetch import prefetch
 from slidescore.model import load_model
 from slidescore.pipeline import iter_block_pixels, plan_sample, score_samples

@@ -3,8 +3,9 @@
 A block arrives as the level pixels of its read box (patch grid origin at its top-left corner) and
 the boolean grid of patches to score. Dense mode runs the network once over the block and
 subsamples the logit map to the scoring stride (valid for cards that declare ``dense``); per-patch
-mode gathers the valid patches from a strided view, one batch at a time (memory bounded by
-``batch_size``; background patches never reach the model). Both return (C, Py, Px)
+mode normalises the block once on the device and gathers the valid patches from a strided
+(unfold) view of it, one batch at a time (memory bounded by the block plus ``batch_size``
+patches; background patches never reach the model). Both return (C, Py, Px)
 probabilities, NaN where a patch was not scored.
 
 Dense mode is verified once per classifier: the first dense block is also scored patch by patch
@@ -31,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from slidescore.errors import ConfigError, ModelLoadError
 from slidescore.model.architectures import build_architecture
@@ -146,12 +146,13 @@ class PatchClassifier:
         """(N, C, H, W) uint8 (0–255) or float (0–1) on any device → normalised float32 on ours."""
         x = x.to(self.device, non_blocking=True)
         scale = self._scale if x.dtype == torch.uint8 else self._scale * 255.0
-        x = x.float() * scale + self._shift
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.float() * scale + self._shift
 
     def _forward(self, x: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
         dtype = AMP_DTYPES[self.amp] if amp else None
         ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with ctx:
             out = self._forward_module(x) if amp else self.module(x)
         return out.float()
@@ -201,16 +202,28 @@ class PatchClassifier:
             out[i : i + batch_size] = self._score_batch(patches[i : i + batch_size])
         return out
 
-    def _score_windows(self, windows: np.ndarray, ys: np.ndarray, xs: np.ndarray, batch_size: int,
-                       *, amp: bool = True) -> np.ndarray:
-        """Patches ``windows[ys, xs]`` of a strided (Py, Px, c, P, P) view → (N, C) probabilities.
+    @torch.inference_mode()
+    def _score_grid(self, pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, stride_px: int, batch_size: int,
+                    *, amp: bool = True) -> np.ndarray:
+        """Patches ``(ys, xs)`` of a block's patch grid → (N, C) probabilities, one batch at a time.
 
-        Each batch is gathered (one vectorised copy of ``batch_size`` patches) just before it is
-        scored, so memory stays at one batch whatever the block size.
+        The block goes to the device and is normalised once (not once per overlapping patch);
+        each batch is then one vectorised gather from a strided (unfold) view of it, so memory
+        stays at the block plus one batch, and only the listed patches reach the model.
         """
+        p = self.card.patch_px
+        block = self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))[0]
+        # (c, H, W) → (Py', Px', c, P, P) view; indexing it copies just the patches asked for
+        windows = block.unfold(1, p, stride_px).unfold(2, p, stride_px).permute(1, 2, 0, 3, 4)
+        ys_t = torch.from_numpy(np.ascontiguousarray(ys, np.int64)).to(self.device)
+        xs_t = torch.from_numpy(np.ascontiguousarray(xs, np.int64)).to(self.device)
         out = np.empty((len(ys), self.card.n_classes), np.float32)
         for i in range(0, len(ys), batch_size):
-            out[i : i + batch_size] = self._score_batch(windows[ys[i : i + batch_size], xs[i : i + batch_size]], amp=amp)
+            batch = windows[ys_t[i : i + batch_size], xs_t[i : i + batch_size]]
+            logits = self._forward(batch, amp=amp)
+            if logits.ndim == 4:
+                logits = logits.flatten(2).mean(-1) if logits.shape[-1] * logits.shape[-2] > 1 else logits[:, :, 0, 0]
+            out[i : i + batch_size] = self.probabilities(logits).cpu().numpy()
         return out
 
     def _dense_wanted(self, mode: str, stride_px: int) -> bool:
@@ -229,7 +242,7 @@ class PatchClassifier:
             raise ConfigError(f"model.mode: expected one of ('auto', 'dense', 'per_patch'), got {mode!r}")
         return capable and (not self.dense_checked or bool(self.dense_used))
 
-    def _check_dense(self, pixels: np.ndarray, dense: np.ndarray | None, windows: np.ndarray, valid: np.ndarray,
+    def _check_dense(self, pixels: np.ndarray, dense: np.ndarray | None, valid: np.ndarray,
                      stride_px: int, mode: str, batch_size: int) -> bool:
         """Compare dense scores with per-patch scores on a sample of this block's valid patches."""
         ys, xs = np.nonzero(valid)
@@ -240,7 +253,7 @@ class PatchClassifier:
         if dense is None:
             diff = float("inf")
         else:
-            single = self._score_windows(windows, ys, xs, batch_size, amp=False)
+            single = self._score_grid(pixels, ys, xs, stride_px, batch_size, amp=False)
             diff = float(np.max(np.abs(dense[:, ys, xs].T - single)))
             if not np.isfinite(diff):
                 diff = float("inf")
@@ -265,12 +278,10 @@ class PatchClassifier:
         ``pixels`` is the block's read box (patch (0, 0) of the block at its top-left corner);
         ``valid`` is the (Py, Px) grid of patches to score.
         """
-        p = self.card.patch_px
         py, px = valid.shape
         out = np.full((self.card.n_classes, py, px), np.nan, np.float32)
         if not valid.any():
             return out
-        windows = sliding_window_view(pixels, (p, p), axis=(0, 1))[::stride_px, ::stride_px][:py, :px]
         if self._dense_wanted(mode, stride_px):
             checking = not self.dense_checked
             try:
@@ -279,12 +290,12 @@ class PatchClassifier:
                 if not checking or mode == "dense":
                     raise
                 scores = None  # a wrong-shaped dense map fails the check like wrong values do
-            if not checking or self._check_dense(pixels, scores, windows, valid, stride_px, mode, batch_size):
+            if not checking or self._check_dense(pixels, scores, valid, stride_px, mode, batch_size):
                 assert scores is not None
                 out[:, valid] = scores[:, valid]
                 return out
-        ys, xs = np.nonzero(valid)  # (N, c, P, P) per batch: the view's window axes come last
-        out[:, ys, xs] = self._score_windows(windows, ys, xs, batch_size).T
+        ys, xs = np.nonzero(valid)
+        out[:, ys, xs] = self._score_grid(pixels, ys, xs, stride_px, batch_size).T
         return out
 
 

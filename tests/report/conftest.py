@@ -24,4 +24,9 @@ def scored_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[S
     cfg = JobConfig().replace(output={"uri": str(out)}, tiling={"chunk_cells": 32})
     results = score_samples(tifs, cfg, str(out))
     assert [r.status for r in results] == ["ok"] * 3
+    for r in results:  # the pipeline itself writes the report and records the call and the quality checks
+        assert (Path(r.out_dir) / "report.html").stat().st_size > 10_000
+        assert r.run["decision"]["sample_call"]["call"] in ("positive", "negative", "needs_review")
+        assert {q["flag"] for q in r.run["quality"]} >= {"blank_fraction", "out_of_focus_fraction"}
+    assert (out / "index.html").exists()
     return out, results

@@ -56,6 +56,8 @@ def _report(res: SampleResult, cfg: ReportConfig, model=None, decision: dict | N
     run = dict(res.run)
     if decision is not None:
         run["decision"] = decision
+    elif "sample_call" in run.get("decision", {}):
+        run.pop("decision")  # a run without a decision (sample_call off, older runs) renders "not computed"
     reader = open_image(res.uri)
     try:
         prob = mz.read_level(out / "probabilities.ome.zarr", 0)
@@ -75,7 +77,7 @@ def reports(scored_batch, tmp_path_factory) -> tuple[Path, list[SampleResult], l
     out, results = scored_batch
     cfg = ReportConfig(top_k=4)
     model = load_model("builtin:smearnet", device="cpu")
-    adds = [_report(results[0], cfg, model),  # no decision yet (issue #7): "not computed"
+    adds = [_report(results[0], cfg, model),  # without a decision: "not computed"
             _report(results[1], cfg, None, {"call": "positive", "sensitivity": 0.95, "specificity": 0.85, "n_cells": 350}),
             _report(results[2], ReportConfig(top_k=4, gradcam=False))]
     write_index(out)
