@@ -32,6 +32,13 @@ def detect_foreground(
         return np.any(rgb != nodata_value, axis=-1)
     if method != "brightfield":
         raise ValueError(f"unknown mask method {method!r}")
+    if rgb.dtype == np.uint8 and rgb.shape[-1] >= 3:
+        # the same tests in integers (no float copy of the image): (max − min) > s·max, r + g + b < 3·255·b
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # channel by channel: reductions over a size-3 axis are slow
+        mx = np.maximum(np.maximum(r, g), b).astype(np.int16)
+        spread = mx - np.minimum(np.minimum(r, g), b)
+        total = r.astype(np.int16) + g + b
+        return (spread > min_saturation * mx) | (total < 3 * 255 * max_brightness)
     full = 255.0 if rgb.dtype == np.uint8 else float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0
     x = rgb[..., :3].astype(np.float32) / full
     if x.shape[-1] == 1:

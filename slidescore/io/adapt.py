@@ -144,6 +144,25 @@ class AdaptedReader:
             return self._channels(self._read_resampled(box))
         return self._channels(self._convert(self.inner.read(level, box)))
 
+    def expect(self, level: int, boxes: list[Box]) -> None:
+        """Pass announced reads on to the file's reader (for the virtual level: its source boxes)."""
+        expect = getattr(self.inner, "expect", None)
+        if expect is None:
+            return
+        if level != self.virtual_level:
+            expect(level, boxes)
+        else:
+            expect(self.recipe.resample_from_level, [self._source_box(b) for b in boxes])
+
+    def _source_box(self, box: Box) -> Box:
+        """The box of the source level that :meth:`_read_resampled` reads for ``box``."""
+        r = self.recipe
+        assert r.resample_from_level is not None
+        src = self.inner.levels[r.resample_from_level]
+        y0, iy, _ = axis_weights(box.y, box.h, r.resample_factor, src.height)
+        x0, ix, _ = axis_weights(box.x, box.w, r.resample_factor, src.width)
+        return Box(y0, x0, int(iy.max()) + 1, int(ix.max()) + 1)
+
     def _convert(self, data: np.ndarray) -> np.ndarray:
         if self.recipe.window is None:
             return data
@@ -165,7 +184,7 @@ class AdaptedReader:
         src = self.inner.levels[r.resample_from_level]
         y0, iy, wy = axis_weights(box.y, box.h, r.resample_factor, src.height)
         x0, ix, wx = axis_weights(box.x, box.w, r.resample_factor, src.width)
-        pix = self._convert(self.inner.read(r.resample_from_level, Box(y0, x0, int(iy.max()) + 1, int(ix.max()) + 1)))
+        pix = self._convert(self.inner.read(r.resample_from_level, self._source_box(box)))
         out = np.empty((box.h, box.w, pix.shape[2]), np.uint8)
         for r0 in range(0, box.h, _STRIP_ROWS):  # strips keep the float intermediates small
             sy, swy = iy[r0 : r0 + _STRIP_ROWS], wy[r0 : r0 + _STRIP_ROWS]

@@ -9,11 +9,12 @@ carries the physical pixel size for Bio-Formats.
 
 Block ownership: level-0 chunks are written only by the block that owns them, whole, and
 ``write_empty_chunks`` is off, so an all-background chunk is simply absent (reads give the fill
-value, NaN = not scored). Higher levels are built after all blocks, one whole chunk at a time.
+value, NaN = not scored). Higher levels are built after all blocks, from level 0 in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ def _open(path: str | Path, mode: str) -> zarr.Group:
 def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> None:
     """Create (or re-create) the empty mosaic: metadata, all level arrays, labels, OME-XML."""
     remove(path)
+    _level0_arrays.cache_clear()
     root = _open(path, "w")
     fill: Any = float("nan") if spec.dtype == "float32" else UINT8_NOT_SCORED
     end = 1.0 if spec.dtype == "float32" else UINT8_SCALE
@@ -232,27 +234,38 @@ def _arr(root: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
+@functools.lru_cache(maxsize=8)
+def _level0_arrays(path: str, spec: MosaicSpec) -> tuple[zarr.Array, zarr.Array]:
+    """The level-0 probability and label arrays of a mosaic, opened once per process (the spec fixes
+    their metadata, so a mosaic re-created with the same spec is written correctly through them)."""
+    root = _open(path, "r+")
+    return _arr(root, "0"), _arr(root, "labels/suspect/0")
+
+
 def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
     """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
-    root = _open(path, "r+")
-    _arr(root, "0")[:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
-    _arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
+    probs, labels = _level0_arrays(str(path), spec)
+    probs[:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
+    labels[cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
 
 
-def build_pyramid(path: str | Path, spec: MosaicSpec) -> None:
-    """Fill levels 1… from the level below, one output chunk at a time (bounded memory)."""
+def build_pyramid(path: str | Path, spec: MosaicSpec) -> np.ndarray:
+    """Fill levels 1… from level 0 (probabilities and labels); return level 0 as probabilities.
+
+    Level 0 is read once (the caller needs it for regions anyway) and each level is computed from
+    the stored values of the level below and written with one call, which zarr splits into whole
+    chunks written concurrently; an all-NaN chunk is not written (``write_empty_chunks`` off).
+    """
     root = _open(path, "r+")
-    c = spec.chunk
+    prob0 = decode(np.asarray(_arr(root, "0")[...]))
+    cur, labels = prob0, np.asarray(_arr(root, "labels/suspect/0")[...])
     for lvl in range(1, spec.n_levels):
-        src, dst = _arr(root, str(lvl - 1)), _arr(root, str(lvl))
-        lsrc, ldst = _arr(root, f"labels/suspect/{lvl - 1}"), _arr(root, f"labels/suspect/{lvl}")
-        _, h, w = dst.shape
-        for y in range(0, h, c):
-            for x in range(0, w, c):
-                block = decode(np.asarray(src[:, 2 * y : 2 * (y + c), 2 * x : 2 * (x + c)]))
-                dst[:, y : y + c, x : x + c] = encode(nanmean_2x2(block), spec.dtype)
-                lab = np.asarray(lsrc[2 * y : 2 * (y + c), 2 * x : 2 * (x + c)])
-                ldst[y : y + c, x : x + c] = max_2x2(lab)
+        stored = encode(nanmean_2x2(cur), spec.dtype)
+        _arr(root, str(lvl))[...] = stored
+        cur = decode(stored)  # the next level averages what is stored, as a reader would
+        labels = max_2x2(labels)
+        _arr(root, f"labels/suspect/{lvl}")[...] = labels
+    return prob0
 
 
 def nanmean_2x2(a: np.ndarray) -> np.ndarray:

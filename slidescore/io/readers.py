@@ -91,6 +91,18 @@ def _open_remote(uri: str) -> SlideReader:
     return TiffReader(uri, handle=storage.open_binary(uri))
 
 
+def expect_reads(reader: SlideReader, level: int, boxes: list[Box]) -> None:
+    """Announce the boxes about to be read (clipped as :func:`read_padded` reads them), if the reader
+    can use it: a tiled TIFF then decodes the tiles that several boxes share (their halo) once."""
+    expect = getattr(reader, "expect", None)
+    if expect is None:
+        return
+    info = reader.levels[level]
+    inner = [c for c in (b.clip(info.height, info.width) for b in boxes) if not c.empty]
+    if inner:
+        expect(level, inner)
+
+
 def read_padded(reader: SlideReader, level: int, box: Box, fill: float) -> np.ndarray:
     """Read ``box`` of ``level``; the parts outside the image are ``fill``."""
     info = reader.levels[level]

@@ -1,7 +1,11 @@
 """TIFF-family reader (tifffile), lazy and tile by tile, plus the pyramidal TIFF writer.
 
 Levels come from the first series' pyramid (SubIFDs or reduced-resolution pages); boxes are read
-through tifffile's Zarr store, which decodes only the tiles a box touches. Resolution (µm/px) is
+through tifffile's Zarr store, which decodes only the tiles a box touches. Blocks are read with a
+halo (patch − stride pixels below and right) that lies in tiles the next block and the next block
+row read again; such tiles are kept decoded
+(:class:`TileCache`) for the later reads announced with :meth:`TiffReader.expect`, so every tile is
+decoded once. Resolution (µm/px) is
 taken, in order, from GeoTIFF tags (pixel size in a projected CRS's linear unit), OME-XML
 ``PhysicalSizeX``, an Aperio ``MPP =`` description, or the TIFF resolution tags (centimetre or inch
 units). A GeoTIFF also gives :attr:`TiffReader.georeference`: the EPSG code and the affine from
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +29,71 @@ from slidescore.errors import InputError, TransientStorageError, UnsupportedImag
 from slidescore.io.readers import as_yxc
 from slidescore.io.storage import with_retries
 from slidescore.types import Box, LevelInfo
+
+#: upper bound of the decoded tiles a reader keeps for later reads (a row-major scan needs ~2 tile rows)
+TILE_CACHE_MAX_BYTES = 256 * 2**20
+
+
+class TileCache:
+    """Decoded tiles kept for as many announced reads as still need them.
+
+    Blocks are read with a halo that overlaps the next block and the next block row, so the tiles
+    along block edges are read two to four times; decoding (JPEG) dominates reading. The scorer
+    announces its read boxes up front (:meth:`TiffReader.expect`); a tile touched by several of them
+    is decoded once, kept until the last of those reads, then dropped. Bounded in bytes (least
+    recently used first, a safety net: an evicted tile is decoded again) and thread-safe (read-ahead).
+    """
+
+    def __init__(self, max_bytes: int = TILE_CACHE_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._needed: dict[tuple[int, int, int], int] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.decoded = 0
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def need(self, keys: Iterator[tuple[int, int, int]]) -> None:
+        with self._lock:
+            for k in keys:
+                self._needed[k] = self._needed.get(k, 0) + 1
+
+    def use(self, key: tuple[int, int, int]) -> np.ndarray | None:
+        """The cached tile (``None`` if not cached) for one announced read, which is counted off."""
+        with self._lock:
+            left = self._needed.get(key, 0) - 1
+            if left > 0:
+                self._needed[key] = left
+                tile = self._tiles.get(key)
+                if tile is not None:
+                    self._tiles.move_to_end(key)
+            else:
+                self._needed.pop(key, None)
+                tile = self._tiles.pop(key, None)
+                if tile is not None:
+                    self._bytes -= tile.nbytes
+            if tile is not None:
+                self.hits += 1
+            return tile
+
+    def keep(self, key: tuple[int, int, int], tile: np.ndarray) -> None:
+        """Keep a freshly decoded tile if a later announced read still needs it."""
+        with self._lock:
+            self.decoded += 1
+            if self._needed.get(key, 0) <= 0 or key in self._tiles or tile.nbytes > self.max_bytes:
+                return
+            self._tiles[key] = tile = tile.copy()  # not a view: the rest of the read it came from is freed
+            self._bytes += tile.nbytes
+            while self._bytes > self.max_bytes:
+                _, gone = self._tiles.popitem(last=False)
+                self._bytes -= gone.nbytes
+
 
 _DEFAULT_DPI = {72.0, 96.0, 150.0, 300.0, 600.0}
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -68,6 +139,9 @@ class TiffReader:
             self.close()
             raise
         self._arrays: dict[int, zarr.Array] = {}
+        self.tile_cache = TileCache()
+        self._expected: dict[tuple[int, Box], int] = {}
+        self._expect_lock = threading.Lock()
 
     def _shape(self, level: tifffile.TiffPageSeries) -> tuple[int, int, int]:
         axes = level.axes.upper().replace("S", "C")
@@ -83,6 +157,78 @@ class TiffReader:
     def read(self, level: int, box: Box) -> np.ndarray:
         arr = self._array(level)
         axes = self._levels[level].axes.upper()
+        iy, ix = axes.find("Y"), axes.find("X")
+        tiled = iy >= 0 and ix >= 0 and all(c == n for i, (c, n) in enumerate(zip(arr.chunks, arr.shape, strict=True))
+                                            if i not in (iy, ix))
+        with self._expect_lock:
+            announced = self._expected.get((level, box), 0)
+            if announced:
+                self._expected[(level, box)] = announced - 1
+        if not (tiled and announced):  # planes or pages in chunks of their own, or a read nobody announced
+            return as_yxc(self._get(arr, axes, level, box), axes, self.uri)
+        return as_yxc(self._read_tiles(arr, axes, level, box, arr.chunks[iy], arr.chunks[ix]), axes, self.uri)
+
+    def expect(self, level: int, boxes: list[Box]) -> None:
+        """Announce reads (exact boxes, any order): tiles shared by several are decoded only once."""
+        arr = self._array(level)
+        axes = self._levels[level].axes.upper()
+        iy, ix = axes.find("Y"), axes.find("X")
+        if iy < 0 or ix < 0:
+            return
+        th, tw = arr.chunks[iy], arr.chunks[ix]
+        with self._expect_lock:
+            for box in boxes:
+                self._expected[(level, box)] = self._expected.get((level, box), 0) + 1
+        for box in boxes:
+            self.tile_cache.need((level, ty, tx) for ty in range(box.y // th, -(-box.y1 // th))
+                                 for tx in range(box.x // tw, -(-box.x1 // tw)))
+
+    def _read_tiles(self, arr: zarr.Array, axes: str, level: int, box: Box, th: int, tw: int) -> np.ndarray:
+        """The box, assembled from cached edge tiles and one read of the tile-aligned rest."""
+        iy, ix = axes.find("Y"), axes.find("X")
+        height, width = arr.shape[iy], arr.shape[ix]
+        ty0, ty1 = box.y // th, -(-box.y1 // th)
+        tx0, tx1 = box.x // tw, -(-box.x1 // tw)
+        shape = list(arr.shape)
+        shape[iy], shape[ix] = box.h, box.w
+        out = np.empty(shape, arr.dtype)
+
+        def put(dst_y: int, dst_x: int, src: np.ndarray, sy: slice, sx: slice) -> None:
+            dst = [slice(None)] * len(axes)
+            dst[iy], dst[ix] = slice(dst_y, dst_y + sy.stop - sy.start), slice(dst_x, dst_x + sx.stop - sx.start)
+            src_sl = [slice(None)] * len(axes)
+            src_sl[iy], src_sl[ix] = sy, sx
+            out[tuple(dst)] = src[tuple(src_sl)]
+
+        missing: list[tuple[int, int]] = []
+        for ty in range(ty0, ty1):
+            for tx in range(tx0, tx1):
+                y0, x0 = ty * th, tx * tw
+                y1, x1 = min(y0 + th, height), min(x0 + tw, width)
+                tile = self.tile_cache.use((level, ty, tx))
+                if tile is None:
+                    missing.append((ty, tx))
+                    continue
+                a, b = max(box.y, y0), max(box.x, x0)
+                put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y1) - y0), slice(b - x0, min(box.x1, x1) - x0))
+        if not missing:
+            return out
+        # one read of the tile-aligned rectangle around the missing tiles (zarr decodes whole tiles anyway)
+        my0, my1 = min(t[0] for t in missing), max(t[0] for t in missing) + 1
+        mx0, mx1 = min(t[1] for t in missing), max(t[1] for t in missing) + 1
+        rect = Box(my0 * th, mx0 * tw, min(my1 * th, height) - my0 * th, min(mx1 * tw, width) - mx0 * tw)
+        data = self._get(arr, axes, level, rect)
+        for ty, tx in missing:
+            y0, x0 = ty * th, tx * tw
+            y1, x1 = min(y0 + th, height), min(x0 + tw, width)
+            sl = [slice(None)] * len(axes)
+            sl[iy], sl[ix] = slice(y0 - rect.y, y1 - rect.y), slice(x0 - rect.x, x1 - rect.x)
+            self.tile_cache.keep((level, ty, tx), data[tuple(sl)])
+            a, b = max(box.y, y0), max(box.x, x0)
+            put(a - box.y, b - box.x, data, slice(a - rect.y, min(box.y1, y1) - rect.y), slice(b - rect.x, min(box.x1, x1) - rect.x))
+        return out
+
+    def _get(self, arr: zarr.Array, axes: str, level: int, box: Box) -> np.ndarray:
         sl = []
         for ax in axes:
             if ax == "Y":
@@ -92,7 +238,7 @@ class TiffReader:
             else:
                 sl.append(slice(None))
         try:
-            data = with_retries(lambda: np.asarray(arr[tuple(sl)]), self.uri, f"reading level {level} box {box}") \
+            return with_retries(lambda: np.asarray(arr[tuple(sl)]), self.uri, f"reading level {level} box {box}") \
                 if self._handle is not None else np.asarray(arr[tuple(sl)])
         except (InputError, TransientStorageError):
             raise
@@ -101,7 +247,6 @@ class TiffReader:
                 f"{self.uri}: failed to decode level {level} box {box} ({type(e).__name__}: {e}); the file may be truncated or corrupt — re-export or re-upload it",
                 uri=self.uri,
             ) from None
-        return as_yxc(data, axes, self.uri)
 
     def _read_mpp(self) -> tuple[float | None, str]:
         tif = self._tif

@@ -1,0 +1,113 @@
+"""Announced reads decode each shared tile once and give exactly the pixels of unannounced reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from slidescore.config import JobConfig
+from slidescore.io import open_image
+from slidescore.io.adapt import AdaptedReader, open_adapted, plan_input
+from slidescore.io.readers import expect_reads, read_padded
+from slidescore.io.tiff import TiffReader, TileCache
+from slidescore.tiling import PatchGrid, plan_blocks
+from slidescore.types import Box
+from tests.conftest import textured_image, write_tiff
+
+
+def tiles_of(box: Box, t: int) -> set[tuple[int, int]]:
+    return {(ty, tx) for ty in range(box.y // t, -(-box.y1 // t)) for tx in range(box.x // t, -(-box.x1 // t))}
+
+
+@pytest.mark.parametrize("order", ["row-major", "shuffled"])
+def test_block_reads_decode_every_tile_once(tmp_path: Path, order: str) -> None:
+    img = textured_image(1000, 1100, seed=3)
+    path = write_tiff(tmp_path / "t.tif", img, mpp=0.5, n_levels=1, tile_px=128)
+    grid = PatchGrid(1000, 1100, 64, 16)
+    boxes = [b.read.clip(1000, 1100) for b in plan_blocks(grid, 16)]  # 256-px blocks, 48-px halo on each side
+    if order == "shuffled":
+        boxes = [boxes[i] for i in np.random.default_rng(0).permutation(len(boxes))]
+    reader = open_image(str(path))
+    assert isinstance(reader, TiffReader)
+    try:
+        reader.expect(0, boxes)
+        for box in boxes:
+            np.testing.assert_array_equal(reader.read(0, box), img[box.y : box.y1, box.x : box.x1])
+        touched = set().union(*(tiles_of(b, 128) for b in boxes))
+        shared = sum(len(tiles_of(b, 128)) for b in boxes) - len(touched)
+        assert shared > 0  # the halos do share tiles
+        assert reader.tile_cache.decoded == len(touched)  # each decoded once, whatever the order
+        assert reader.tile_cache.hits == shared
+        assert len(reader.tile_cache) == 0 and reader.tile_cache.nbytes == 0  # nothing kept past its last read
+        # an unannounced read is served as before, and does not disturb the cache
+        np.testing.assert_array_equal(reader.read(0, Box(5, 7, 300, 301)), img[5:305, 7:308])
+        assert len(reader.tile_cache) == 0
+    finally:
+        reader.close()
+
+
+def test_cache_bound_only_costs_decodes(tmp_path: Path) -> None:
+    img = textured_image(768, 768, seed=4)
+    path = write_tiff(tmp_path / "t.tif", img, mpp=0.5, n_levels=1, tile_px=128)
+    boxes = [Box(y, x, 200, 200) for y in range(0, 568, 150) for x in range(0, 568, 150)]
+    reader = open_image(str(path))
+    assert isinstance(reader, TiffReader)
+    try:
+        reader.tile_cache = TileCache(max_bytes=2 * 128 * 128 * 3)  # room for two tiles
+        reader.expect(0, boxes)
+        for box in boxes:
+            np.testing.assert_array_equal(reader.read(0, box), img[box.y : box.y1, box.x : box.x1])
+            assert reader.tile_cache.nbytes <= 2 * 128 * 128 * 3
+    finally:
+        reader.close()
+
+
+def test_virtual_level_forwards_its_source_boxes(tmp_path: Path) -> None:
+    """A resampled (virtual) level announces the source boxes it reads: same pixels, tiles decoded once."""
+    img = textured_image(1024, 1024, seed=5)
+    path = write_tiff(tmp_path / "fine.tif", img, mpp=0.25, n_levels=1, tile_px=128)
+    cfg = JobConfig.from_dict({"output": {"uri": str(tmp_path / "o")}})
+    from slidescore.model import load_model
+
+    card = load_model("builtin:smearnet").card  # 0.5 µm/px: the 0.25 µm/px image is averaged 2 × 2
+    raw = open_image(str(path))
+    try:
+        recipe = plan_input(raw, card, cfg.input, "fine", 0.25)
+    finally:
+        raw.close()
+    plain, ahead = open_adapted(str(path), recipe), open_adapted(str(path), recipe)
+    try:
+        assert isinstance(ahead, AdaptedReader) and isinstance(plain, AdaptedReader)
+        lvl = ahead.virtual_level
+        assert lvl is not None
+        boxes = [b.read for b in plan_blocks(PatchGrid(512, 512, 64, 16), 8)]
+        expect_reads(ahead, lvl, boxes)
+        for box in boxes:
+            np.testing.assert_array_equal(read_padded(ahead, lvl, box, 0), read_padded(plain, lvl, box, 0))
+        inner = ahead.inner
+        assert isinstance(inner, TiffReader)
+        assert inner.tile_cache.hits > 0 and len(inner.tile_cache) == 0
+    finally:
+        plain.close()
+        ahead.close()
+
+
+def test_planar_and_striped_files_read_unchanged(tmp_path: Path) -> None:
+    img = textured_image(300, 310, seed=6)
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate", tile=(64, 64),
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    striped = tmp_path / "striped.tif"
+    tifffile.imwrite(striped, img, photometric="rgb", rowsperstrip=16, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    for path in (planar, striped):
+        reader = open_image(str(path))
+        try:
+            boxes = [Box(0, 0, 200, 200), Box(150, 100, 150, 210), Box(0, 0, 200, 200)]
+            expect_reads(reader, 0, boxes)
+            for box in boxes:
+                np.testing.assert_array_equal(reader.read(0, box), img[box.y : box.y1, box.x : box.x1])
+        finally:
+            reader.close()
