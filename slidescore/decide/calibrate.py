@@ -6,7 +6,9 @@ isotonic``, a monotone map per class) is fitted by maximum likelihood; the expec
 error before and after and a reliability diagram (``plots/reliability_<class>.png``) are written.
 On the calibrated probabilities each requested operating point is chosen per class — the lowest
 threshold with validation precision >= P (``precision_P``) or the highest with recall >= R
-(``recall_R``) — and stored with its validation figures, together with a compact validation ROC
+(``recall_R``) — and stored with its validation figures and ``"unit": "patch"`` (a patch table
+cannot tell regions apart; a job's regions see other figures at the same threshold, see
+:mod:`slidescore.decide.region_points` for points fitted on regions), together with a compact validation ROC
 (for prior-shifted precision targets and the sample-level call). The card's default thresholds are
 carried through the calibration map, so default decisions on single patches do not change.
 Calibrating a calibrated package starts again from its uncalibrated thresholds and replaces its
@@ -125,7 +127,7 @@ def calibrate_patchset(classifier: Any, ps: PatchSet, out: Path, *, method: str 
                 val[c] = {k: (round(x, 6) if isinstance(x, float) else x)
                           for k, x in cal.figures(after[:, j], y_cls[:, j], th).items()}
                 attained[c] = ok
-            points[name] = {"kind": kind, "target": target, "thresholds": ths, "attained": attained,
+            points[name] = {"kind": kind, "target": target, "unit": "patch", "thresholds": ths, "attained": attained,
                             "validation": val, "fitted_on": ps.source}
     prev_val = tuple(round(float(y_cls[:, j].mean()), 6) for j in range(card.n_classes))
     from_earlier_calibration = (card.calibration or {}).get("prevalence_reference") == "calibration set"
@@ -183,5 +185,5 @@ def summary_lines(card: Any) -> list[str]:
     for name, op in card.operating_points.items():
         figs = "; ".join(f"{k}: t={v['threshold']:.4f} precision {v['precision']:.4f} recall {v['recall']:.4f} "
                          f"specificity {v['specificity']:.6f}" for k, v in op["validation"].items())
-        lines.append(f"  operating point {name}: {figs}")
+        lines.append(f"  operating point {name} (unit: {op.get('unit', 'patch')}): {figs}")
     return lines

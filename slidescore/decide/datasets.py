@@ -209,26 +209,27 @@ def load_synthetic(seed: int, *, n_smears: int = 4, size_px: int = 1536, neg_per
     ``neg_per_pos`` times as many negatives drawn at random; each smear is one source image.
     """
     from slidescore import synthetic as syn
-    from slidescore.model.train_builtin import PAD_PX, PATCH_PX, STRIDE_PX, make_smear
+    from slidescore.model.train_builtin import cut_patches, grid_labels, inner_origins, make_smear
 
     rng = np.random.default_rng([seed, 3])
-    images, labels, groups = [], [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    groups: list[str] = []
     for i in range(n_smears):
         spec = syn.SmearSpec(size_px, size_px, seed=seed * 1000 + 500 + i, parasitemia=float(rng.uniform(0.02, 0.04)),
                              min_parasite_distance_um=30.0)
         sm = make_smear(spec)
         img = sm.images[int(rng.integers(2))]
-        inner = np.arange(PAD_PX, img.shape[0] - PAD_PX - PATCH_PX + 1, STRIDE_PX)
-        pos, near = sm.pos[np.ix_(inner, inner)], sm.near[np.ix_(inner, inner)]
-        py, px = np.nonzero(pos > 0)
-        ny, nx = np.nonzero(near == 0)
+        gy, gx = inner_origins(sm)
+        positive, usable = grid_labels(sm, gy, gx)
+        py, px = np.nonzero(positive)
+        ny, nx = np.nonzero(usable & ~positive)
         take = rng.choice(len(ny), size=min(len(ny), max(1, int(neg_per_pos * max(len(py), 1)))), replace=False)
         for yy, xx, lab in [(py, px, 1), (ny[take], nx[take], 0)]:
-            for a, b in zip(yy, xx, strict=True):
-                oy, ox = inner[a], inner[b]
-                images.append(img[oy : oy + PATCH_PX, ox : ox + PATCH_PX])
-                labels.append(lab)
-                groups.append(f"smear{spec.seed}")
+            if len(yy):
+                images.extend(cut_patches(img, gy[yy], gx[xx]))
+                labels.extend([lab] * len(yy))
+                groups.extend([f"smear{spec.seed}"] * len(yy))
     return PatchSet(np.stack(images), np.asarray(labels), np.asarray(groups), ("uninfected", "parasitized"), 0.5,
                     f"synthetic:{seed}")
 

@@ -11,7 +11,11 @@ expressed on that same scale.
 Thresholds under a prior shift: every threshold is carried through the same monotone map as the
 probabilities, so a recall-targeted operating point keeps its recall; a precision-targeted one is
 re-chosen from the validation ROC stored in the card at the target prevalence (precision =
-π·TPR / (π·TPR + (1 − π)·FPR)), since precision depends on prevalence and recall does not.
+π·TPR / (π·TPR + (1 − π)·FPR)), since precision depends on prevalence and recall does not. That
+ROC counts patches, so only patch-level points (``unit: patch``) are re-chosen; a region-level
+point (``unit: region``, fitted on the blended map's regions) keeps its threshold, carried
+through the shift, and the record says its precision was fitted at the calibration smears'
+prevalence.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class DecisionPolicy:
     head: str
     thresholds: tuple[float, ...]
     operating_point: str | None = None
+    unit: str = "patch"  # what the operating point's figures count: patch | region
     method: str = "none"  # none | temperature | isotonic
     temperature: float = 1.0
     isotonic: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
@@ -94,9 +99,10 @@ class DecisionPolicy:
         validation = op.get("validation", {})
         figs = {c: {"sensitivity": float(validation[c]["recall"]), "specificity": float(validation[c]["specificity"])}
                 for c in card.classes if c in validation}
-        if op.get("kind") == "precision" and base.target_prevalence and "roc" in calib:
+        unit = str(op.get("unit", "patch"))
+        if op.get("kind") == "precision" and base.target_prevalence and "roc" in calib and unit == "patch":
             ths, figs = base._precision_at_prevalence(calib["roc"], float(op["target"]), ths, figs)
-        return base._replace(operating_point=name, thresholds=base._shift_thresholds(ths), unit_figures=figs)
+        return base._replace(operating_point=name, unit=unit, thresholds=base._shift_thresholds(ths), unit_figures=figs)
 
     def _replace(self, **kw: Any) -> DecisionPolicy:
         import dataclasses
@@ -182,6 +188,7 @@ class DecisionPolicy:
         """What run.json records under ``decision``."""
         return {
             "operating_point": self.operating_point,
+            "operating_point_unit": self.unit if self.operating_point else None,
             "thresholds": dict(zip(self.classes, self.thresholds, strict=True)),
             "calibration": {"method": self.method, "temperature": self.temperature if self.method == "temperature" else None},
             "training_prevalence": dict(zip(self.classes, self.training_prevalence, strict=False)) or None,

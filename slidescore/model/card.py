@@ -16,6 +16,8 @@ from typing import Any
 from slidescore.errors import ConfigError
 
 HEADS = ("binary_sigmoid", "softmax", "multilabel_sigmoid")
+# what an operating point was fitted on: single patches, or the job's regions on the blended map
+OPERATING_POINT_UNITS = ("patch", "region")
 COLOR_SPACES = ("RGB", "HSV", "GRAY")
 
 
@@ -48,8 +50,11 @@ class ModelCard:
         How logits are calibrated before thresholds apply, e.g. ``{"method": "temperature",
         "temperature": 1.3}`` (empty: none). Written by ``slidescore calibrate``.
     operating_points
-        Named decision points, e.g. ``{"precision_0.90": {"thresholds": [0.71], ...}}``, with the
-        validation figures behind them. A job picks one with ``decision.operating_point``.
+        Named decision points, e.g. ``{"precision_0.90": {"thresholds": [0.71], "unit": "region",
+        ...}}``, with the validation figures behind them. A job picks one with
+        ``decision.operating_point``. ``unit`` says what the figures count: ``patch`` (single
+        patches, what ``slidescore calibrate`` fits on a patch table; the default for cards
+        without it) or ``region`` (suspect regions on the blended map, as a job reports them).
     training_prevalence
         Positive fraction per class in the training data (for prior-shift correction).
     input_conversion
@@ -105,6 +110,18 @@ class ModelCard:
                 f"model card {self.name!r}: mean/std need {n_channels} values for color_space {self.color_space}"
             )
 
+        for name, op in self.operating_points.items():
+            if not isinstance(op, dict):
+                raise ConfigError(f"model card {self.name!r}: operating point {name!r} must be a mapping "
+                                  f"(thresholds, kind, target, unit, validation), got {type(op).__name__}")
+            if op.get("unit", "patch") not in OPERATING_POINT_UNITS:
+                raise ConfigError(f"model card {self.name!r}: operating point {name!r}: unit must be one of "
+                                  f"{OPERATING_POINT_UNITS}, got {op.get('unit')!r}")
+
+    def operating_point_unit(self, name: str) -> str:
+        """``patch`` or ``region``: what operating point ``name`` was fitted on (older cards: patch)."""
+        return str(self.operating_points[name].get("unit", "patch"))
+
     @property
     def n_classes(self) -> int:
         return len(self.classes)
@@ -139,6 +156,9 @@ class ModelCard:
                 kw[key] = tuple(kw[key])
         if "colors" in kw:
             kw["colors"] = tuple(tuple(c) for c in kw["colors"])
+        if isinstance(kw.get("operating_points"), dict):  # cards written before units: patch-level points
+            kw["operating_points"] = {n: ({"unit": "patch", **op} if isinstance(op, dict) else op)
+                                      for n, op in kw["operating_points"].items()}
         try:
             return cls(**kw)
         except TypeError as e:

@@ -128,6 +128,63 @@ def make_smear(spec: syn.SmearSpec, quality: int = 90, subsampling: int = 2) -> 
     return Smear(images, dots, anchors, pos, near)
 
 
+def grid_labels(sm: Smear, gy: np.ndarray, gx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the grid patches with padded origins ``gy`` × ``gx``: (positive, usable).
+
+    Positive: a dot >= MARGIN_PX inside; usable: positive, or no dot within the patch grown by the
+    margin (the rest are ambiguous and left out of losses and figures).
+    """
+    pos, near = sm.pos[np.ix_(gy, gx)], sm.near[np.ix_(gy, gx)]
+    return pos > 0, (pos > 0) | (near == 0)
+
+
+def inner_origins(sm: Smear) -> tuple[np.ndarray, np.ndarray]:
+    """Padded origins (y, x) of the 16-px-grid patches that lie wholly inside the unpadded image."""
+    h, w = sm.images[0].shape[:2]
+    return (np.arange(PAD_PX, h - PAD_PX - PATCH_PX + 1, STRIDE_PX), np.arange(PAD_PX, w - PAD_PX - PATCH_PX + 1, STRIDE_PX))
+
+
+def foreground_fraction(img: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Brightfield-foreground fraction (the job's default mask rule) of each patch at origins ``gy`` × ``gx``.
+
+    Origins are pixel positions in ``img``; a patch reaching past its edge counts the missing pixels
+    as background.
+    """
+    from slidescore.mask import detect_foreground
+
+    fg = detect_foreground(img, "brightfield").astype(np.float64)
+    s = np.zeros((fg.shape[0] + 1, fg.shape[1] + 1))
+    s[1:, 1:] = fg.cumsum(0).cumsum(1)
+    y0, y1 = np.clip(gy, 0, fg.shape[0]), np.clip(gy + PATCH_PX, 0, fg.shape[0])
+    x0, x1 = np.clip(gx, 0, fg.shape[1]), np.clip(gx + PATCH_PX, 0, fg.shape[1])
+    return (s[np.ix_(y1, x1)] - s[np.ix_(y0, x1)] - s[np.ix_(y1, x0)] + s[np.ix_(y0, x0)]) / PATCH_PX**2
+
+
+def cut_patches(img: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """(N, PATCH_PX, PATCH_PX, 3) patches of ``img`` at the origin pairs (``gy[i]``, ``gx[i]``)."""
+    return np.stack([img[a : a + PATCH_PX, b : b + PATCH_PX] for a, b in zip(gy, gx, strict=True)])
+
+
+@dataclasses.dataclass
+class ScoringView:
+    """A smear as the job sees it at the model's level: what scoring and region checks need."""
+
+    image: np.ndarray  # unpadded level-1 RGB (the JPEG'd version for ``version=1``)
+    dots: np.ndarray  # chromatin-dot centres (y, x) in the unpadded image's pixels
+    valid: np.ndarray  # (Py, Px) patches of the job's grid (origin 0, STRIDE_PX) that the job would score
+
+
+def scoring_view(sm: Smear, version: int = 1, min_foreground_frac: float = 0.1) -> ScoringView:
+    """The unpadded image, its dots and the job's patch mask (default brightfield mask, ``min_foreground_frac``)."""
+    img = sm.images[version]
+    h, w = img.shape[0] - 2 * PAD_PX, img.shape[1] - 2 * PAD_PX
+    n_y, n_x = (-(-(size - PATCH_PX) // STRIDE_PX) + 1 for size in (h, w))  # PatchGrid.patches_shape
+    gy, gx = PAD_PX + STRIDE_PX * np.arange(n_y), PAD_PX + STRIDE_PX * np.arange(n_x)
+    # padded with the background colour: patches past the edge count the pad as background, as the job does
+    valid = foreground_fraction(img, gy, gx) >= max(min_foreground_frac, 1e-6)
+    return ScoringView(img[PAD_PX:-PAD_PX, PAD_PX:-PAD_PX], sm.dots - PAD_PX, valid)
+
+
 def sample_batch(rng: np.random.Generator, smears: list[Smear], n: int) -> tuple[np.ndarray, ...]:
     """Crops (n, L, L, 3) float32 in [0, 1] and their grid labels / weights-mask (n, 13, 13)."""
     L, k = CROP_PX, (CROP_PX - PATCH_PX) // STRIDE_PX + 1
@@ -149,8 +206,8 @@ def sample_batch(rng: np.random.Generator, smears: list[Smear], n: int) -> tuple
         oy, ox = int(np.clip(o[0], 0, H - L)), int(np.clip(o[1], 0, W - L))
         crop = image[oy : oy + L, ox : ox + L].astype(np.float32) / 255.0
         gy, gx = oy + STRIDE_PX * np.arange(k), ox + STRIDE_PX * np.arange(k)
-        pos, near = sm.pos[np.ix_(gy, gx)], sm.near[np.ix_(gy, gx)]
-        lab, mask = (pos > 0).astype(np.float32), ((pos > 0) | (near == 0)).astype(np.float32)
+        positive, usable = grid_labels(sm, gy, gx)
+        lab, mask = positive.astype(np.float32), usable.astype(np.float32)
         # flips and 90° turns map the patch grid of a (64 + 16m)-px crop onto itself
         rot, flip = int(rng.integers(4)), bool(rng.integers(2))
         crop, lab, mask = (np.rot90(a, rot) for a in (crop, lab, mask))
@@ -235,10 +292,9 @@ def evaluate(
     probs = dense_probabilities(model, img, mean, std)
     g = PAD_PX + STRIDE_PX * np.arange(probs.shape[0])
     g = g[g < sm.pos.shape[0]]
-    pos, near = sm.pos[np.ix_(g, g)], sm.near[np.ix_(g, g)]
+    positive, mask = grid_labels(sm, g, g)
     p = probs[: len(g), : len(g)]
-    mask = (pos > 0) | (near == 0)
-    return p[mask], (pos > 0)[mask], blend_cells(probs)
+    return p[mask], positive[mask], blend_cells(probs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ def test_cli_train_then_calibrate_then_score_with_an_operating_point(patch_folde
     assert rc == 0 and "ECE" in out and "precision_0.90" in out
     card = json.loads((cal_pkg / "card.json").read_text())
     assert set(card["operating_points"]) == {"precision_0.90", "recall_0.99"}
+    # a patch table cannot tell regions apart: its points say they count patches
+    assert {op["unit"] for op in card["operating_points"].values()} == {"patch"}
     op = card["operating_points"]["recall_0.99"]["validation"]["parasitized"]
     assert op["recall"] >= 0.99
     # temperature scaling never worsens the validation likelihood it was fitted on (T = 1 is a candidate)
