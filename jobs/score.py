@@ -1,9 +1,9 @@
 """Ray job entrypoint: score the samples of a job config on the cluster this job runs on.
 
-``python -m jobs.score --config job.yaml [--output DIR] [--uri URI ...] [--overwrite] [--dry-run] [--quiet]``,
+``python -m jobs.score --config job.yaml [--output DIR] [--uri URI ...] [--sample ID=URI,URI ...] [--overwrite] [--dry-run] [--quiet]``,
 usually through ``ray job submit --working-dir . -- python -m jobs.score --config job.yaml``. The
 samples come from the config (``samples.uris``, ``samples.manifest``, ``samples.prefix``) or, when
-given, only from ``--uri`` (the intake poller submits one sample per job so); the pool from ``cluster``. ``--dry-run``
+given, only from ``--uri`` / ``--sample`` (the intake poller submits one sample per job so); the pool from ``cluster``. ``--dry-run``
 validates the config, loads the model and plans every sample without writing anything.
 
 Exit codes: 0 all samples ok (or, with ``--dry-run``, all plannable), 1 some samples failed (see
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (overrides output.uri)")
     p.add_argument("--uri", action="append", default=[], metavar="URI",
                    help="score this image (repeatable); replaces the config's samples section (the intake poller uses it)")
+    p.add_argument("--sample", action="append", default=[], metavar="ID=URI1,URI2",
+                   help="score this sample of one or more images under this id (repeatable); like --uri, replaces the "
+                        "config's samples section")
     p.add_argument("--overwrite", action="store_true", help="rescore samples whose finished outputs belong to another run")
     p.add_argument("--dry-run", action="store_true", help="validate, load the model, plan every sample; write nothing")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.overwrite:
             cfg = cfg.replace(output={"overwrite": True})
         # samples of several images (manifest `ID: URI URI`, samples.groups) come as SampleSpecs
-        uris: list[Any] = list(args.uri) if args.uri else cfg.samples.list_samples()
-        if cfg.samples.prefix and not args.uri:
+        from slidescore.cli import parse_sample_arg
+
+        given: list[Any] = [*args.uri, *(parse_sample_arg(s) for s in args.sample)]
+        uris: list[Any] = given if given else cfg.samples.list_samples()
+        if cfg.samples.prefix and not given:
             from slidescore.io.storage import list_images
 
             try:

@@ -63,6 +63,7 @@ from slidescore.config import ClusterConfig, JobConfig, SampleSpec
 from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, TransientStorageError
 from slidescore.io import SlideReader
 from slidescore.io.outputs import exists, join, make_dirs, read_json, write_json
+from slidescore.io.readers import expect_reads
 from slidescore.pipeline import (
     BlockRecord,
     SamplePlan,
@@ -141,6 +142,9 @@ class _CountingReader:
         with self._lock:
             self.bytes_read += int(data.nbytes)
         return data
+
+    def expect(self, level: int, boxes: list[Box]) -> None:
+        expect_reads(self.inner, level, boxes)
 
     def close(self) -> None:
         self.inner.close()
@@ -469,7 +473,8 @@ class _Driver:
         records = [[s.records[k, b.index] for b in plan.blocks] for k, plan in enumerate(s.plans)]
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
-        fut = self.pool.submit(finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start)
+        # the driver's CPU copy of the scoring model (same checksum as the actors') serves Grad-CAM: no reload
+        fut = self.pool.submit(finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start, model=self.model)
         self.jobs[fut] = ("finish", s)
 
     def _on_job_done(self, fut: cf.Future) -> None:

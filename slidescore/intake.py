@@ -6,13 +6,19 @@ One poll (``python -m jobs.intake``, run by the Kubernetes CronJob) does, in thi
    KubeRay ``RayJob`` objects): they are the record of what was submitted, each named
    ``slidescore-<run key>-a<attempt>``. Listed *before* the outputs are read, so a job that
    finished in between is never mistaken for one that succeeded without writing its marker.
-2. **Samples.** Lists the images under ``intake_prefix`` (or in ``manifest``) and groups them:
-   one image is one sample, whose id is the file name without its image extensions
-   (``s3://in/2026/a.ome.tiff`` → ``a``), as ``jobs.score`` names it. Two images with the same id
-   (``a.tif`` and ``a.svs``) are a *conflict*: neither is submitted until one is renamed.
-3. **Run key** of each sample (:func:`slidescore.pipeline.run_key_for`): the input's fingerprint
-   (URI, size, ETag or mtime), the model checksum and card, the scoring config and the version.
-   The job computes the same key and writes it into ``<output>/<sample_id>/_SUCCESS``.
+2. **Samples** (:func:`find_samples`). An image directly under ``intake_prefix`` is one sample,
+   whose id is the file name without its image extensions (``s3://in/2026/a.ome.tiff`` → ``a``),
+   as ``jobs.score`` names it. A sub-folder ``<intake_prefix>/<sample_id>/`` is one sample of all
+   the images directly in it (``sample_folders``), submitted once it is *complete*: it holds the
+   marker object ``_READY`` (written by the uploader after its last image), or, with ``settle_s``
+   set, no object in it changed for ``settle_s`` seconds; until then it is ``waiting``. A
+   ``manifest`` lists one image URI per line, or ``ID: URI URI …`` for a sample of several images
+   (complete as listed). Two samples with one id (``a.tif`` and ``a.svs``, or ``a.tif`` and
+   ``a/``) are a *conflict*: neither is submitted until one is renamed.
+3. **Run key** of each sample (:func:`sample_run_key`, the key :func:`slidescore.pipeline.plan_images`
+   computes): the fingerprints of all its images (URI, size, ETag or mtime), the model checksum and
+   card, the scoring config and the version. The job computes the same key and writes it into
+   ``<output>/<sample_id>/_SUCCESS``; images added to a folder after it was scored give a new key.
 4. **Decide** (:func:`decide`, pure): done (marker with this key) → skip; quarantined with this
    key → skip; a job of this sample pending/running (any key) → wait; fewer than ``max_attempts`` finished
    attempts → submit attempt n+1 while fewer than ``max_in_flight`` jobs run; otherwise write
@@ -46,16 +52,24 @@ from typing import Any, Protocol
 
 import yaml
 
-from slidescore.config import JobConfig, load_config
+from slidescore.config import SAMPLE_ID_PATTERN, JobConfig, check_sample_id, load_config
 from slidescore.errors import ConfigError, InputError, SlideScoreError
-from slidescore.io.storage import filesystem, fingerprint, is_local, list_images, with_retries
-from slidescore.pipeline import SUCCESS, run_key_for, sample_id_for
+from slidescore.io.storage import (
+    IMAGE_SUFFIXES,
+    filesystem,
+    fingerprint,
+    is_local,
+    protocol_of,
+    with_retries,
+)
+from slidescore.pipeline import SUCCESS, image_ids, run_key_for, sample_id_for
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "slidescore-"
 QUARANTINE_DIR = "_quarantine"
 INTAKE_DIR = "_intake"
+READY = "_READY"  # the uploader's "this sample folder is complete" marker
 ACTIVE, SUCCEEDED, FAILED = "ACTIVE", "SUCCEEDED", "FAILED"
 SUBMIT_MODES = ("rayjob", "ray_jobs")
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names become cluster/service/job names with suffixes
@@ -70,7 +84,7 @@ class IntakeConfig:
     """The poller's YAML (``intake.yaml``; every key but ``output`` and one source is optional).
 
     ``intake_prefix`` (folder or ``s3://`` prefix) and/or ``manifest`` (text file, local or
-    ``s3://``, one image URI per line, ``#`` comments) say where samples come from. ``output`` is
+    ``s3://``, one image URI or ``ID: URI URI …`` per line, ``#`` comments) say where samples come from. ``output`` is
     where the jobs write (passed to them as ``--output``). ``job_config`` is the scoring config, a
     path valid both here and where the job driver runs (relative: beside this file).
     ``submit: rayjob`` creates a KubeRay RayJob per attempt from the suspended template
@@ -78,6 +92,9 @@ class IntakeConfig:
     to the Ray job server at ``ray_address`` (default: ``$RAY_ADDRESS``, else
     ``http://127.0.0.1:8265``), uploading ``working_dir`` when set. ``rescore_changed`` rescores a
     sample whose finished outputs belong to another run key (otherwise it is reported ``changed``).
+    ``sample_folders`` (default true): each sub-folder of ``intake_prefix`` is one sample of the
+    images in it, complete once it holds ``_READY`` or, with ``settle_s``, once no object in it
+    changed for ``settle_s`` seconds (false: sub-folders are ignored).
     """
 
     output: str
@@ -92,6 +109,8 @@ class IntakeConfig:
     namespace: str | None = None
     rayjob_template: str = "slidescore-score"
     rescore_changed: bool = False
+    sample_folders: bool = True
+    settle_s: int | None = None
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: str | Path | None = None) -> IntakeConfig:
@@ -99,13 +118,14 @@ class IntakeConfig:
             raise ConfigError(f"intake config: expected a mapping of keys, got {type(data).__name__} {data!r}")
         types_ = {"output": str, "intake_prefix": str, "manifest": str, "job_config": str, "max_in_flight": int,
                   "max_attempts": int, "submit": str, "ray_address": str, "working_dir": str, "namespace": str,
-                  "rayjob_template": str, "rescore_changed": bool}
+                  "rayjob_template": str, "rescore_changed": bool, "sample_folders": bool, "settle_s": int}
         unknown = sorted(set(data) - set(types_))
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown key; the intake config accepts {sorted(types_)}")
         for key, value in data.items():
             tp = types_[key]
-            optional = key not in ("output", "job_config", "max_in_flight", "max_attempts", "submit", "rayjob_template", "rescore_changed")
+            optional = key not in ("output", "job_config", "max_in_flight", "max_attempts", "submit", "rayjob_template", "rescore_changed",
+                                   "sample_folders")
             if value is None and optional:
                 continue
             if tp is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -148,56 +168,181 @@ def load_intake_config(path: str | Path) -> IntakeConfig:
 # -- samples ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sample:
-    """One sample: an id and its image URIs (one image per sample for now)."""
+    """One sample: an id and its image URIs (one, or several: a folder or a manifest group).
+
+    ``origin`` says where it was found (a folder, a manifest line), for messages only.
+    """
 
     sample_id: str
     uris: tuple[str, ...]
+    origin: str = field(default="", compare=False)
 
 
-def read_manifest(uri: str) -> list[str]:
-    """Image URIs of a manifest: one per line, ``#`` comments and blank lines ignored."""
+@dataclass
+class Found:
+    """What one listing of the intake source holds (:func:`find_samples`)."""
+
+    samples: list[Sample] = field(default_factory=list)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)  # id → the places claiming it
+    waiting: dict[str, str] = field(default_factory=dict)  # folder samples not complete yet → what they wait for
+    problems: dict[str, str] = field(default_factory=dict)  # entries never submittable as they are → why, and the fix
+
+
+def read_manifest(uri: str) -> list[str | Sample]:
+    """A manifest's entries: an image URI per line, or ``ID: URI URI …`` (a sample of several images).
+
+    The job's manifest format (``samples.manifest``); ``#`` comments and blank lines are ignored.
+    """
     fs, path = filesystem(uri)
     text = with_retries(lambda: fs.cat_file(path), uri, "reading the manifest").decode()
-    out = []
+    out: list[str | Sample] = []
     for n, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
-        if len(words) > 1:
-            raise ConfigError(f"manifest: {uri} line {n}: expected one image URI per line (the intake submits one image "
-                              f"per sample), got {line.strip()!r}; list samples of several images in a job config instead")
-        out += words
+        if not words:
+            continue
+        where = f"manifest: {uri} line {n}"
+        if words[0].endswith(":") and "://" not in words[0]:
+            sid, uris = words[0][:-1], tuple(words[1:])
+            check_sample_id(sid, where)
+            if not uris or len(set(uris)) != len(uris):
+                raise ConfigError(f"{where}: sample {sid!r} lists {'no image' if not uris else 'an image twice'}; "
+                                  "expected 'ID: URI [URI …]' with each image once")
+            out.append(Sample(sid, uris, origin=f"{uri} line {n}"))
+        elif len(words) == 1:
+            out.append(words[0])
+        else:
+            raise ConfigError(f"{where}: expected one image URI, or 'ID: URI URI …' for a sample of several images, "
+                              f"got {line.strip()!r}")
     return out
 
 
-def list_intake(cfg: IntakeConfig) -> list[str]:
-    """Image URIs of the intake source: the prefix's images, then the manifest's lines."""
-    uris = []
+def _entry_uri(prefix: str, name: str) -> str:
+    return name if is_local(prefix) else f"{protocol_of(prefix)}://{name}"
+
+
+def _list(uri: str) -> list[dict[str, Any]]:
+    """A folder's entries, freshly listed (fsspec caches listings per process; a poll must see new files)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path.rstrip("/"))
+    return list(with_retries(lambda: fs.ls(path.rstrip("/"), detail=True), uri, "listing the prefix"))
+
+
+def _is_image(entry: dict[str, Any]) -> bool:
+    name = str(entry["name"]).rstrip("/").lower()  # as io.storage.list_images: image files and *.zarr folders
+    return name.endswith(IMAGE_SUFFIXES) and (entry.get("type") != "directory" or name.endswith(".zarr"))
+
+
+def _modified_s(entry: dict[str, Any]) -> float | None:
+    """When an entry last changed (seconds since the epoch): S3 ``LastModified``, local ``mtime``."""
+    for k in ("LastModified", "mtime", "last_modified", "updated"):
+        v = entry.get(k)
+        if v is not None:
+            return float(v.timestamp() if hasattr(v, "timestamp") else v)
+    return None
+
+
+def folder_id(folder: str) -> str:
+    """A sample folder's id: its name, made filesystem-safe as :func:`sample_id_for` does for files."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", folder.rstrip("/").rsplit("/", 1)[-1])
+
+
+def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[Sample | None, str, str]:
+    """(sample, waiting reason, problem) of one sample folder: a sample only once it is complete."""
+    sid = folder_id(folder)
+    if not SAMPLE_ID_PATTERN.match(sid):
+        return None, "", (f"folder {folder}/ cannot name a sample: a sample id starts with a letter or digit; "
+                          "rename the folder")
+    entries = _list(folder)
+    uris = sorted(_entry_uri(folder, str(e["name"]).rstrip("/")) for e in entries if _is_image(e))
+    names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    if READY in names:
+        if not uris:
+            return None, "", f"folder {folder}/ holds {READY} but no image; put the sample's images beside it"
+        return Sample(sid, tuple(uris), origin=f"{folder}/"), "", ""
+    if not uris:
+        return None, f"folder {folder}/ holds no image yet", ""
+    if cfg.settle_s is None:
+        return None, f"folder {folder}/ ({len(uris)} images) has no {READY} marker yet", ""
+    times = [_modified_s(e) for e in entries if e.get("type") != "directory"]
+    if any(t is None for t in times):
+        return None, f"folder {folder}/: the storage gives no modification times; write {READY} when it is complete", ""
+    quiet_s = now - max(t for t in times if t is not None)
+    if quiet_s < cfg.settle_s:
+        return None, (f"folder {folder}/ ({len(uris)} images) changed {max(quiet_s, 0):.0f} s ago; complete after "
+                      f"settle_s={cfg.settle_s} s without changes (or when {READY} is written)"), ""
+    return Sample(sid, tuple(uris), origin=f"{folder}/"), "", ""
+
+
+def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
+    """The samples of the intake source (module docstring, step 2), grouped and checked."""
+    now = time.time() if now is None else now
+    found = Found()
+    singles: list[str] = []
+    listed: list[Sample] = []
     if cfg.intake_prefix:
-        fs, path = filesystem(cfg.intake_prefix)
-        fs.invalidate_cache(path.rstrip("/"))  # fsspec caches listings per process: a poll must see new files
-        uris = list_images(cfg.intake_prefix)
+        prefix = cfg.intake_prefix.rstrip("/")
+        for e in _list(cfg.intake_prefix):
+            name = str(e["name"]).rstrip("/")
+            base = name.rsplit("/", 1)[-1]
+            if _is_image(e):
+                singles.append(_entry_uri(cfg.intake_prefix, name))
+            elif e.get("type") == "directory" and cfg.sample_folders and not base.startswith((".", "_")):
+                folder = f"{prefix}/{base}"
+                sample, waiting, problem = folder_sample(folder, cfg, now)
+                if sample is not None:
+                    listed.append(sample)
+                elif problem:
+                    found.problems[base] = problem
+                else:
+                    found.waiting[folder_id(folder)] = waiting
+        singles.sort()
     if cfg.manifest:
-        uris += [u for u in read_manifest(cfg.manifest) if u not in uris]
-    return uris
+        for entry in read_manifest(cfg.manifest):
+            if isinstance(entry, Sample):
+                listed.append(entry)
+            elif entry not in singles:
+                singles.append(entry)
+    in_groups = {u for s in listed for u in s.uris}
+    # an image listed in a manifest group belongs to that sample, not to a sample of its own
+    found.samples, found.conflicts = group_samples([u for u in singles if u not in in_groups], listed)
+    for s in list(found.samples):
+        if (len(s.uris) > 1 or sample_id_for(s.uris[0]) != s.sample_id) and any("," in u for u in s.uris):
+            found.samples.remove(s)
+            found.problems[s.sample_id] = (f"sample {s.sample_id!r}: an image URI contains ',', which the job's "
+                                           "--sample ID=URI,URI cannot carry; rename the image")
+    return found
 
 
-def group_samples(uris: Sequence[str]) -> tuple[list[Sample], dict[str, list[str]]]:
-    """One image = one sample, id = file name without image extensions; (samples, conflicts).
+def group_samples(uris: Sequence[str], samples: Sequence[Sample] = ()) -> tuple[list[Sample], dict[str, list[str]]]:
+    """One image = one sample (id = file name without image extensions), plus ``samples`` (folders,
+    manifest groups); (samples by id, conflicts).
 
-    Ids that several images map to (``a.tif`` and ``a.svs``) are conflicts: returned by id with
-    their URIs and never submitted, since their outputs would share ``<output>/<id>/``.
+    Ids that several entries map to (``a.tif`` and ``a.svs``, or ``a.tif`` and a folder ``a/``) are
+    conflicts: returned by id with what claims them and never submitted, since their outputs would
+    share ``<output>/<id>/``.
     """
-    by_id: dict[str, list[str]] = {}
+    by_id: dict[str, list[Sample]] = {}
     for u in uris:
-        by_id.setdefault(sample_id_for(u), []).append(u)
-    samples = [Sample(sid, (us[0],)) for sid, us in sorted(by_id.items()) if len(us) == 1]
-    conflicts = {sid: us for sid, us in sorted(by_id.items()) if len(us) > 1}
-    return samples, conflicts
+        by_id.setdefault(sample_id_for(u), []).append(Sample(sample_id_for(u), (u,)))
+    for s in samples:
+        by_id.setdefault(s.sample_id, []).append(s)
+    ok = [ss[0] for _, ss in sorted(by_id.items()) if len(ss) == 1]
+    conflicts = {sid: [s.origin or " ".join(s.uris) for s in ss] for sid, ss in sorted(by_id.items()) if len(ss) > 1}
+    return ok, conflicts
 
 
 def sample_run_key(sample: Sample, model_checksum: str, card: Any, job_cfg: JobConfig) -> str:
-    """The key ``jobs.score`` will write into the sample's ``_SUCCESS`` (single-image samples)."""
-    (uri,) = sample.uris
-    return run_key_for(fingerprint(uri), model_checksum, card, job_cfg)
+    """The key ``jobs.score`` will write into the sample's ``_SUCCESS``.
+
+    As :func:`slidescore.pipeline.plan_images` computes it: one image → :func:`run_key_for` of its
+    fingerprint; several → of the fingerprints of all of them by image id, in the sample's order
+    (the order :func:`score_command` passes them in).
+    """
+    if len(sample.uris) == 1:
+        return run_key_for(fingerprint(sample.uris[0]), model_checksum, card, job_cfg)
+    ids = image_ids(sample.uris)
+    key_input = {"images": [{"image_id": iid, **fingerprint(u)} for iid, u in zip(ids, sample.uris, strict=True)]}
+    return run_key_for(key_input, model_checksum, card, job_cfg)
 
 
 def job_name(run_key: str, attempt: int) -> str:
@@ -216,10 +361,16 @@ def parse_job_name(name: str) -> tuple[str, int] | None:
 
 
 def score_command(sample: Sample, job_config: str, output: str, *, overwrite: bool = False) -> list[str]:
-    """The job's entrypoint: score only this sample's images, into ``output``."""
+    """The job's entrypoint: score only this sample, into ``output``.
+
+    ``--uri URI`` for one image named after its file; ``--sample ID=URI,URI`` for a sample of
+    several images or one whose id is not its file's (a folder of one image).
+    """
     cmd = ["python", "-m", "jobs.score", "--config", job_config, "--output", output, "-q"]
-    for u in sample.uris:
-        cmd += ["--uri", u]
+    if len(sample.uris) == 1 and sample_id_for(sample.uris[0]) == sample.sample_id:
+        cmd += ["--uri", sample.uris[0]]
+    else:
+        cmd += ["--sample", f"{sample.sample_id}={','.join(sample.uris)}"]
     return cmd + (["--overwrite"] if overwrite else [])
 
 
@@ -505,6 +656,8 @@ class PollSummary:
     changed: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # another poll submitted the same attempt first
     conflicts: dict[str, list[str]] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)  # sample folders not complete yet
+    problems: dict[str, str] = field(default_factory=dict)  # entries that cannot be submitted as they are
     failed_to_key: dict[str, str] = field(default_factory=dict)  # samples whose fingerprint failed
     jobs: dict[str, str] = field(default_factory=dict)  # sample id → job name submitted now
     in_flight: int = 0
@@ -519,10 +672,12 @@ class PollSummary:
         out += [f"CONFLICT  {sid}: {', '.join(us)} share one sample id; rename all but one" for sid, us in self.conflicts.items()]
         out += [f"CHANGED   {sid}: finished outputs of another run key exist; not rescored (rescore_changed: true)"
                 for sid in self.changed]
-        out += [f"ERROR     {sid}: {why}" for sid, why in self.failed_to_key.items()]
+        out += [f"ERROR     {sid}: {why}" for sid, why in {**self.problems, **self.failed_to_key}.items()]
+        out += [f"waiting   {sid}: {why}" for sid, why in self.waiting.items()]
         out.append(f"intake: {len(self.submitted)} submitted, {len(self.retried)} retried, {len(self.running) + len(self.refused)} running, "
                    f"{len(self.deferred)} waiting for a slot, {len(self.done)} done, {len(self.quarantined)} quarantined now, "
-                   f"{len(self.still_quarantined)} in quarantine, {len(self.changed)} changed, {len(self.conflicts)} conflicts; "
+                   f"{len(self.still_quarantined)} in quarantine, {len(self.changed)} changed, {len(self.conflicts)} conflicts, "
+                   f"{len(self.waiting)} incomplete; "
                    f"{self.in_flight} jobs in flight")
         return out
 
@@ -532,7 +687,8 @@ def poll(cfg: IntakeConfig, job_cfg: JobConfig, backend: JobBackend, *, model_ch
     summary = PollSummary()
     known = backend.attempts()  # first: see the module docstring, step 1
     summary.in_flight = sum(a.state == ACTIVE for atts in known.values() for a in atts)
-    samples, summary.conflicts = group_samples(list_intake(cfg))
+    found = find_samples(cfg)
+    samples, summary.conflicts, summary.waiting, summary.problems = found.samples, found.conflicts, found.waiting, found.problems
     out = cfg.output.rstrip("/")
     states = []
     for s in samples:

@@ -51,7 +51,6 @@ from slidescore.io.outputs import (
     append_jsonl,
     exists,
     join,
-    local_path,
     make_dirs,
     read_json,
     read_text,
@@ -63,6 +62,7 @@ from slidescore.io.outputs import (
 )
 from slidescore.io.overview import render_overview
 from slidescore.io.prefetch import prefetch
+from slidescore.io.readers import expect_reads
 from slidescore.io.storage import fingerprint
 from slidescore.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 from slidescore.model.card import ModelCard
@@ -86,6 +86,7 @@ REGION_COLUMNS = [
     "rank", "class_name", "peak_probability", "mean_probability", "area_um2", "n_cells",
     "bbox_y_px", "bbox_x_px", "bbox_h_px", "bbox_w_px", "centroid_y_px", "centroid_x_px",
     "centroid_y_um", "centroid_x_um", "threshold", "image",
+    "centroid_map_x", "centroid_map_y",  # GeoTIFF inputs: the centroid in the image's map CRS (empty otherwise)
 ]
 
 
@@ -488,17 +489,32 @@ def prepare_pixels(pixels: np.ndarray, card: ModelCard) -> np.ndarray:
     return pixels
 
 
+def _to_read(plan: SamplePlan, block: Block) -> bool:
+    """Whether a block still needs its pixels: not done, and with foreground."""
+    p = block.patches
+    return bool(plan.valid[p.y : p.y1, p.x : p.x1].any()) and not exists(join(plan.blocks_dir, f"{block.key}.json"))
+
+
 def read_block_pixels(plan: SamplePlan, block: Block, reader: SlideReader, card: ModelCard) -> np.ndarray | None:
     """The model-ready pixels of a block; ``None`` (nothing read) when it is done or has no foreground."""
-    p = block.patches
-    if exists(join(plan.blocks_dir, f"{block.key}.json")) or not plan.valid[p.y : p.y1, p.x : p.x1].any():
+    if not _to_read(plan, block):
         return None
     return prepare_pixels(read_padded(reader, plan.level, block.read, card.pad_value), card)
 
 
 def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, card: ModelCard, depth: int) -> Iterator[tuple[Block, np.ndarray | None, float | None]]:
-    """``(block, pixels, read_seconds)`` in order, read ``depth`` blocks ahead in background threads."""
-    return prefetch(blocks, lambda b: read_block_pixels(plan, b, reader, card), depth=depth)
+    """``(block, pixels, read_seconds)`` in order, read ``depth`` blocks ahead in background threads.
+
+    The read boxes of the blocks to be read are announced to the reader first, so the tiles their
+    halos share are decoded once.
+    """
+    todo = {b.index for b in blocks if _to_read(plan, b)}
+    expect_reads(reader, plan.level, [b.read for b in blocks if b.index in todo])
+
+    def read(b: Block) -> np.ndarray | None:
+        return prepare_pixels(read_padded(reader, plan.level, b.read, card.pad_value), card) if b.index in todo else None
+
+    return prefetch(blocks, read, depth=depth)
 
 
 def run_block(plan: SamplePlan, block: Block, reader: SlideReader, model: Any, cfg: JobConfig, *,
@@ -540,7 +556,7 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, model: Any, c
 
 # -- finishing --------------------------------------------------------------------------------
 def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[BlockRecord] | Sequence[Sequence[BlockRecord]],
-                  cfg: JobConfig, model_info: dict[str, Any], card: ModelCard, t_start: float) -> SampleResult:
+                  cfg: JobConfig, model_info: dict[str, Any], card: ModelCard, t_start: float, *, model: Any = None) -> SampleResult:
     """Pyramids, regions, files, run.json; the completion marker last.
 
     Takes one plan and its block records, or, for a sample of several images, the plans of all its
@@ -556,10 +572,8 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
     first = plans[0]
     out = first.sample_out
     t0 = time.perf_counter()
-    for plan in plans:
-        mz.build_pyramid(plan.mosaic_path, plan.mosaic)
+    probs = [mz.build_pyramid(plan.mosaic_path, plan.mosaic) for plan in plans]  # level 0 comes back for the regions
     t1 = time.perf_counter()
-    probs = [mz.read_level(plan.mosaic_path, 0) for plan in plans]
     found = [
         find_regions(
             prob, card.classes, plan.mosaic.thresholds, cell_px0=_cell_px0(plan), mpp0=plan.mpp0,
@@ -647,43 +661,61 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         "outputs": outputs,
     })
     if cfg.report.enabled:
-        _write_reports(run, plans, probs, regions, images if multi else None, card, cfg)
+        _write_reports(run, plans, probs, regions, images if multi else None, card, cfg, model=model)
     write_json(join(out, "run.json"), run)
     write_json(join(out, SUCCESS), {"run_key": first.run_key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, regions, run, images=[p.uri for p in plans])
 
 
 def _write_reports(run: dict[str, Any], plans: list[SamplePlan], probs: list[np.ndarray], regions: list[Region],
-                   images: list[dict[str, Any]] | None, card: ModelCard, cfg: JobConfig) -> None:
+                   images: list[dict[str, Any]] | None, card: ModelCard, cfg: JobConfig, *, model: Any = None) -> None:
     """``report.html`` + ``tiles.geojson`` per image folder (the sample folder for one image); updates ``run``.
 
-    The report is rendered into a local temporary folder and its files copied to the output (a
-    local folder or an object store), each in one write.
+    A sample of several images also gets ``<sample>/report.html``: the call, its images and the
+    regions ranked across them (crops and Grad-CAM rendered once, for the image pages). ``model``
+    is the classifier that scored the sample, reused for Grad-CAM (``None``: the report loads it
+    again). The report is rendered into a local temporary folder and its files copied to the output
+    (a local folder or an object store), each in one write.
     """
     import tempfile
 
-    from slidescore.report import write_report  # lazy: Grad-CAM loads torch only when used
+    # lazy: the report imports torch only for Grad-CAM
+    from slidescore.report import SampleParts, write_report, write_sample_report
+
+    def publish(tmp: str, dest: str) -> None:
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                write_bytes(join(dest, f.name), f.read_bytes())
 
     quality: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []
+    parts = SampleParts()  # filled only for a sample of several images
     for i, (plan, prob) in enumerate(zip(plans, probs, strict=True)):
         run_i = run if images is None else {**run, **images[i], "sample_id": f"{plan.sample_id}/{plan.image_id}"}
         mine = regions if images is None else [r for r in regions if r.image == plan.uri]
         reader = open_for_plan(plan)
         try:
             with tempfile.TemporaryDirectory(prefix="slidescore-report-") as tmp:
-                added = write_report(tmp, run_i, mine, reader, prob, card, cfg=cfg.report)
-                for f in sorted(Path(tmp).iterdir()):
-                    if f.is_file():
-                        write_bytes(join(plan.out_dir, f.name), f.read_bytes())
+                added = write_report(tmp, run_i, mine, reader, prob, card, cfg=cfg.report, model=model,
+                                     image_id=plan.image_id if images is not None else "", sample_href="../../",
+                                     parts=parts if images is not None else None)
+                publish(tmp, plan.out_dir)
         finally:
             reader.close()
         quality += [{**q, "image": plan.image_id} if images is not None else q for q in added.get("quality", [])]
         reports.append({**added.get("report", {}), **({"image_id": plan.image_id} if images is not None else {})})
     run["quality"] = quality
-    run["report"] = reports[0] if images is None else {"images": reports}
-    run["outputs"]["report"] = "report.html" if images is None else f"{IMAGES}/<image_id>/report.html"
-    run["outputs"]["tiles"] = "tiles.geojson" if images is None else f"{IMAGES}/<image_id>/tiles.geojson"
+    if images is None:
+        run["report"] = reports[0]
+        run["outputs"]["report"] = "report.html"
+        run["outputs"]["tiles"] = "tiles.geojson"
+        return
+    with tempfile.TemporaryDirectory(prefix="slidescore-report-") as tmp:
+        page = write_sample_report(tmp, run, regions, parts, card, cfg=cfg.report, image_folder=IMAGES)
+        publish(tmp, plans[0].sample_out)
+    run["report"] = {**page, "images": reports}
+    run["outputs"]["report"] = "report.html"
+    run["outputs"]["per_image"].update(report="report.html", tiles="tiles.geojson")
 
 
 def _cell_px0(plan: SamplePlan) -> float:
@@ -791,7 +823,7 @@ def score_sample(uri: str | SampleSpec, model: Any, cfg: JobConfig, out_root: st
             if not plan.image_id:
                 raise
             raise image_error(sid, plan.image_id, plan.uri, e) from None
-    return finish_sample(plans, records, cfg, model_info(model), model.card, t_start)
+    return finish_sample(plans, records, cfg, model_info(model), model.card, t_start, model=model)
 
 
 def score_image(plan: SamplePlan, model: Any, cfg: JobConfig, progress: Callable[[int, int], Any] | None = None) -> list[BlockRecord]:
@@ -850,18 +882,12 @@ def score_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
 
 
 def write_run_index(out_root: str, cfg: JobConfig) -> None:
-    """``index.html`` at the run's output root: every sample with its call and top score.
-
-    Written for local output folders; on an object store each sample's ``report.html`` stands alone.
-    """
+    """``index.html`` at the run's output root (a local folder or ``s3://…``): every sample with its call and top score."""
     if not cfg.report.enabled:
-        return
-    if "://" in str(out_root) and not str(out_root).startswith("file://"):
-        log.info("index.html is written for local output folders only; %s has a report.html per sample", out_root)
         return
     from slidescore.report import write_index
 
-    write_index(local_path(out_root))
+    write_index(out_root)
 
 
 def record_failure(out_root: str, spec: SampleSpec, err: BaseException) -> None:

@@ -1,15 +1,13 @@
-"""The intake poller: grouping, run keys, job names, decisions, RayJob objects, and end to end on a
-real Ray head (``ray start --head``, token auth) with images on the loopback S3 server."""
+"""The intake poller: grouping (images, sample folders, manifests), run keys, job names, decisions,
+RayJob objects, and end to end on a real Ray head (``ray start --head``, token auth, the shared
+``ray_head`` fixture) with images and outputs on the loopback S3 server."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,12 +16,14 @@ import numpy as np
 import pytest
 import yaml
 
-from slidescore.config import JobConfig
+from slidescore.cli import parse_sample_arg
+from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import ConfigError
 from slidescore.intake import (
     ACTIVE,
     FAILED,
     MAX_RAYJOB_NAME,
+    READY,
     SUCCEEDED,
     Attempt,
     IntakeConfig,
@@ -33,19 +33,22 @@ from slidescore.intake import (
     SampleState,
     build_rayjob,
     decide,
+    find_samples,
     group_samples,
     job_name,
     load_intake_config,
+    load_job_config,
     parse_job_name,
     poll,
     rayjob_state,
+    read_manifest,
     sample_run_key,
     score_command,
 )
 from slidescore.io.storage import list_images
 from slidescore.model import load_model
-from tests.conftest import textured_image, write_tiff
-from tests.test_job_submit import RAY, REPO, Head, _free_port, _get, _stop
+from slidescore.pipeline import plan_images
+from tests.conftest import REPO, Head, head_get, textured_image, write_tiff
 
 sys.path.insert(0, str(REPO / "tests" / "k8s"))
 from k8s_checks import (  # noqa: E402
@@ -76,6 +79,8 @@ def test_deployed_intake_configs_load(where: str) -> None:
         ({"output": "o"}, "intake_prefix: expected a folder or s3:// prefix"),
         ({"intake_prefix": "p"}, "output: required"),
         ({"output": "", "intake_prefix": "p"}, "output: expected a non-empty string"),
+        ({"output": "o", "intake_prefix": "p", "settle_s": 0}, "settle_s: expected a positive integer"),
+        ({"output": "o", "intake_prefix": "p", "sample_folders": "yes"}, "sample_folders: expected true or false"),
     ],
 )
 def test_intake_config_errors_name_the_key(data: dict, message: str) -> None:
@@ -95,6 +100,104 @@ def test_one_image_is_one_sample_and_shared_ids_are_conflicts(tmp_path: Path) ->
     (tmp_path / "r.zarr").mkdir()
     samples, conflicts = group_samples(list_images(str(tmp_path)))
     assert [s.sample_id for s in samples] == ["p", "q", "r"] and not conflicts
+
+
+def _inbox(tmp_path: Path) -> Path:
+    """An intake folder: single images, complete and incomplete sample folders, odd entries."""
+    inbox = tmp_path / "inbox"
+    for rel in ("a.tif", "b.ome.tiff", "s1/f1.tif", "s1/f2.tif", "s1/notes.txt", "smear 7/f1.tif", "smear 7/f2.svs",
+                "one/only.tif", "_quarantine/old.tif", ".partial/x.tif", "bad/readme.txt", "-x/p.tif"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(b"x")
+    (inbox / "c.zarr").mkdir()  # an image folder, not a sample folder
+    (inbox / "empty").mkdir()
+    for rel in ("smear 7", "one", "bad", "-x"):
+        (inbox / rel / READY).write_bytes(b"")
+    return inbox
+
+
+def test_sample_folders_are_samples_once_ready(tmp_path: Path) -> None:
+    inbox = _inbox(tmp_path)
+    cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": str(tmp_path / "out")})
+    found = find_samples(cfg)
+    assert found.samples == [Sample("a", (str(inbox / "a.tif"),)), Sample("b", (str(inbox / "b.ome.tiff"),)),
+                             Sample("c", (str(inbox / "c.zarr"),)), Sample("one", (str(inbox / "one/only.tif"),)),
+                             Sample("smear_7", (str(inbox / "smear 7/f1.tif"), str(inbox / "smear 7/f2.svs")))]
+    assert sorted(found.waiting) == ["empty", "s1"] and f"has no {READY} marker yet" in found.waiting["s1"]
+    assert f"holds {READY} but no image" in found.problems["bad"] and "rename the folder" in found.problems["-x"]
+    assert not found.conflicts  # _quarantine/ and .partial/ are not samples
+    (inbox / "s1" / READY).write_bytes(b"")
+    found = find_samples(cfg)  # a second listing in this process sees the new marker
+    assert [s for s in found.samples if s.sample_id == "s1"] == [Sample("s1", (str(inbox / "s1/f1.tif"), str(inbox / "s1/f2.tif")))]
+    assert list(found.waiting) == ["empty"]
+    # a folder and an image claiming one id: a conflict, neither is submitted
+    write_tiff(inbox / "s1.tif", textured_image(64, 64))
+    found = find_samples(cfg)
+    assert found.conflicts == {"s1": [str(inbox / "s1.tif"), f"{inbox / 's1'}/"]}
+    assert "s1" not in [s.sample_id for s in found.samples]
+    off = find_samples(IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": "o", "sample_folders": False}))
+    assert [s.sample_id for s in off.samples] == ["a", "b", "c", "s1"] and not off.waiting and not off.problems
+
+
+def test_settle_s_completes_a_quiet_folder_without_marker(tmp_path: Path) -> None:
+    inbox = _inbox(tmp_path)
+    cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": "o", "settle_s": 60})
+    t = 1_800_000_000.0
+    for f in (inbox / "s1").iterdir():
+        os.utime(f, (t, t))
+    os.utime(inbox / "s1" / "notes.txt", (t + 30, t + 30))  # any object counts as a change, not only images
+    found = find_samples(cfg, now=t + 70)
+    assert "s1" in found.waiting and "changed 40 s ago" in found.waiting["s1"] and "settle_s=60" in found.waiting["s1"]
+    found = find_samples(cfg, now=t + 91)
+    assert [s.uris for s in found.samples if s.sample_id == "s1"] == [(str(inbox / "s1/f1.tif"), str(inbox / "s1/f2.tif"))]
+
+
+def test_manifest_lists_images_and_samples_of_several(tmp_path: Path) -> None:
+    inbox = _inbox(tmp_path)
+    m = tmp_path / "manifest.txt"
+    m.write_text(f"# scanner export\n{inbox}/a.tif\n\nfield7: {inbox}/b.ome.tiff s3://lab/f2.tif   # two fields\n/data/z.tif\n")
+    assert read_manifest(str(m)) == [f"{inbox}/a.tif", Sample("field7", (f"{inbox}/b.ome.tiff", "s3://lab/f2.tif")), "/data/z.tif"]
+    cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "manifest": str(m), "output": "o", "sample_folders": False})
+    found = find_samples(cfg)
+    # b.ome.tiff belongs to field7, so it is not also a sample of its own; a.tif is listed twice, once
+    assert [(s.sample_id, s.uris) for s in found.samples] == [
+        ("a", (f"{inbox}/a.tif",)), ("c", (f"{inbox}/c.zarr",)), ("field7", (f"{inbox}/b.ome.tiff", "s3://lab/f2.tif")),
+        ("z", ("/data/z.tif",))]
+    for text, message in [("s3://x/a.tif s3://x/b.tif\n", "line 1: expected one image URI, or 'ID: URI URI"),
+                          ("g:\n", "sample 'g' lists no image"), ("g: /a.tif /a.tif\n", "an image twice"),
+                          (".g: /a.tif\n", "line 1: expected a sample id")]:
+        m.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_manifest(str(m))
+
+
+def test_intake_run_key_of_a_folder_is_the_jobs(tmp_path: Path, random_model_dir: Path) -> None:
+    """Intake and job agree on "done": the poller's key equals the key the job plans the sample with."""
+    inbox = tmp_path / "inbox"
+    (inbox / "s1").mkdir(parents=True)
+    for i, name in enumerate(("f1.tif", "f2.tif")):
+        write_tiff(inbox / "s1" / name, textured_image(96, 128, seed=i))
+    (inbox / "s2").mkdir()
+    write_tiff(inbox / "s2" / "only.tif", textured_image(96, 96, seed=5))
+    for sid in ("s1", "s2"):
+        (inbox / sid / READY).write_bytes(b"")
+    model, job_cfg = load_model(str(random_model_dir)), JobConfig()
+    found = find_samples(IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": "o"}))
+    assert [s.sample_id for s in found.samples] == ["s1", "s2"]
+    for s in found.samples:
+        cmd = score_command(s, "job.yaml", str(tmp_path / "out"))
+        spec = parse_sample_arg(cmd[cmd.index("--sample") + 1])  # what jobs.score is given
+        assert spec == SampleSpec(s.sample_id, s.uris)
+        plans = plan_images(spec, job_cfg, model.card, model.checksum, str(tmp_path / "out"), dry_run=True)
+        assert plans is not None and {p.run_key for p in plans} == {sample_run_key(s, model.checksum, model.card, job_cfg)}
+    assert not (tmp_path / "out").exists()
+    s1 = found.samples[0]
+    key = sample_run_key(s1, model.checksum, model.card, job_cfg)
+    write_tiff(inbox / "s1" / "f3.tif", textured_image(96, 128, seed=9))  # a late image: another sample, another key
+    (s1_now,) = [s for s in find_samples(IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": "o"})).samples
+                 if s.sample_id == "s1"]
+    assert len(s1_now.uris) == 3 and sample_run_key(s1_now, model.checksum, model.card, job_cfg) != key
+    assert score_command(Sample("a", ("s3://in/a.tif",)), "j", "o")[-2:] == ["--uri", "s3://in/a.tif"]
 
 
 def test_run_key_follows_input_model_and_config(tmp_path: Path, random_model_dir: Path, constant_model_dir: Path) -> None:
@@ -184,6 +287,11 @@ def test_rayjob_from_the_template_is_schema_valid(where: str) -> None:
     assert obj["metadata"]["labels"]["slidescore.io/run-key"] == key and obj["metadata"]["labels"]["slidescore.io/attempt"] == "3"
     assert obj["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]  # the overlay's GPUs, untouched
     assert template["spec"]["suspend"] is True  # the template is not modified
+    folder = Sample("smear_7", ("s3://in/incoming/smear 7/f1.tif", "s3://in/incoming/smear 7/f2.tif"))
+    obj = build_rayjob(template, job_name(key, 1), folder, key, 1, score_command(folder, "/etc/slidescore/job.yaml", "s3://out/r"))
+    assert crd_problems(obj) == [] and object_meta_problems(obj, "1.30.0") == []
+    assert obj["spec"]["entrypoint"].endswith("-q --sample 'smear_7=s3://in/incoming/smear 7/f1.tif,s3://in/incoming/smear 7/f2.tif'")
+    assert obj["metadata"]["annotations"]["slidescore.io/uris"] == " ".join(folder.uris)
     bad = build_rayjob(template, job_name(key, 3), sample, key, 3, cmd)
     bad["spec"]["entrypoints"] = bad["spec"].pop("entrypoint")
     assert crd_problems(bad)  # the schema check does reject a wrong object
@@ -191,47 +299,17 @@ def test_rayjob_from_the_template_is_schema_valid(where: str) -> None:
         build_rayjob(template, "slidescore-" + "a" * 40, sample, key, 1, cmd)
 
 
-# -- end to end: S3 intake prefix, a real Ray head, local outputs ---------------------------------
+# -- end to end: S3 intake prefix and outputs, a real Ray head ------------------------------------
 @pytest.fixture(scope="module")
-def intake_head(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
-    """``ray start --head`` with token auth; unlike tests/test_job_submit.py's head it has the S3
-    endpoint and credentials in its environment, as the deployed head has them from its Secret."""
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
-    assert env["AWS_ENDPOINT_URL"] == s3_server
-    dash, agent = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rayin", dir="/tmp")
-    log = tmp_path_factory.mktemp("intake-head") / "head.log"
-    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    head = Head(f"http://127.0.0.1:{dash}", env, token, proc, log)
-    try:
-        import socket
-
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                _get(head, "/api/version")
-                socket.create_connection(("127.0.0.1", agent), timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the dashboard did not answer within 180 s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield head
-    finally:
-        _stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_head_options(s3_server: str) -> dict:
+    """This module's head (tests/conftest.py ``ray_head``): unlike tests/test_job_submit.py's it has the
+    S3 endpoint and credentials in its environment, as the deployed head has them from its Secret."""
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+    return {"num_cpus": 4, "pass_aws": True}
 
 
 def _jobs(head: Head) -> dict[str, dict]:
-    return {j["submission_id"]: j for j in _get(head, "/api/jobs/") if (j.get("submission_id") or "").startswith("slidescore-")}
+    return {j["submission_id"]: j for j in head_get(head, "/api/jobs/") if (j.get("submission_id") or "").startswith("slidescore-")}
 
 
 def _wait_all(head: Head, timeout_s: float = 300) -> dict[str, dict]:
@@ -260,28 +338,44 @@ def _cli_poll(head: Head, config: Path) -> tuple[dict, str]:
     return json.loads(p.stdout.strip().splitlines()[-1]), p.stdout
 
 
+def _s3_json(fs, path: str) -> dict | None:
+    """A JSON object on the S3 server, freshly read (``None`` when absent)."""
+    fs.invalidate_cache()
+    return json.loads(fs.cat(path)) if fs.exists(path) else None
+
+
+def _s3_zarr(uri: str):
+    import zarr
+
+    store = zarr.storage.FsspecStore.from_url(uri, storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}, read_only=True)
+    return zarr.open_group(store, mode="r")
+
+
+def _configs(tmp_path: Path, model_dir: Path, bucket: str, **intake: object) -> Path:
+    out = f"s3://{bucket}/out"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "tiling": {"chunk_cells": 8},
+                                                       "output": {"uri": out}, "cluster": {"n_actors": 1, "num_cpus_per_actor": 0.5}}))
+    intake_yaml = tmp_path / "intake.yaml"
+    intake_yaml.write_text(yaml.safe_dump({"intake_prefix": f"s3://{bucket}/incoming/", "output": out, "job_config": "job.yaml",
+                                           "max_in_flight": 4, "max_attempts": 2, "submit": "ray_jobs", **intake}))
+    return intake_yaml
+
+
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.slow
-def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: Path, s3fs_client) -> None:
-    import zarr
-
-    head = intake_head
+def test_intake_end_to_end(ray_head: Head, tmp_path: Path, random_model_dir: Path, s3fs_client) -> None:
+    head = ray_head
     bucket = f"intake-{os.getpid()}"
     s3fs_client.mkdir(bucket)
     for i, sid in enumerate(("a", "b", "c")):
         img = write_tiff(tmp_path / f"{sid}.tif", textured_image(160, 192, seed=i, fg_box=(16, 16, 128, 160)))
         s3fs_client.put(str(img), f"{bucket}/incoming/{sid}.tif")
     s3fs_client.pipe(f"{bucket}/incoming/readme.txt", b"not an image")
-    out = tmp_path / "out"
-    job_yaml = tmp_path / "job.yaml"
-    job_yaml.write_text(yaml.safe_dump({"model": {"name": str(random_model_dir)}, "tiling": {"chunk_cells": 8},
-                                        "output": {"uri": str(out)}, "cluster": {"n_actors": 1, "num_cpus_per_actor": 0.5}}))
-    intake_yaml = tmp_path / "intake.yaml"
-    intake_yaml.write_text(yaml.safe_dump({"intake_prefix": f"s3://{bucket}/incoming/", "output": str(out), "job_config": "job.yaml",
-                                           "max_in_flight": 4, "max_attempts": 2, "submit": "ray_jobs", "ray_address": head.url}))
+    out = f"{bucket}/out"  # the jobs write to S3; the poller reads their _SUCCESS there
+    intake_yaml = _configs(tmp_path, random_model_dir, bucket, ray_address=head.url)
 
-    # 1. one poll submits the three samples; their jobs write finished outputs
+    # 1. one poll submits the three samples; their jobs write finished outputs to S3
     s, text = _cli_poll(head, intake_yaml)
     assert sorted(s["submitted"]) == ["a", "b", "c"] and s["in_flight"] == 3, text
     assert "intake: 3 submitted, 0 retried" in text
@@ -289,18 +383,18 @@ def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: 
     assert sorted(jobs) == sorted(s["jobs"].values()) and all(j["status"] == "SUCCEEDED" for j in jobs.values()), jobs
     cfg = load_intake_config(intake_yaml)
     model = load_model(str(random_model_dir))
-    from slidescore.intake import load_job_config
-
     job_cfg = load_job_config(cfg)
+    assert job_cfg.output.uri == f"s3://{out}"
     for sid in ("a", "b", "c"):
         key = sample_run_key(Sample(sid, (f"s3://{bucket}/incoming/{sid}.tif",)), model.checksum, model.card, job_cfg)
-        assert json.loads((out / sid / "_SUCCESS").read_text())["run_key"] == key  # the job computed the poller's key
+        assert _s3_json(s3fs_client, f"{out}/{sid}/_SUCCESS")["run_key"] == key  # type: ignore[index]  # the job computed the poller's key
         assert s["jobs"][sid] == job_name(key, 1)
-        level0 = zarr.open_group(str(out / sid / "probabilities.ome.zarr"), mode="r")["0"]
+        level0 = _s3_zarr(f"s3://{out}/{sid}/probabilities.ome.zarr")["0"]
         assert level0.shape == (1, 10, 12) and np.isfinite(level0[:]).any()
         assert jobs[s["jobs"][sid]]["metadata"]["slidescore_sample_id"] == sid
+    assert not any(p.endswith("_SUCCESS") for p in map(str, tmp_path.rglob("*")))  # nothing finished locally
 
-    # 2. a second poll (in this process from here on, but for the last) submits nothing
+    # 2. a second poll (in this process from here on, but for the last) reads the markers on S3: nothing to do
     auth = {"Authorization": f"Bearer {head.token}"}
 
     def in_process_poll() -> PollSummary:
@@ -308,6 +402,7 @@ def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: 
 
     s2 = in_process_poll()
     assert s2.submitted == s2.retried == [] and sorted(s2.done) == ["a", "b", "c"] and s2.in_flight == 0, s2
+    assert _s3_json(s3fs_client, f"{out}/_intake/last_poll.json")["done"] == s2.done  # type: ignore[index]
 
     # 3. a new image and a corrupt one arrive; two polls started together submit each once
     img = write_tiff(tmp_path / "d.tif", textured_image(160, 160, seed=7))
@@ -334,7 +429,7 @@ def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: 
     jobs = _wait_all(head)
     assert len(jobs) == 5 and jobs[job_name(_key(results, "d"), 1)]["status"] == "SUCCEEDED"
     assert jobs[job_name(_key(results, "x"), 1)]["status"] == "FAILED"
-    assert (out / "d" / "_SUCCESS").exists() and not (out / "x" / "_SUCCESS").exists()
+    assert _s3_json(s3fs_client, f"{out}/d/_SUCCESS") is not None and _s3_json(s3fs_client, f"{out}/x/_SUCCESS") is None
     # Ray refuses a submission id it has seen: a late duplicate of this attempt is not run again
     d_sample = Sample("d", (f"s3://{bucket}/incoming/d.tif",))
     backend = RayJobsBackend(head.url, headers=auth)
@@ -347,16 +442,62 @@ def test_intake_end_to_end(intake_head: Head, tmp_path: Path, random_model_dir: 
     jobs = _wait_all(head)
     assert jobs[s4.jobs["x"]]["status"] == "FAILED"
 
-    # 5. attempts used up: quarantined with the reason, and never submitted again
+    # 5. attempts used up: quarantined on S3 with the reason, and never submitted again
     s, text = _cli_poll(head, intake_yaml)
     assert s["quarantined"] == ["x"] and s["submitted"] == s["retried"] == [], text
     assert "QUARANTINED x: see _quarantine/x.json" in text
-    q = json.loads((out / "_quarantine" / "x.json").read_text())
-    assert q["run_key"] == _key(results, "x") and [a["name"][-2:] for a in q["attempts"]] == ["a1", "a2"]
+    q = _s3_json(s3fs_client, f"{out}/_quarantine/x.json")
+    assert q is not None and q["run_key"] == _key(results, "x") and [a["name"][-2:] for a in q["attempts"]] == ["a1", "a2"]
     assert "2 attempts failed" in q["reason"] and "FAILED" in q["reason"] and "x.tif" in q["reason"], q["reason"]
     s6 = in_process_poll()
     assert s6.still_quarantined == ["x"] and s6.submitted == s6.retried == s6.quarantined == [], s6
     assert sorted(s6.done) == ["a", "b", "c", "d"] and len(_jobs(head)) == 6
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_intake_sample_folder_end_to_end(ray_head: Head, tmp_path: Path, random_model_dir: Path, s3fs_client) -> None:
+    """A folder of two images is one sample, submitted once its ``_READY`` marker is there; the job
+    scores both images and writes one ``_SUCCESS`` on S3 whose key the poller computed."""
+    head = ray_head
+    bucket = f"folders-{os.getpid()}"
+    s3fs_client.mkdir(bucket)
+    for i, name in enumerate(("field1.tif", "field2.tif")):
+        img = write_tiff(tmp_path / name, textured_image(128, 160, seed=10 + i, fg_box=(16, 16, 96, 128)))
+        s3fs_client.put(str(img), f"{bucket}/incoming/smear 7/{name}")
+    out = f"{bucket}/out"
+    # the job runs this checkout's code (uploaded working dir), as a RayCluster deployment would run the image's
+    intake_yaml = _configs(tmp_path, random_model_dir, bucket, ray_address=head.url, working_dir=str(REPO))
+    cfg = load_intake_config(intake_yaml)
+    model = load_model(str(random_model_dir))
+    job_cfg = load_job_config(cfg)
+
+    def in_process_poll() -> PollSummary:
+        backend = RayJobsBackend(head.url, cfg.working_dir, headers={"Authorization": f"Bearer {head.token}"})
+        return poll(cfg, job_cfg, backend, model_checksum=model.checksum, card=model.card)
+
+    before = set(_jobs(head))
+    s1 = in_process_poll()  # uploaded, but not marked complete: nothing is submitted
+    assert s1.submitted == [] and list(s1.waiting) == ["smear_7"] and f"has no {READY} marker" in s1.waiting["smear_7"], s1
+    s3fs_client.pipe(f"{bucket}/incoming/smear 7/{READY}", b"")
+    s, text = _cli_poll(head, intake_yaml)
+    assert s["submitted"] == ["smear_7"] and s["waiting"] == {}, text
+    jobs = {k: v for k, v in _wait_all(head).items() if k not in before}
+    job = jobs[s["jobs"]["smear_7"]]
+    assert list(jobs) == [s["jobs"]["smear_7"]] and job["status"] == "SUCCEEDED", job.get("message")
+    uris = tuple(f"s3://{bucket}/incoming/smear 7/field{i}.tif" for i in (1, 2))
+    assert jobs[s["jobs"]["smear_7"]]["entrypoint"].endswith(f"--sample 'smear_7={','.join(uris)}'")
+    key = sample_run_key(Sample("smear_7", uris), model.checksum, model.card, job_cfg)
+    assert s["jobs"]["smear_7"] == job_name(key, 1)
+    assert _s3_json(s3fs_client, f"{out}/smear_7/_SUCCESS")["run_key"] == key  # type: ignore[index]
+    run = _s3_json(s3fs_client, f"{out}/smear_7/run.json")
+    assert run is not None and run["input"]["images"] == list(uris) and run["sample_id"] == "smear_7", run
+    for iid in ("field1", "field2"):
+        level0 = _s3_zarr(f"s3://{out}/smear_7/images/{iid}/probabilities.ome.zarr")["0"]
+        assert level0.shape == (1, 8, 10) and np.isfinite(level0[:]).any()
+    s3 = in_process_poll()  # done: the marker's key is the folder's
+    assert s3.done == ["smear_7"] and s3.submitted == s3.retried == [] and not s3.waiting, s3
 
 
 def _key(results: list, sid: str) -> str:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,10 +18,7 @@ from slidescore.errors import ConfigError
 from slidescore.io.storage import fingerprint
 from slidescore.model import load_model
 from slidescore.pipeline import run_key_for
-from tests.conftest import textured_image, write_tiff
-
-REPO = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).with_name("ray")
+from tests.conftest import RAY, REPO, Head, head_get, textured_image, write_tiff
 
 
 @pytest.fixture(scope="module")
@@ -145,86 +134,19 @@ def test_usage_errors_exit_2(tmp_path: Path, images, random_model_dir: Path, cap
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-# -- a real head and `ray job submit` ------------------------------------------------------------
-@dataclass
-class Head:
-    url: str
-    env: dict[str, str]
-    token: str
-    proc: subprocess.Popen
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(head: Head, path: str) -> dict:
-    req = urllib.request.Request(head.url + path, headers={"Authorization": f"Bearer {head.token}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+# -- a real head (tests/conftest.py `ray_head`) and `ray job submit` --------------------------------
+@pytest.fixture(scope="module")
+def ray_head_options() -> dict:
+    # no AWS_* in the head: a job that reads from S3 must get its endpoint and credentials in its
+    # runtime env; 2 logical GPUs: each actor reserves one and must see only its own
+    return {"num_cpus": 2, "num_gpus": 2, "pass_aws": False}
 
 
 def _job_status(head: Head, submission_id: str) -> str:
     try:
-        return _get(head, f"/api/jobs/{submission_id}")["status"]
+        return head_get(head, f"/api/jobs/{submission_id}")["status"]
     except OSError:  # a busy 2-core machine can make the dashboard miss a poll; ask again
         return "UNKNOWN"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the head (it drains and stops its processes), then SIGKILL whatever is left of its group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):  # dashboard modules and workers may outlive `ray start`
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    # Token auth, as on a real Ray 2.60 cluster, set explicitly and identically for the head, the
-    # `ray job` client and (inherited from the head) the job driver. The token is a fresh random
-    # one passed in RAY_AUTH_TOKEN, so nothing is read from or written to ~/.ray: with RAY_AUTH_MODE
-    # unset, `ray start --head` would turn auth on or off depending on whether ~/.ray/auth_token
-    # happens to exist, and a local `ray.init()` would create that file. RAY_AUTH_MODE=disabled on
-    # both sides works too; token mode additionally proves the dashboard rejects an unauthenticated
-    # client (checked below).
-    token = secrets.token_hex(32)
-    # no AWS_* either: a job that reads from S3 must get its endpoint and credentials in its runtime env
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
-    dash, agent = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
-    log = tmp_path_factory.mktemp("head") / "head.log"
-    cmd = [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=2", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    head = Head(f"http://127.0.0.1:{dash}", env, token, proc, log)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                _get(head, "/api/version")
-                # jobs go through the node's dashboard agent, which comes up after the dashboard
-                socket.create_connection(("127.0.0.1", agent), timeout=5).close()
-                break
-            except OSError:  # URLError included
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the dashboard did not answer within 180 s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield head
-    finally:
-        _stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(head: Head, job: Path, submission_id: str, env_vars: dict[str, str] | None = None) -> tuple[str, str]:

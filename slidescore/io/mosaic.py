@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 import numcodecs
@@ -26,8 +27,10 @@ import numpy as np
 import zarr
 
 from slidescore.io.outputs import join, local_path, remove, write_text
-from slidescore.io.storage import is_local, storage_options
+from slidescore.io.storage import is_local, storage_options, with_retries
 from slidescore.types import Box
+
+T = TypeVar("T")
 
 UINT8_NOT_SCORED = 255
 UINT8_SCALE = 254.0
@@ -242,11 +245,23 @@ def _level0_arrays(path: str, spec: MosaicSpec) -> tuple[zarr.Array, zarr.Array]
     return _arr(root, "0"), _arr(root, "labels/suspect/0")
 
 
+def _storage_guard(path: str | Path, what: str, fn: Callable[[], T]) -> T:
+    """Remote mosaics: retry transient store errors, and raise slidescore's storage errors (a
+    :class:`~slidescore.errors.TransientStorageError` lets the driver retry the block). Chunk
+    writes are whole and idempotent, so a retried write leaves the same bytes."""
+    return fn() if is_local(str(path)) else with_retries(fn, str(path), what)
+
+
 def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
     """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
-    probs, labels = _level0_arrays(str(path), spec)
-    probs[:, cells.y : cells.y1, cells.x : cells.x1] = encode(prob, spec.dtype)
-    labels[cells.y : cells.y1, cells.x : cells.x1] = threshold_labels(prob, spec.thresholds)
+    stored, labels = encode(prob, spec.dtype), threshold_labels(prob, spec.thresholds)
+
+    def write() -> None:
+        a_probs, a_labels = _level0_arrays(str(path), spec)
+        a_probs[:, cells.y : cells.y1, cells.x : cells.x1] = stored
+        a_labels[cells.y : cells.y1, cells.x : cells.x1] = labels
+
+    _storage_guard(path, f"writing the mosaic chunks of cells {cells}", write)
 
 
 def build_pyramid(path: str | Path, spec: MosaicSpec) -> np.ndarray:
@@ -256,15 +271,20 @@ def build_pyramid(path: str | Path, spec: MosaicSpec) -> np.ndarray:
     the stored values of the level below and written with one call, which zarr splits into whole
     chunks written concurrently; an all-NaN chunk is not written (``write_empty_chunks`` off).
     """
-    root = _open(path, "r+")
-    prob0 = decode(np.asarray(_arr(root, "0")[...]))
-    cur, labels = prob0, np.asarray(_arr(root, "labels/suspect/0")[...])
+    root = _storage_guard(path, "opening the mosaic", lambda: _open(path, "r+"))
+    prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])))
+    cur = prob0
+    labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
     for lvl in range(1, spec.n_levels):
         stored = encode(nanmean_2x2(cur), spec.dtype)
-        _arr(root, str(lvl))[...] = stored
-        cur = decode(stored)  # the next level averages what is stored, as a reader would
         labels = max_2x2(labels)
-        _arr(root, f"labels/suspect/{lvl}")[...] = labels
+
+        def write(lvl: int = lvl, stored: np.ndarray = stored, labels: np.ndarray = labels) -> None:
+            _arr(root, str(lvl))[...] = stored
+            _arr(root, f"labels/suspect/{lvl}")[...] = labels
+
+        _storage_guard(path, f"writing mosaic level {lvl}", write)
+        cur = decode(stored)  # the next level averages what is stored, as a reader would
     return prob0
 
 

@@ -11,6 +11,7 @@ onto the error tree: missing → :class:`SampleNotFoundError`, access denied or 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -44,7 +45,8 @@ def storage_options(uri: str) -> dict[str, Any]:
             "config_kwargs": {
                 "connect_timeout": float(os.environ.get("SLIDESCORE_S3_CONNECT_TIMEOUT", "10")),
                 "read_timeout": float(os.environ.get("SLIDESCORE_S3_READ_TIMEOUT", "60")),
-                "retries": {"max_attempts": int(os.environ.get("SLIDESCORE_S3_MAX_ATTEMPTS", "4")), "mode": "adaptive"},
+                "retries": {"max_attempts": int(os.environ.get("SLIDESCORE_S3_MAX_ATTEMPTS", "4")),
+                            "mode": os.environ.get("SLIDESCORE_S3_RETRY_MODE", "adaptive")},
                 "max_pool_connections": 16,
             },
         }
@@ -75,8 +77,10 @@ def classify(exc: BaseException, uri: str, what: str) -> Exception:
         code = str(resp.get("Error", {}).get("Code", ""))
     name = type(exc).__name__
     text = str(exc)
+    # s3fs turns SlowDown/503 into OSError(EBUSY, "Please reduce your request rate.") once its own retries are spent
+    busy = isinstance(exc, OSError) and exc.errno == errno.EBUSY
     if code in _TRANSIENT_CODES or name in ("ReadTimeoutError", "ConnectTimeoutError", "TimeoutError", "ServerDisconnectedError") \
-            or "SlowDown" in text or "503" in text:
+            or busy or "SlowDown" in text or "503" in text or "reduce your request rate" in text:
         return TransientStorageError(f"{uri}: transient storage error while {what} ({name}: {text})", uri=uri)
     if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectionRefusedError") or "Could not connect" in text \
             or isinstance(exc, ConnectionError):

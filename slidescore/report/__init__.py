@@ -2,12 +2,16 @@
 
 :func:`write_report` writes a sample's self-contained ``report.html`` (and the QuPath tile heat
 map) and returns the data-quality flags and report summary to merge into run.json;
-:func:`write_index` writes the run's ``index.html``. Grad-CAM (torch) and napari are imported
-lazily, only when used.
+:func:`write_sample_report` writes the page of a sample of several images (its regions ranked
+across them); :func:`write_index` writes the run's ``index.html`` (local or object store).
+Grad-CAM (torch) and napari are imported lazily, only when used.
 """
 
-from slidescore.report.html import write_index, write_report
+from slidescore.report.html import SampleParts, write_report
+from slidescore.report.index import write_index
 from slidescore.report.quality import quality_flags, sample_quality
 from slidescore.report.qupath import tile_heatmap_geojson
+from slidescore.report.sample_page import write_sample_report
 
-__all__ = ["quality_flags", "sample_quality", "tile_heatmap_geojson", "write_index", "write_report"]
+__all__ = ["SampleParts", "quality_flags", "sample_quality", "tile_heatmap_geojson", "write_index", "write_report",
+           "write_sample_report"]

@@ -8,6 +8,11 @@ context (model and card, operating point and thresholds, patches scored/skipped,
 regions), the data-quality checks, and the top-K regions as level-0 crops beside their overlay and
 Grad-CAM maps, each with its measurements; links point at the mosaic, the GeoJSONs and run.json.
 Elements carry stable ids/classes (``#call``, ``#overview``, ``.crop``) for tests and styling.
+
+A sample of several images gets one such page per image (``images/<image_id>/report.html``) and a
+sample page (:mod:`slidescore.report.sample_page`); :class:`SampleParts` hands the rendered regions
+over, so nothing is rendered twice. Grad-CAM uses the model that scored the sample when the caller
+passes it, else loads it again. The run's ``index.html`` is :mod:`slidescore.report.index`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import html
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ import numpy as np
 
 from slidescore.config import ReportConfig
 from slidescore.io import SlideReader
-from slidescore.io.outputs import read_json, write_json, write_text
+from slidescore.io.outputs import write_text
 from slidescore.regions import Region
 from slidescore.report import images as im
 from slidescore.report.quality import QualityThresholds, sample_quality
@@ -33,8 +39,8 @@ from slidescore.types import Box
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
-INDEX = "index.html"
 TILES = "tiles.geojson"
+THUMB_PX = 360  # long side of an image's overview on its sample's page
 CALL_COLORS = {"positive": "#c0392b", "negative": "#1e8449", "needs review": "#d68910", "not computed": "#7f8c8d",
                "failed": "#7b241c"}
 
@@ -58,6 +64,7 @@ th{font-weight:600;color:#444}
 .region{display:flex;gap:10px;align-items:flex-start;border-top:1px solid #eee;padding:10px 0;flex-wrap:wrap}
 .region figure{margin:0;text-align:center}
 .region img{width:220px;height:auto;border:1px solid #ccc;display:block}
+img.thumb{max-width:240px;border:1px solid #ccc}
 .region figcaption{font-size:12px;color:#555}
 .rank{font-size:22px;font-weight:700;width:40px}
 .legend span{display:inline-block;width:14px;height:14px;vertical-align:middle;margin-right:4px;border:1px solid #999}
@@ -128,8 +135,25 @@ def render_overview(reader: SlideReader, prob: np.ndarray, cell_px0: float, regi
     return im.draw_boxes(rgb, regions, px0)
 
 
+@dataclass(frozen=True)
+class RegionView:
+    """One region's pictures and measurements, rendered once; shown on its image's page and its sample's page."""
+
+    rank: int
+    figures: str  # the <figure> elements (inline pictures)
+    rows: list[tuple[str, str]]  # measurements (name, HTML value)
+    info: dict[str, Any]
+    image_id: str = ""
+
+    def html(self, image_html: str = "") -> str:
+        """The region's block; ``image_html`` (a label or a link) names its image on a multi-image page."""
+        rows = ([("image", image_html)] if image_html else []) + self.rows
+        return (f"<div class='region' id='region-{self.rank}' data-image='{_e(self.image_id)}'><div class='rank'>#{self.rank}</div>"
+                f"{self.figures}{_kv(rows)}</div>")
+
+
 def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: dict[str, Any],
-                    cfg: ReportConfig, model: Any, cam_note: list[str]) -> tuple[str, dict[str, Any]]:
+                    cfg: ReportConfig, model: Any, cam_note: list[str], image_id: str = "") -> RegionView:
     lv0 = reader.levels[0]
     box = im.crop_box(r, (lv0.height, lv0.width), min_px=cfg.crop_px, max_px=cfg.max_crop_px)
     crop = im.to_rgb(np.asarray(reader.read(0, box)))
@@ -158,19 +182,19 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
         if res.guided is not None:
             g = im.resize(res.guided, crop.shape[:2])
             figs.append(("guided", "guided Grad-CAM", im.heat_rgb(g)))
-    body = "".join(
+    figures = "".join(
         f"<figure><img class='{cls}' alt='{_e(cls)} of region {r.rank}' src='{im.data_uri(pic)}'>"
         f"<figcaption>{_e(cap)}</figcaption></figure>"
         for cls, cap, pic in figs
     )
-    meas = _kv([
+    rows = [
         ("class", _e(r.class_name)), ("peak probability", _num(r.peak_probability)),
         ("mean probability", _num(r.mean_probability)), ("area", f"{_num(r.area_um2)} µm² ({r.n_cells} cells)"),
         ("centroid", f"({r.centroid_px[0]:.0f}, {r.centroid_px[1]:.0f}) px · ({r.centroid_um[0]:.1f}, {r.centroid_um[1]:.1f}) µm"),
         ("bounding box", "y {:.0f}, x {:.0f}, h {:.0f}, w {:.0f} px".format(*r.bbox_px)),
         ("threshold", _num(r.threshold)),
-    ])
-    return f"<div class='region' id='region-{r.rank}'><div class='rank'>#{r.rank}</div>{body}{meas}</div>", info
+    ]
+    return RegionView(r.rank, figures, rows, info, image_id)
 
 
 def _load_model_for(run: dict[str, Any]) -> tuple[Any, str]:
@@ -190,14 +214,39 @@ def _load_model_for(run: dict[str, Any]) -> tuple[Any, str]:
     return model, ""
 
 
+@dataclass
+class SampleParts:
+    """What the reports of a multi-image sample's images hand to the sample's page (:func:`~slidescore.report.sample_page.write_sample_report`).
+
+    Each :func:`write_report` given one adds its rendered regions (by rank) and a summary of its
+    image, so the sample page shows the regions ranked across images without rendering (or
+    explaining) any crop twice.
+    """
+
+    views: dict[int, RegionView] = field(default_factory=dict)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    cam_notes: list[str] = field(default_factory=list)
+
+
+def _usable_model(model: Any, run: dict[str, Any]) -> tuple[Any, str]:
+    """The scoring model handed in, unless its checksum differs from the one run.json records."""
+    want = run.get("model", {}).get("sha256")
+    have = getattr(model, "checksum", "")
+    if want and have and have != want:
+        return None, f"not computed: the model passed for Grad-CAM is not the scoring model (sha256 {have[:12]}… ≠ {want[:12]}…)"
+    return model, ""
+
+
 def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], reader: SlideReader, prob: np.ndarray,
-                 card: Any, *, cfg: ReportConfig | None = None, model: Any = None) -> dict[str, Any]:
+                 card: Any, *, cfg: ReportConfig | None = None, model: Any = None, image_id: str = "",
+                 sample_href: str = "", parts: SampleParts | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``tiles.geojson`` of one sample; return what run.json should add.
 
     Parameters
     ----------
     out_dir
-        The sample's output folder (where run.json, regions.* and the mosaic are).
+        The sample's output folder (where run.json, regions.* and the mosaic are), or the image's
+        folder of a multi-image sample.
     run
         The sample's run record (as written to run.json; ``decision`` optional).
     regions
@@ -209,8 +258,13 @@ def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region]
     card
         The :class:`~slidescore.model.ModelCard`.
     model
-        The :class:`~slidescore.model.PatchClassifier` for Grad-CAM; ``None`` loads the model named
-        in run.json on CPU (if ``cfg.gradcam``).
+        The :class:`~slidescore.model.PatchClassifier` that scored the sample, used for Grad-CAM
+        as it is (on its device); ``None`` loads the model named in run.json again, on CPU (if
+        ``cfg.gradcam``).
+    image_id, sample_href, parts
+        For one image of a multi-image sample: its id, the relative link from its folder to the
+        sample's folder (``../../``; the sample-level files are linked there), and the
+        :class:`SampleParts` that collects what the sample page shows.
 
     Returns
     -------
@@ -223,39 +277,58 @@ def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region]
     thresholds = [float(run["thresholds"][c]) for c in card.classes]
     flags = sample_quality(reader, run, card, QualityThresholds(quality_mpp=cfg.quality_mpp))
 
-    write_json(out / TILES, tile_heatmap_geojson(prob, card.classes, cell_px0, run["sample_id"], max_tiles=cfg.qupath_max_tiles))
+    tiles = tile_heatmap_geojson(prob, card.classes, cell_px0, run["sample_id"], max_tiles=cfg.qupath_max_tiles)
+    # compact: tens of thousands of tiles; indented JSON goes through Python's slow encoder (seconds, 2× the bytes)
+    write_text(out / TILES, json.dumps(tiles, separators=(",", ":")) + "\n")
 
     cam_note: list[str] = []
-    if cfg.gradcam and model is None and regions:
-        model, note = _load_model_for(run)
-        if note:
-            cam_note.append(note)
+    top = regions[: cfg.top_k]
+    model_used = "none"
     if not cfg.gradcam:
         model = None
         cam_note.append("not computed: report.gradcam is off")
-    top = regions[: cfg.top_k]
-    region_html, region_info = [], []
-    for r in top:
-        h, info = _region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note)
-        region_html.append(h)
-        region_info.append({"rank": r.rank, **info})
+    elif model is not None and top:
+        model, note = _usable_model(model, run)
+        model_used = "passed in" if model is not None else "none"
+        if note:
+            cam_note.append(note)
+    elif top:
+        model, note = _load_model_for(run)
+        model_used = "loaded again" if model is not None else "none"
+        if note:
+            cam_note.append(note)
+    views = [_region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note, image_id) for r in top]
 
     overview = render_overview(reader, prob, cell_px0, top, card, thresholds, cfg.overview_px)
     call, numbers = call_of(run)
     top_peak = float(regions[0].peak_probability) if regions else (float(np.nanmax(prob)) if np.isfinite(prob).any() else None)
-    html_text = render_html(run, card, call, numbers, flags, overview, region_html, len(regions), top_peak, cam_note, cfg)
+    html_text = render_html(run, card, call, numbers, flags, overview, [v.html() for v in views], len(regions), top_peak,
+                            cam_note, cfg, sample_href=sample_href if image_id else "")
     write_text(out / REPORT, html_text)
+    if parts is not None:
+        parts.views.update({v.rank: v for v in views})
+        parts.cam_notes.extend(n for n in cam_note if n not in parts.cam_notes)
+        parts.images.append({"image_id": image_id, "uri": run["input"].get("uri"), "n_regions": len(regions),
+                             "top": top_peak, "raised": [f["flag"] for f in flags if f["raised"]],
+                             "thumb": im.resize(overview, _fit(overview.shape[:2], THUMB_PX))})
     return {
         "quality": flags,
         "report": {"html": REPORT, "tiles_geojson": TILES, "top_k": len(top), "top_peak_probability": top_peak,
-                   "call": call, "gradcam": "; ".join(cam_note) or "guided Grad-CAM", "regions": region_info,
-                   "seconds": round(time.perf_counter() - t0, 3)},
+                   "call": call, "gradcam": "; ".join(cam_note) or "guided Grad-CAM", "gradcam_model": model_used,
+                   "regions": [{"rank": v.rank, **v.info} for v in views], "seconds": round(time.perf_counter() - t0, 3)},
     }
+
+
+def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
+    h, w = int(shape[0]), int(shape[1])
+    f = min(1.0, max_px / max(h, w, 1))
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, Any], flags: list[dict[str, Any]],
                 overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
-                cam_note: list[str], cfg: ReportConfig) -> str:
+                cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "") -> str:
+    """The page of one sample (or, with ``sample_href``, of one image of a multi-image sample)."""
     sid = run["sample_id"]
     pt, area, inp = run["patches"], run.get("area", {}), run["input"]
     model = run.get("model", {})
@@ -270,9 +343,18 @@ def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, An
         for f in flags
     )
     outs = run.get("outputs", {})
-    links = [(outs.get("mosaic", "probabilities.ome.zarr"), "probability mosaic (OME-Zarr; QuPath, napari)"),
-             ("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
-             ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.get("mask", "mask.ome.zarr"), "foreground mask")]
+    if sample_href:  # one image of a multi-image sample: its own mosaic and GeoJSONs, the sample's tables and record
+        per = outs.get("per_image", {})
+        links = [(f"{sample_href}{REPORT}", "the sample's page (regions ranked across its images)"),
+                 (per.get("mosaic", "probabilities.ome.zarr"), "probability mosaic of this image (OME-Zarr; QuPath, napari)"),
+                 ("regions.geojson", "regions of this image (GeoJSON, QuPath annotations)"),
+                 (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
+                 (f"{sample_href}regions.csv", "regions of the sample (CSV)"), (f"{sample_href}run.json", "run record (run.json)"),
+                 (per.get("mask", "mask.ome.zarr"), "foreground mask")]
+    else:
+        links = [(outs.get("mosaic", "probabilities.ome.zarr"), "probability mosaic (OME-Zarr; QuPath, napari)"),
+                 ("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
+                 ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.get("mask", "mask.ome.zarr"), "foreground mask")]
     legend = "".join(f"<span style='background:rgb{tuple(c) if card.n_classes > 1 else (0, 150, 255)}'></span>{_e(n)} "
                      for n, c in zip(card.classes, card.class_colors(), strict=True))
     context = _kv([
@@ -310,7 +392,7 @@ def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, An
 <section><h2>Overview</h2><div class="ovw"><img id="overview" alt="overview of {_e(sid)} with probability overlay and regions"
  src="{im.data_uri(overview)}"><div><p class="legend">overlay: {legend}<br><span style="background:rgb{im.OUTLINE_RGB}"></span>
  area at or above threshold; numbered boxes: top regions by rank</p>
-<h2>Files</h2><ul>{''.join(f"<li><a href='{_e(href)}'>{_e(text)}</a></li>" for href, text in links)}</ul></div></div></section>
+<h2>Files</h2>{_links(links)}</div></div></section>
 <section id="context"><h2>Context</h2>{context}</section>
 <section id="quality"><h2>Data quality</h2><p>{flag_summary}</p><table class="flags"><tr><th>check</th><th>value</th>
 <th>threshold</th><th>status</th><th>detail</th></tr>{flag_rows}</table></section>
@@ -321,51 +403,5 @@ def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, An
 """
 
 
-def _sample_row(d: Path) -> dict[str, Any]:
-    run = read_json(d / "run.json")
-    rep = run.get("report") or {}
-    call, _ = call_of(run)
-    top = rep.get("top_peak_probability")
-    if top is None and (d / "regions.json").exists():
-        regs = read_json(d / "regions.json").get("regions") or []
-        top = regs[0]["peak_probability"] if regs else None
-    return {"sample_id": run.get("sample_id", d.name), "status": "ok" if (d / "_SUCCESS").exists() else "incomplete",
-            "call": call, "top": top, "regions": run.get("regions", {}).get("total"),
-            "raised": [f["flag"] for f in run.get("quality", []) if f.get("raised")],
-            "report": f"{d.name}/{REPORT}" if (d / REPORT).exists() else None, "error": ""}
-
-
-def write_index(out_root: str | Path) -> Path:
-    """Write ``index.html`` at a run's output root: every sample with its call and top score.
-
-    Samples are the sub-folders holding a run.json; failed samples come from failures.jsonl (the
-    latest entry per sample, unless the sample has since succeeded).
-    """
-    root = Path(out_root)
-    rows = [_sample_row(p.parent) for p in sorted(root.glob("*/run.json"))]
-    ok = {r["sample_id"] for r in rows}
-    failed: dict[str, dict[str, Any]] = {}
-    if (root / "failures.jsonl").exists():
-        for line in (root / "failures.jsonl").read_text().splitlines():
-            if line.strip():
-                f = json.loads(line)
-                if f.get("sample_id") not in ok:
-                    failed[f["sample_id"]] = f
-    rows += [{"sample_id": sid, "status": "failed", "call": "failed", "top": None, "regions": None, "raised": [],
-              "report": None, "error": f"{f.get('error_type', '')}: {f.get('error', '')}"} for sid, f in sorted(failed.items())]
-    body = "".join(
-        f"<tr class='sample' data-sample='{_e(r['sample_id'])}'><td>"
-        + (f"<a href='{_e(r['report'])}'>{_e(r['sample_id'])}</a>" if r["report"] else _e(r["sample_id"]))
-        + f"</td><td><span class='call' style='font-size:13px;padding:2px 10px;background:{CALL_COLORS.get(r['call'].lower(), '#34495e')}'>"
-        f"{_e(r['call'])}</span></td><td class='top'>{_num(r['top'])}</td><td>{_num(r['regions'])}</td>"
-        f"<td>{_e(', '.join(r['raised']) or '—')}</td><td>{_e(r['status'])} <span class='muted'>{_e(r['error'])}</span></td></tr>"
-        for r in rows
-    )
-    text = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>slidescore run — {_e(root.name)}</title><style>{CSS}</style></head>
-<body><header><h1>slidescore run: {len(rows)} samples</h1></header><main><section>
-<table id="samples"><tr><th>sample</th><th>call</th><th>top score</th><th>regions</th><th>quality flags raised</th><th>status</th></tr>
-{body}</table></section></main></body></html>
-"""
-    write_text(root / INDEX, text)
-    return root / INDEX
+def _links(links: list[tuple[str, str]]) -> str:
+    return "<ul class='files'>" + "".join(f"<li><a href='{_e(href)}'>{_e(text)}</a></li>" for href, text in links) + "</ul>"

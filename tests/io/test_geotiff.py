@@ -3,6 +3,7 @@ region coordinates carried into map units (regions.json, regions.map.geojson, ru
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def test_regions_carry_map_coordinates(tmp_path: Path) -> None:
     assert (reg["centroid_map_x"], reg["centroid_map_y"]) == pytest.approx((mx, my))
     y, x, h, w = reg["bbox_px"]
     assert reg["bbox_map"] == pytest.approx([EASTING + 0.5 * x, NORTHING - 0.5 * (y + h), EASTING + 0.5 * (x + w), NORTHING - 0.5 * y])
+    with (out / "regions.csv").open() as f:  # the spreadsheet carries the map centroid too
+        (row,) = list(csv.DictReader(f))
+    assert (float(row["centroid_map_x"]), float(row["centroid_map_y"])) == pytest.approx((mx, my))
     gj = json.loads((out / "regions.map.geojson").read_text())
     assert gj["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
     (feat,) = gj["features"]

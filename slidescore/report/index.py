@@ -1,0 +1,99 @@
+"""``index.html`` of a run: every sample of an output folder or object-store prefix, with its call and top score.
+
+Samples are the sub-folders holding a run.json (one listing of the root, one of each sample);
+failed samples come from ``failures.jsonl``. Links are relative (``<sample>/report.html``), so the
+page works in a local folder and from an object store (``s3://…``) alike; it is written with one
+PUT through :mod:`slidescore.io.outputs`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slidescore.errors import SampleNotFoundError
+from slidescore.io.outputs import join, local_path, read_json, read_text, write_text
+from slidescore.io.storage import filesystem, is_local, with_retries
+from slidescore.report.html import CALL_COLORS, CSS, REPORT, _e, _num, call_of
+
+INDEX = "index.html"
+SUCCESS = "_SUCCESS"
+
+
+def _children(uri: str) -> dict[str, tuple[str, bool]]:
+    """Name → (location, is a folder) of the entries right under a local folder or an object-store prefix.
+
+    Object stores are listed afresh (samples finished by other processes since the last listing).
+    """
+    if is_local(uri):
+        root = Path(local_path(uri))
+        return {p.name: (str(p), p.is_dir()) for p in root.iterdir()} if root.is_dir() else {}
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        found = with_retries(lambda: fs.ls(path, detail=True), uri, "listing the run's outputs")
+    except SampleNotFoundError:
+        return {}
+    out = {}
+    for e in found:
+        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if str(e["name"]).rstrip("/") != path.rstrip("/"):  # a file's listing holds the file itself
+            out[name] = (join(uri, name), e.get("type") == "directory")
+    return out
+
+
+def _sample_row(d: str, name: str) -> dict[str, Any] | None:
+    files = {k: loc for k, (loc, _) in _children(d).items()}
+    if "run.json" not in files:
+        return None
+    run = read_json(files["run.json"])
+    rep = run.get("report") or {}
+    call, _ = call_of(run)
+    top = rep.get("top_peak_probability")
+    if top is None and "regions.json" in files:
+        regs = read_json(files["regions.json"]).get("regions") or []
+        top = regs[0]["peak_probability"] if regs else None
+    return {"sample_id": run.get("sample_id", name), "status": "ok" if SUCCESS in files else "incomplete",
+            "call": call, "top": top, "regions": run.get("regions", {}).get("total"),
+            "raised": [f["flag"] for f in run.get("quality", []) if f.get("raised")],
+            "report": f"{name}/{REPORT}" if REPORT in files else None, "error": ""}
+
+
+def write_index(out_root: str | Path) -> str:
+    """Write ``index.html`` at a run's output root (a local folder or a URL): every sample with its call and top score.
+
+    Samples are the sub-folders holding a run.json; failed samples come from failures.jsonl (the
+    latest entry per sample, unless the sample has since succeeded). Links are relative
+    (``<sample>/report.html``), so the page works in a folder and from an object store alike.
+    Returns the page's location.
+    """
+    root = str(out_root)
+    entries = _children(root)
+    rows = [r for name, (loc, is_dir) in sorted(entries.items()) if is_dir and (r := _sample_row(loc, name)) is not None]
+    ok = {r["sample_id"] for r in rows}
+    failed: dict[str, dict[str, Any]] = {}
+    if "failures.jsonl" in entries:
+        for line in read_text(entries["failures.jsonl"][0]).splitlines():
+            if line.strip():
+                f = json.loads(line)
+                if f.get("sample_id") not in ok:
+                    failed[f["sample_id"]] = f
+    rows += [{"sample_id": sid, "status": "failed", "call": "failed", "top": None, "regions": None, "raised": [],
+              "report": None, "error": f"{f.get('error_type', '')}: {f.get('error', '')}"} for sid, f in sorted(failed.items())]
+    body = "".join(
+        f"<tr class='sample' data-sample='{_e(r['sample_id'])}'><td>"
+        + (f"<a href='{_e(r['report'])}'>{_e(r['sample_id'])}</a>" if r["report"] else _e(r["sample_id"]))
+        + f"</td><td><span class='call' style='font-size:13px;padding:2px 10px;background:{CALL_COLORS.get(r['call'].lower(), '#34495e')}'>"
+        f"{_e(r['call'])}</span></td><td class='top'>{_num(r['top'])}</td><td>{_num(r['regions'])}</td>"
+        f"<td>{_e(', '.join(r['raised']) or '—')}</td><td>{_e(r['status'])} <span class='muted'>{_e(r['error'])}</span></td></tr>"
+        for r in rows
+    )
+    text = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>slidescore run — {_e(root.rstrip("/").rsplit("/", 1)[-1])}</title><style>{CSS}</style></head>
+<body><header><h1>slidescore run: {len(rows)} samples</h1></header><main><section>
+<table id="samples"><tr><th>sample</th><th>call</th><th>top score</th><th>regions</th><th>quality flags raised</th><th>status</th></tr>
+{body}</table></section></main></body></html>
+"""
+    write_text(join(root, INDEX), text)
+    return join(root, INDEX)

@@ -1,0 +1,118 @@
+"""``report.html`` of a sample of several images: the call, its images, and regions ranked across them.
+
+The images of such a sample (fields of one smear) each get their own page
+(``images/<image_id>/report.html``, :func:`~slidescore.report.html.write_report`); this page sits
+at the sample's folder and brings them together: the sample-level call, every image (overview
+thumbnail, regions, top score, raised quality flags, a link to its page) and the top regions
+ranked across the images, each naming its image and linking to the region on that image's page.
+The region pictures (crops, overlays, Grad-CAM) are the image pages' own, handed over through
+:class:`~slidescore.report.html.SampleParts`: nothing is read, rendered or explained twice.
+Every link is relative, so the page works in a local folder and from an object store alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from slidescore.config import ReportConfig
+from slidescore.io.outputs import write_text
+from slidescore.regions import Region
+from slidescore.report import images as im
+from slidescore.report.html import (
+    CSS,
+    REPORT,
+    SampleParts,
+    _call_badge,
+    _e,
+    _flatten,
+    _kv,
+    _links,
+    _num,
+    call_of,
+)
+
+
+def write_sample_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], parts: SampleParts, card: Any, *,
+                        cfg: ReportConfig | None = None, image_folder: str = "images") -> dict[str, Any]:
+    """Write the ``report.html`` of a multi-image sample, after :func:`write_report` ran for each image.
+
+    The page shows the sample-level call, every image (overview thumbnail, regions, top score,
+    raised quality flags, a link to its own report), and the top ``cfg.top_k`` regions ranked
+    across the images, each saying which image it lies on and linking to it there. Every link is
+    relative (``images/<image_id>/report.html``), so the page works in a local folder and from an
+    object store alike. Returns the sample-level ``report`` entry for run.json.
+    """
+    t0 = time.perf_counter()
+    cfg = cfg or ReportConfig()
+    sid = run["sample_id"]
+    call, numbers = call_of(run)
+    by_uri = {img["uri"]: img["image_id"] for img in parts.images}
+    top = regions[: cfg.top_k]
+    top_peak = float(regions[0].peak_probability) if regions else None
+
+    def image_href(image_id: str, anchor: str = "") -> str:
+        return f"{image_folder}/{image_id}/{REPORT}{anchor}"
+
+    blocks, missing = [], []
+    for r in top:
+        iid = by_uri.get(r.image, "")
+        link = f"<a class='image-link' href='{_e(image_href(iid, f'#region-{r.rank}'))}'>{_e(iid)}</a>" if iid else _e(r.image)
+        view = parts.views.get(r.rank)
+        if view is None:  # cannot happen when each image's report shows its own top_k; said, not hidden
+            missing.append(r.rank)
+            blocks.append(f"<div class='region' id='region-{r.rank}' data-image='{_e(iid)}'><div class='rank'>#{r.rank}</div>"
+                          f"{_kv([('image', link), ('peak probability', _num(r.peak_probability))])}</div>")
+        else:
+            blocks.append(view.html(link))
+    raised = sorted({f for img in parts.images for f in img["raised"]})
+    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(raised))) if raised else "no check raised"
+    call_rows = [(k, _num(v)) for k, v in _flatten(numbers)] if numbers else \
+        [("status", "not computed: this run has no sample-level decision (run.json has no <code>decision</code>)")]
+    image_rows = "".join(
+        f"<tr class='image' data-image='{_e(img['image_id'])}'><td><a href='{_e(image_href(img['image_id']))}'>"
+        f"<img class='thumb' alt='overview of image {_e(img['image_id'])}' src='{im.data_uri(img['thumb'])}'></a></td>"
+        f"<td><a class='image-report' href='{_e(image_href(img['image_id']))}'>{_e(img['image_id'])}</a><br>"
+        f"<span class='muted'>{_e(img['uri'])}</span></td><td>{_num(img['n_regions'])}</td><td>{_num(img['top'])}</td>"
+        f"<td>{_e(', '.join(img['raised']) or '—')}</td></tr>"
+        for img in parts.images
+    )
+    pt, area, model = run.get("patches", {}), run.get("area", {}), run.get("model", {})
+    dcfg = run.get("config", {}).get("decision", {})
+    op = (run.get("decision") or {}).get("operating_point") or dcfg.get("operating_point") or "card thresholds"
+    context = _kv([
+        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.get('source', ''))}, sha256 "
+                  f"{_e(str(model.get('sha256', ''))[:12])}…)</span>"),
+        ("operating point", _e(op)),
+        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run.get("thresholds", {}).items()))),
+        ("images", f"{len(parts.images)}"),
+        ("patches", f"{_num(pt.get('scored'))} scored, {_num(pt.get('skipped_background'))} skipped as background "
+                    f"of {_num(pt.get('total'))}"),
+        ("area discarded", f"{area.get('discarded_fraction', float('nan')):.1%} of the images not scored (background)"),
+        ("regions", f"{len(regions):,} written, ranked across the images; top {len(top)} shown below"),
+    ])
+    note = f"<p class='muted'>Explanations: {_e('; '.join(parts.cam_notes))}</p>" if parts.cam_notes else ""
+    links = [("regions.json", "regions of all images (JSON)"), ("regions.csv", "regions of all images (CSV)"),
+             ("regions.geojson", "regions of all images (GeoJSON; each feature names its image)"), ("run.json", "run record (run.json)")]
+    text = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>slidescore report — {_e(sid)}</title><style>{CSS}</style></head>
+<body>
+<header><h1>{_e(sid)}</h1>{_call_badge(call)}
+<span>top score <b id="top-score">{_num(top_peak)}</b></span><span>{len(regions):,} regions in {len(parts.images)} images</span>
+<span>data quality: {flag_summary}</span></header>
+<main>
+<section id="decision"><h2>Sample-level call: {_e(call)}</h2>{_kv(call_rows)}</section>
+<section id="images"><h2>Images</h2><table><tr><th>overview</th><th>image (its own report)</th><th>regions</th>
+<th>top score</th><th>quality flags raised</th></tr>{image_rows}</table><h2>Files</h2>{_links(links)}</section>
+<section id="context"><h2>Context</h2>{context}</section>
+<section id="regions"><h2>Top regions across the images</h2>{note}{''.join(blocks) or "<p class='muted'>No region above threshold.</p>"}</section>
+<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.get('slidescore_version'))} on
+{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: no network access needed.</footer>
+</main></body></html>
+"""
+    write_text(Path(out_dir) / REPORT, text)
+    return {"html": REPORT, "top_k": len(top), "top_peak_probability": top_peak, "call": call,
+            "image_pages": [image_href(img["image_id"]) for img in parts.images], "regions_without_crops": missing,
+            "seconds": round(time.perf_counter() - t0, 3)}
