@@ -64,6 +64,7 @@ from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, Tran
 from slidescore.io import SlideReader
 from slidescore.io.outputs import exists, join, make_dirs, read_json, write_json
 from slidescore.io.readers import expect_reads
+from slidescore.io.storage import is_local
 from slidescore.pipeline import (
     BlockRecord,
     SamplePlan,
@@ -185,7 +186,7 @@ class ScoringActor:
         bytes_before = reader.bytes_read
         try:
             ahead = iter_block_pixels(plan, [plan.blocks[i] for i in block_indices], reader, self.model.card,
-                                      self.cfg.model.prefetch_blocks)
+                                      self.cfg.model.prefetch_depth(self.model.device.type, not is_local(plan.uri)))
             records = [run_block(plan, b, reader, self.model, self.cfg, pixels=px, seconds_read=rs) for b, px, rs in ahead]
             return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
         except TransientStorageError:

@@ -63,7 +63,7 @@ from slidescore.io.outputs import (
 from slidescore.io.overview import render_overview
 from slidescore.io.prefetch import prefetch
 from slidescore.io.readers import expect_reads
-from slidescore.io.storage import fingerprint
+from slidescore.io.storage import fingerprint, is_local
 from slidescore.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 from slidescore.model.card import ModelCard
 from slidescore.regions import (
@@ -219,7 +219,7 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
     d["output"].pop("overwrite")
     d["model"].pop("device")
     d["model"].pop("batch_size")
-    for speed_only in ("channels_last", "compile", "prefetch_blocks"):  # how fast, never what comes out
+    for speed_only in ("channels_last", "compile", "prefetch_blocks", "dense_tile_px"):  # how fast, never what comes out
         d["model"].pop(speed_only, None)
     # which samples are in the job and how the cluster runs it never change a sample's outputs
     d.pop("samples", None)
@@ -832,7 +832,8 @@ def score_image(plan: SamplePlan, model: Any, cfg: JobConfig, progress: Callable
     try:
         records = []
         bar = progress(len(plan.blocks), plan.grid.n_patches) if progress else None
-        for block, pixels, read_s in iter_block_pixels(plan, plan.blocks, reader, model.card, cfg.model.prefetch_blocks):
+        for block, pixels, read_s in iter_block_pixels(plan, plan.blocks, reader, model.card,
+                                                            cfg.model.prefetch_depth(model.device.type, not is_local(plan.uri))):
             rec = run_block(plan, block, reader, model, cfg, pixels=pixels, seconds_read=read_s)
             records.append(rec)
             if bar is not None:

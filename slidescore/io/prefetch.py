@@ -13,6 +13,7 @@ which releases it too. ``depth=0`` reads nothing here: the consumer reads inline
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,13 @@ def _timed(read: Callable[[T], R], item: T) -> tuple[R, float]:
     return result, time.perf_counter() - t0
 
 
-def prefetch(items: Sequence[T], read: Callable[[T], R], *, depth: int = 2, workers: int = 2
+def prefetch(items: Sequence[T], read: Callable[[T], R], *, depth: int = 2, workers: int | None = None
              ) -> Iterator[tuple[T, R | None, float | None]]:
     """Yield ``(item, read(item), read_seconds)`` in order, reading up to ``depth`` items ahead.
 
     With ``depth == 0`` it yields ``(item, None, None)`` and reads nothing (the caller reads).
+    ``workers`` reader threads (default: one per two CPU cores, at most ``depth``; on a 2-core
+    machine a second decoding thread only takes time from the model's threads).
     Pending reads are cancelled, and running ones awaited, when the consumer stops early (an
     exception or ``close()``), so nothing reads from a reader the caller is about to close.
     """
@@ -41,6 +44,8 @@ def prefetch(items: Sequence[T], read: Callable[[T], R], *, depth: int = 2, work
         for item in items:
             yield item, None, None
         return
+    if workers is None:
+        workers = max(1, (os.cpu_count() or 2) // 2)
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, depth)), thread_name_prefix="slidescore-prefetch")
     pending: deque[tuple[T, Future[tuple[R, float]]]] = deque()
     it = iter(items)

@@ -107,6 +107,8 @@ def read_padded(reader: SlideReader, level: int, box: Box, fill: float) -> np.nd
     """Read ``box`` of ``level``; the parts outside the image are ``fill``."""
     info = reader.levels[level]
     inner = box.clip(info.height, info.width)
+    if inner == box:  # inside the image (most blocks): no padded copy
+        return reader.read(level, box)
     out = np.full((box.h, box.w, reader.n_channels), fill, dtype=reader.dtype)
     if not inner.empty:
         data = reader.read(level, inner)

@@ -15,6 +15,7 @@ level-0 pixel corners to map coordinates, so outputs can be given in map units t
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -30,6 +31,8 @@ from slidescore.io.readers import as_yxc
 from slidescore.io.storage import with_retries
 from slidescore.types import Box, LevelInfo
 
+#: threads decoding the tiles of one read
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: upper bound of the decoded tiles a reader keeps for later reads (a row-major scan needs ~2 tile rows)
 TILE_CACHE_MAX_BYTES = 256 * 2**20
 
@@ -150,7 +153,8 @@ class TiffReader:
 
     def _array(self, level: int) -> zarr.Array:
         if level not in self._arrays:
-            store = self._tif.series[0].aszarr(level=level)
+            # tiles of one read decoded in parallel (libjpeg-turbo and zlib release the GIL)
+            store = self._tif.series[0].aszarr(level=level, maxworkers=DECODE_THREADS)
             self._arrays[level] = zarr.open_array(store, mode="r")
         return self._arrays[level]
 

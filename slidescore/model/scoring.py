@@ -40,6 +40,9 @@ from slidescore.model.card import ModelCard
 log = logging.getLogger(__name__)
 
 DENSE_CHECK_TOLERANCE = 1e-4
+#: default edge (px) of one dense pass (``model.dense_tile_px``), measured in docs/benchmarks.md
+DENSE_TILE_PX_CPU = 1024
+DENSE_TILE_PX_CUDA = 4096
 """Largest max-abs difference in probability between dense and per-patch scoring we accept."""
 DENSE_CHECK_PATCHES = 32
 """Patches of the first dense block that are also scored one by one for the check."""
@@ -67,7 +70,7 @@ class PatchClassifier:
 
     def __init__(self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto", checksum: str = "",
                  source: str = "", outputs: str = "logits", amp: str = "off", channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, dense_tile_px: int | None = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if outputs not in OUTPUTS:
@@ -89,6 +92,9 @@ class PatchClassifier:
         self.dense_used: bool | None = None
         self.dense_max_diff: float | None = None
         self._pinned: dict[tuple[tuple[int, ...], np.dtype], torch.Tensor] = {}
+        # dense passes over tiles of about this edge (plus the patch halo): on CPU activations of
+        # ~1k-px tiles stay in cache (2k-px blocks run ~1.4x slower per pixel); on CUDA it bounds memory
+        self.dense_tile_px = dense_tile_px or (DENSE_TILE_PX_CUDA if self.device.type == "cuda" else DENSE_TILE_PX_CPU)
         self._configure(amp, channels_last, compile)
 
     def _configure(self, amp: str, channels_last: bool, compile: bool) -> None:
@@ -146,7 +152,15 @@ class PatchClassifier:
         """(N, C, H, W) uint8 (0–255) or float (0–1) on any device → normalised float32 on ours."""
         x = x.to(self.device, non_blocking=True)
         scale = self._scale if x.dtype == torch.uint8 else self._scale * 255.0
-        return x.float() * scale + self._shift
+        # one contiguous float copy (also from a strided HWC view), normalised in place: not three copies
+        y = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        return y.copy_(x).mul_(scale).add_(self._shift)
+
+    def _block_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """(h, w, c) block pixels → the normalised (1, c, h, w) network input on our device."""
+        if self.pin_memory or not pixels.flags.writeable:  # CUDA: through the pinned buffer
+            return self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))
+        return self._normalise(torch.from_numpy(pixels).permute(2, 0, 1)[None])  # no transposed uint8 copy
 
     def _forward(self, x: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
         dtype = AMP_DTYPES[self.amp] if amp else None
@@ -166,15 +180,35 @@ class PatchClassifier:
         return torch.sigmoid(logits)
 
     # -- scoring --------------------------------------------------------------------------
-    @torch.inference_mode()
     def score_dense(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True) -> np.ndarray:
-        """Every patch of a block in one pass: (h, w, c) pixels → (C, Py, Px) float32."""
+        """Every patch of a block: (h, w, c) pixels → (C, Py, Px) float32.
+
+        One pass per tile of about :attr:`dense_tile_px` pixels (each with its own patch halo): a
+        valid-padding network whose stride divides ``stride_px`` gives every tile's patches exactly
+        as one pass over the whole block would.
+        """
+        card = self.card
+        p = card.patch_px
+        py = (pixels.shape[0] - p) // stride_px + 1
+        px = (pixels.shape[1] - p) // stride_px + 1
+        n = max(1, self.dense_tile_px // stride_px)  # patches per tile edge
+        if py <= n and px <= n:
+            return self._score_dense_pass(pixels, stride_px, amp=amp)
+        out = np.empty((card.n_classes, py, px), np.float32)
+        for a in range(0, py, n):
+            for b in range(0, px, n):
+                na, nb = min(n, py - a), min(n, px - b)
+                tile = pixels[a * stride_px : (a + na - 1) * stride_px + p, b * stride_px : (b + nb - 1) * stride_px + p]
+                out[:, a : a + na, b : b + nb] = self._score_dense_pass(tile, stride_px, amp=amp)
+        return out
+
+    @torch.inference_mode()
+    def _score_dense_pass(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True) -> np.ndarray:
         card = self.card
         t = card.network_stride_px
         if stride_px % t:
             raise ConfigError(f"tiling.stride_px={stride_px} is not a multiple of the network stride {t}; use per_patch mode")
-        x = self._to_device(pixels.transpose(2, 0, 1)[None])
-        probs = self.probabilities(self._forward(self._normalise(x), amp=amp))[0]
+        probs = self.probabilities(self._forward(self._block_input(pixels), amp=amp))[0]
         step = stride_px // t
         py = (pixels.shape[0] - card.patch_px) // stride_px + 1
         px = (pixels.shape[1] - card.patch_px) // stride_px + 1
@@ -212,7 +246,7 @@ class PatchClassifier:
         stays at the block plus one batch, and only the listed patches reach the model.
         """
         p = self.card.patch_px
-        block = self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))[0]
+        block = self._block_input(pixels)[0]
         # (c, H, W) → (Py', Px', c, P, P) view; indexing it copies just the patches asked for
         windows = block.unfold(1, p, stride_px).unfold(2, p, stride_px).permute(1, 2, 0, 3, 4)
         ys_t = torch.from_numpy(np.ascontiguousarray(ys, np.int64)).to(self.device)
@@ -349,15 +383,17 @@ def _read_card(path: Path) -> ModelCard:
 
 
 def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool = False,
-               compile: bool = False) -> PatchClassifier:
+               compile: bool = False, dense_tile_px: int | None = None) -> PatchClassifier:
     """Load ``builtin:<name>``, a model package folder, or a TorchScript / state-dict file.
 
     A package folder holds ``card.json`` and either ``weights.pt`` (a state dict of the card's
     built-in ``architecture``, loaded with ``weights_only=True``) or ``model.ts`` (TorchScript).
     A lone ``.pt``/``.ts`` file needs its card beside it as ``<file>.card.json`` or ``card.json``.
-    ``amp``, ``channels_last`` and ``compile`` are the CUDA options of :class:`PatchClassifier`.
+    ``amp``, ``channels_last`` and ``compile`` are the CUDA options of :class:`PatchClassifier`;
+    ``dense_tile_px`` the edge of one dense pass (default: 1024 on CPU, 4096 on CUDA).
     """
-    opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile}
+    opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile,
+                            "dense_tile_px": dense_tile_px}
     if name.startswith("builtin:"):
         folder = builtin_dir(name.split(":", 1)[1])
         if not (folder / "card.json").exists():

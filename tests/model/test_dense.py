@@ -80,6 +80,27 @@ def test_resnet_classifier_checks_and_uses_dense(resnet: nn.Module) -> None:
     np.testing.assert_allclose(auto, per_patch, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tile_px", [16, 48, 80, 10_000])
+def test_dense_tiles_give_the_scores_of_one_pass(tile_px: int) -> None:
+    """Dense passes over tiles (each with its own halo) equal one pass over the whole block, for
+    tiles that divide the patch grid and tiles that leave a ragged last row and column."""
+    one = load_model("builtin:smearnet", device="cpu", dense_tile_px=10_000)
+    tiled = load_model("builtin:smearnet", device="cpu", dense_tile_px=tile_px)
+    pixels = np.random.default_rng(5).integers(0, 256, (64 + 16 * 12, 64 + 16 * 9, 3), np.uint8)
+    whole = one.score_dense(pixels, 16)
+    assert whole.shape == (1, 13, 10) and whole.std() > 1e-3
+    np.testing.assert_allclose(tiled.score_dense(pixels, 16), whole, atol=1e-5, rtol=0)
+
+
+def test_dense_tile_px_is_a_model_option() -> None:
+    cfg = JobConfig.from_dict({"model": {"dense_tile_px": 512}})
+    assert cfg.model.runtime_options()["dense_tile_px"] == 512
+    assert load_model("builtin:smearnet", **{**cfg.model.runtime_options(), "device": "cpu"}).dense_tile_px == 512
+    assert load_model("builtin:smearnet", device="cpu").dense_tile_px == 1024
+    with pytest.raises(ConfigError, match="dense_tile_px"):
+        JobConfig.from_dict({"model": {"dense_tile_px": 0}})
+
+
 class PaddedNet(nn.Module):
     """Looks dense (stem stride 4, 1 × 1 output on a 64-px patch) but pads with zeros: not dense."""
 
@@ -195,11 +216,14 @@ def test_cuda_options_are_ignored_on_cpu_with_a_log_line(caplog: pytest.LogCaptu
 
 def test_model_config_validates_the_cuda_options() -> None:
     cfg = JobConfig.from_dict({"model": {"amp": "bf16", "channels_last": True, "compile": True, "prefetch_blocks": 0}})
-    assert cfg.model.runtime_options() == {"device": "auto", "amp": "bf16", "channels_last": True, "compile": True}
+    assert cfg.model.runtime_options() == {"device": "auto", "amp": "bf16", "channels_last": True, "compile": True, "dense_tile_px": None}
     with pytest.raises(ConfigError, match="model.amp"):
         JobConfig.from_dict({"model": {"amp": "fp8"}})
     with pytest.raises(ConfigError, match="model.prefetch_blocks"):
         JobConfig.from_dict({"model": {"prefetch_blocks": -1}})
+    auto = JobConfig.from_dict({}).model  # read ahead where it overlaps waiting: a GPU, or object storage
+    assert (auto.prefetch_depth("cpu"), auto.prefetch_depth("cuda"), auto.prefetch_depth("cpu", remote_input=True)) == (0, 2, 2)
+    assert JobConfig.from_dict({"model": {"prefetch_blocks": 3}}).model.prefetch_depth("cpu") == 3
 
 
 @pytest.mark.gpu
