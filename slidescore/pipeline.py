@@ -447,6 +447,21 @@ def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
             f"divides tiling.stride_px={s}; model {card.name!r} is {'dense' if card.dense else 'not dense'} — use auto"
         )
     thresholds_for(card, cfg)
+    _check_region_rule(cfg, card)
+
+
+def _check_region_rule(cfg: JobConfig, card: ModelCard) -> None:
+    """Warn when a region-level operating point is used under other region settings than it was fitted with."""
+    name = cfg.decision.operating_point
+    if not name or name not in card.operating_points or card.operating_point_unit(name) != "region":
+        return
+    rule = card.operating_points[name].get("region_rule") or {}
+    ours = {"stride_px": cfg.tiling.stride_px, "blending": cfg.blending.weights,
+            "min_area_um2": cfg.regions.min_area_um2, "connectivity": cfg.regions.connectivity}
+    differ = [f"{k} {ours[k]!r} (fitted with {rule[k]!r})" for k in ours if k in rule and rule[k] != ours[k]]
+    if differ:
+        log.warning("operating point %r of model %r was fitted on regions under other settings: %s; its precision/recall "
+                    "figures may not hold — use the fitted settings or recalibrate", name, card.name, ", ".join(differ))
 
 
 def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:

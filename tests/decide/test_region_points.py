@@ -125,3 +125,21 @@ def test_region_points_keep_their_threshold_under_a_prior_shift() -> None:
     assert patch.thresholds[0] != pytest.approx(region.thresholds[0])
     assert region.record()["operating_point_unit"] == "region" and patch.record()["operating_point_unit"] == "patch"
     assert region.unit_figures["parasitized"] == {"sensitivity": 0.99, "specificity": 0.999}
+
+
+def test_a_region_point_under_other_region_settings_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """The region figures on the card hold for the region rule they were fitted with; other settings get a warning."""
+    import logging
+
+    from slidescore.config import JobConfig
+    from slidescore.model import load_model
+    from slidescore.pipeline import check_config_for_model
+
+    card = load_model("builtin:smearnet").card
+    with caplog.at_level(logging.WARNING, logger="slidescore.pipeline"):
+        check_config_for_model(JobConfig.from_dict({"decision": {"operating_point": "precision_0.90"}}), card)
+        assert not caplog.records
+        check_config_for_model(JobConfig.from_dict({"decision": {"operating_point": "precision_0.90"},
+                                                    "regions": {"min_area_um2": 50.0}}), card)
+    (rec,) = caplog.records
+    assert "precision_0.90" in rec.getMessage() and "min_area_um2 50.0 (fitted with 0.0)" in rec.getMessage()
