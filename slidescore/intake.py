@@ -62,7 +62,7 @@ from slidescore.io.storage import (
     protocol_of,
     with_retries,
 )
-from slidescore.pipeline import SUCCESS, image_ids, run_key_for, sample_id_for
+from slidescore.pipeline import SUCCESS, image_ids, sample_id_for, sample_run_key_for
 
 log = logging.getLogger(__name__)
 
@@ -334,15 +334,11 @@ def group_samples(uris: Sequence[str], samples: Sequence[Sample] = ()) -> tuple[
 def sample_run_key(sample: Sample, model_checksum: str, card: Any, job_cfg: JobConfig) -> str:
     """The key ``jobs.score`` will write into the sample's ``_SUCCESS``.
 
-    As :func:`slidescore.pipeline.plan_images` computes it: one image → :func:`run_key_for` of its
-    fingerprint; several → of the fingerprints of all of them by image id, in the sample's order
-    (the order :func:`score_command` passes them in).
+    The job's own :func:`slidescore.pipeline.sample_run_key_for` of the images' fingerprints, in the
+    sample's order (the order :func:`score_command` passes them in).
     """
-    if len(sample.uris) == 1:
-        return run_key_for(fingerprint(sample.uris[0]), model_checksum, card, job_cfg)
-    ids = image_ids(sample.uris)
-    key_input = {"images": [{"image_id": iid, **fingerprint(u)} for iid, u in zip(ids, sample.uris, strict=True)]}
-    return run_key_for(key_input, model_checksum, card, job_cfg)
+    return sample_run_key_for([fingerprint(u) for u in sample.uris], model_checksum, card, job_cfg,
+                              image_ids=image_ids(sample.uris))
 
 
 def job_name(run_key: str, attempt: int) -> str:

@@ -369,6 +369,17 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     return plan
 
 
+def sample_run_key_for(fps: Sequence[dict[str, Any]], model_checksum: str, card: ModelCard, cfg: JobConfig,
+                       *, image_ids: Sequence[str]) -> str:
+    """The run key of a sample from its images' fingerprints (in the sample's order): one image →
+    :func:`run_key_for` of its fingerprint; several → of all of them by image id. What the job
+    writes into ``_SUCCESS``, and what intake compares it with."""
+    if len(fps) == 1:
+        return run_key_for(fps[0], model_checksum, card, cfg)
+    return run_key_for({"images": [{"image_id": iid, **fp} for iid, fp in zip(image_ids, fps, strict=True)]},
+                       model_checksum, card, cfg)
+
+
 def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str,
                 *, dry_run: bool = False) -> list[SamplePlan] | None:
     """Plan every image of a sample (one plan each, in order). ``None`` = the sample is already done.
@@ -387,8 +398,7 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
             fps.append(fingerprint(uri))
         except (SlideScoreError, OSError) as e:
             raise image_error(sid, iid, uri, e) from None
-    key_input = {"images": [{"image_id": iid, **fp} for iid, fp in zip(ids, fps, strict=True)]}
-    run_key = run_key_for(key_input, model_checksum, card, cfg)
+    run_key = sample_run_key_for(fps, model_checksum, card, cfg, image_ids=ids)
     sample_dir = join(out_root, sid)
     if _finished(sample_dir, run_key, cfg, sid, sample_label(spec)):
         return None

@@ -216,6 +216,8 @@ def test_multi_image_samples_written_to_s3(ray_cluster, s3fs_client, tmp_path: P
     sample_run = json.loads(s3fs_client.cat(f"{bucket}/out/smear/run.json"))
     assert [i["image_id"] for i in sample_run["images"]] == ["slide", "b"]
     assert sample_run["patches"]["scored"] == rec["smear"]["patches_scored"] > 0
+    # the driver finishes with its own copy of the model: Grad-CAM uses it, nothing is loaded again
+    assert [i["gradcam_model"] for i in sample_run["report"]["images"]] == ["passed in", "passed in"]
     (failure,) = [json.loads(line) for line in s3fs_client.cat(f"{bucket}/out/failures.jsonl").decode().splitlines()]
     assert failure["sample_id"] == "bad" and failure["images"] == list(bad.uris)
 

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from slidescore.errors import SampleNotFoundError
 from slidescore.io.storage import filesystem, is_local, with_retries
 
 
@@ -126,6 +127,27 @@ def remove(uri: str | Path) -> None:
     fs, path = filesystem(str(uri))
     with_retries(lambda: fs.rm(path, recursive=True), str(uri), "removing a stale output")
     fs.invalidate_cache(path)
+
+
+def list_children(uri: str) -> dict[str, tuple[str, bool]]:
+    """Name → (location, is a folder) of the entries right under a local folder or an object-store
+    prefix (``{}`` when there is none). Object stores are listed afresh: other processes (Ray
+    actors, other jobs) may have written since the last listing."""
+    if is_local(uri):
+        root = Path(local_path(uri))
+        return {p.name: (str(p), p.is_dir()) for p in root.iterdir()} if root.is_dir() else {}
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        found = with_retries(lambda: fs.ls(path, detail=True), uri, "listing outputs")
+    except SampleNotFoundError:
+        return {}
+    out = {}
+    for e in found:
+        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if str(e["name"]).rstrip("/") != path.rstrip("/"):  # a file's listing holds the file itself
+            out[name] = (join(uri, name), e.get("type") == "directory")
+    return out
 
 
 def make_dirs(uri: str | Path) -> None:

@@ -12,39 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slidescore.errors import SampleNotFoundError
-from slidescore.io.outputs import join, local_path, read_json, read_text, write_text
-from slidescore.io.storage import filesystem, is_local, with_retries
+from slidescore.io.outputs import join, list_children, read_json, read_text, write_text
 from slidescore.report.html import CALL_COLORS, CSS, REPORT, _e, _num, call_of
 
 INDEX = "index.html"
 SUCCESS = "_SUCCESS"
 
 
-def _children(uri: str) -> dict[str, tuple[str, bool]]:
-    """Name → (location, is a folder) of the entries right under a local folder or an object-store prefix.
-
-    Object stores are listed afresh (samples finished by other processes since the last listing).
-    """
-    if is_local(uri):
-        root = Path(local_path(uri))
-        return {p.name: (str(p), p.is_dir()) for p in root.iterdir()} if root.is_dir() else {}
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path)
-    try:
-        found = with_retries(lambda: fs.ls(path, detail=True), uri, "listing the run's outputs")
-    except SampleNotFoundError:
-        return {}
-    out = {}
-    for e in found:
-        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if str(e["name"]).rstrip("/") != path.rstrip("/"):  # a file's listing holds the file itself
-            out[name] = (join(uri, name), e.get("type") == "directory")
-    return out
-
-
 def _sample_row(d: str, name: str) -> dict[str, Any] | None:
-    files = {k: loc for k, (loc, _) in _children(d).items()}
+    files = {k: loc for k, (loc, _) in list_children(d).items()}
     if "run.json" not in files:
         return None
     run = read_json(files["run.json"])
@@ -69,7 +45,7 @@ def write_index(out_root: str | Path) -> str:
     Returns the page's location.
     """
     root = str(out_root)
-    entries = _children(root)
+    entries = list_children(root)
     rows = [r for name, (loc, is_dir) in sorted(entries.items()) if is_dir and (r := _sample_row(loc, name)) is not None]
     ok = {r["sample_id"] for r in rows}
     failed: dict[str, dict[str, Any]] = {}
