@@ -106,7 +106,7 @@ def quality_level(reader: SlideReader, mpp0: float, quality_mpp: float) -> int:
     return max(fine_enough, key=lambda i: mpps[i]) if fine_enough else int(np.argmin(mpps))
 
 
-def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None = None, *, block_px: int = 2048) -> TileStats:
+def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None = None, *, block_px: int = 1024) -> TileStats:
     """Tile statistics of the whole image at the quality level, read in ``block_px`` squares."""
     th = th or QualityThresholds()
     lvl = quality_level(reader, mpp0, th.quality_mpp)
