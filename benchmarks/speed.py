@@ -54,7 +54,7 @@ from slidescore.io import open_image
 from slidescore.model import load_model
 from slidescore.model.architectures import ValidResNet18
 from slidescore.model.card import ModelCard
-from slidescore.model.scoring import PatchClassifier
+from slidescore.model.scoring import PatchClassifier, fold_batchnorm
 from slidescore.pipeline import plan_sample, score_samples
 from slidescore.types import Box
 
@@ -178,8 +178,11 @@ def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_
     mean = torch.tensor(clf.card.mean, device=dev).view(1, -1, 1, 1)
     std = torch.tensor(clf.card.std, device=dev).view(1, -1, 1, 1)
 
+    # the same network slidescore runs (BatchNorm folded into the convolutions when it can be)
+    net = fold_batchnorm(clf.module) or clf.module
+
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        probs = clf.probabilities(clf.module(batch))  # (B, K, 1, 1)
+        probs = clf.probabilities(net(batch))  # (B, K, 1, 1)
         return probs.expand(-1, -1, p, p).contiguous()  # each patch's probability over its pixels
 
     def run() -> np.ndarray:

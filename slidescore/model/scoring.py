@@ -108,12 +108,15 @@ class PatchClassifier:
         self.channels_last = bool(channels_last and cuda)
         self.compiled = bool(compile and cuda)
         self.pin_memory = cuda
-        self._forward_module: Any = self.module
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            self._forward_module = self.module
-        if self.compiled:
-            self._forward_module = torch.compile(self.module)
+        # scoring runs a copy with each BatchNorm folded into its convolution (the same function, up
+        # to float rounding, ~20 % faster for SmearNet on CPU); the module itself stays as loaded for
+        # the dense self-check (full precision) and Grad-CAM
+        fused = fold_batchnorm(self.module)
+        self.batchnorm_folded = fused is not None
+        forward: Any = fused if fused is not None else self.module
+        self._forward_module = torch.compile(forward) if self.compiled else forward
 
     def scoring_info(self) -> dict[str, Any]:
         """How this classifier scored so far (dense self-check, device options), for run.json."""
@@ -126,6 +129,7 @@ class PatchClassifier:
             "dense_max_diff": self.dense_max_diff,
             "dense_check_tolerance": DENSE_CHECK_TOLERANCE,
             "amp": self.amp,
+            "batchnorm_folded": self.batchnorm_folded,
             "channels_last": self.channels_last,
             "compile": self.compiled,
             "pinned_memory": self.pin_memory,
@@ -380,6 +384,23 @@ def _read_card(path: Path) -> ModelCard:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"model card {path}: cannot be read as JSON ({e})", path=str(path)) from None
     return ModelCard.from_dict(data)
+
+
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:
+    """An inference copy of ``module`` with every Conv → BatchNorm pair folded into one convolution
+    (torch.fx), or ``None`` when it has no BatchNorm or cannot be traced (TorchScript, dynamic code)."""
+    if isinstance(module, torch.jit.ScriptModule) or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                            for m in module.modules()):
+        return None
+    try:
+        with warnings.catch_warnings():  # importing fx's optimisation helpers touches deprecated torch.jit APIs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.fx.experimental.optimization import fuse
+
+            return fuse(module.eval())  # a copy: the loaded module is untouched
+    except Exception as e:  # symbolic tracing fails on data-dependent control flow: score as loaded
+        log.debug("BatchNorm folding skipped for %s: %s: %s", type(module).__name__, type(e).__name__, e)
+        return None
 
 
 def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool = False,

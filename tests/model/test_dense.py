@@ -101,6 +101,25 @@ def test_dense_tile_px_is_a_model_option() -> None:
         JobConfig.from_dict({"model": {"dense_tile_px": 0}})
 
 
+def test_batchnorm_is_folded_for_scoring_and_gives_the_same_scores(resnet: nn.Module) -> None:
+    """Scoring runs a copy with BatchNorm folded into the convolutions: same scores, module untouched."""
+    from slidescore.model.scoring import fold_batchnorm
+
+    x = torch.rand(2, 3, 224 + 112, 224 + 112, generator=torch.Generator().manual_seed(6))
+    folded = fold_batchnorm(resnet)
+    assert folded is not None and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in resnet.modules())  # the loaded module keeps its layers
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), resnet(x), atol=1e-5, rtol=1e-4)
+    smear = load_model("builtin:smearnet", device="cpu")
+    assert smear.scoring_info()["batchnorm_folded"] is True
+    pixels = np.random.default_rng(7).integers(0, 256, (64 + 16 * 8, 64 + 16 * 8, 3), np.uint8)
+    with torch.inference_mode():
+        ref = torch.sigmoid(smear.module(smear._block_input(pixels)))[0].numpy()[:, ::1, ::1]
+    np.testing.assert_allclose(smear.score_dense(pixels, 16), ref, atol=1e-5, rtol=0)
+    assert fold_batchnorm(PaddedNet()) is None  # nothing to fold
+
+
 class PaddedNet(nn.Module):
     """Looks dense (stem stride 4, 1 × 1 output on a 64-px patch) but pads with zeros: not dense."""
 
