@@ -27,6 +27,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -593,12 +594,19 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         plans, per_image = [plans], [list(records)]  # type: ignore[arg-type]
     else:
         plans, per_image = list(plans), [list(r) for r in records]  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-overview") as pool:
+        return _finish(plans, per_image, cfg, model_info, card, t_start, model, pool)
+
+
+def _finish(plans: list[SamplePlan], per_image: list[list[BlockRecord]], cfg: JobConfig, model_info: dict[str, Any],
+            card: ModelCard, t_start: float, model: Any, pool: ThreadPoolExecutor) -> SampleResult:
+    """:func:`finish_sample`'s steps; the overview PNGs are drawn in ``pool`` while the pyramid,
+    the region files (and the reports) are written, and awaited before ``run.json`` and ``_SUCCESS``."""
     multi = len(plans) > 1
     first = plans[0]
     out = first.sample_out
     t0 = time.perf_counter()
-    probs = [mz.build_pyramid(plan.mosaic_path, plan.mosaic) for plan in plans]  # level 0 comes back for the regions
-    t1 = time.perf_counter()
+    probs = [mz.read_level(plan.mosaic_path, 0) for plan in plans]
     found = [
         find_regions(
             prob, card.classes, plan.mosaic.thresholds, cell_px0=_cell_px0(plan), mpp0=plan.mpp0,
@@ -607,6 +615,13 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         for plan, prob in zip(plans, probs, strict=True)
     ]
     regions = rank_across_images(found) if multi else found[0]
+    written = regions[: cfg.regions.top_k]  # what the region files list, and the overviews outline
+    overviews = [pool.submit(_draw_overview, plan, prob, [r for r in written if r.image == plan.uri] if multi else written)
+                 for plan, prob in zip(plans, probs, strict=True)]
+    t1 = time.perf_counter()
+    for plan, prob in zip(plans, probs, strict=True):
+        mz.build_pyramid(plan.mosaic_path, plan.mosaic, prob0=prob)
+    t_pyramid = time.perf_counter() - t1
     all_records = [r for recs in per_image for r in recs]
     policy = DecisionPolicy.from_card(card, cfg.decision)
     decision = policy.record()
@@ -631,17 +646,12 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         for feature, r in zip(geojson["features"], regions, strict=True):
             feature["properties"]["image"] = r.image
     write_json(join(out, "regions.geojson"), geojson)
-    for plan, prob in zip(plans, probs, strict=True):
+    for plan in plans:
         mine = [r for r in regions if r.image == plan.uri] if multi else regions
         if multi:  # QuPath opens one image at a time: its own regions (ranks of the whole sample)
             write_json(join(plan.out_dir, "regions.geojson"), regions_geojson(mine, colors, first.sample_id))
         if plan.georeference is not None:  # the same regions in the image's map CRS, for GIS tools
             write_json(join(plan.out_dir, "regions.map.geojson"), regions_map_geojson(mine, plan.georeference, first.sample_id))
-        reader = open_for_plan(plan)
-        try:
-            render_overview(reader, prob[0], _cell_px0(plan), mine, join(plan.out_dir, "overview.png"))
-        finally:
-            reader.close()
     t2 = time.perf_counter()
     images = [_image_run(plan, recs, prob) for plan, recs, prob in zip(plans, per_image, probs, strict=True)]
     scored = sum(r.patches_scored for r in all_records)
@@ -655,7 +665,7 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         outputs = {"regions": ["regions.json", "regions.csv", "regions.geojson"],
                    "per_image": {"folder": f"{IMAGES}/<image_id>", "mosaic": MOSAIC, "mask": MASK,
                                  "labels": f"{MOSAIC}/labels/suspect", "regions": "regions.geojson", "overview": "overview.png"}}
-    timings = {"pyramid_s": t1 - t0, "regions_s": t2 - t1, "total_s": time.perf_counter() - t_start}
+    timings = {"pyramid_s": t_pyramid, "regions_s": t2 - t0 - t_pyramid, "total_s": time.perf_counter() - t_start}
     timings_s = {**(_sum_dicts([img["timings_s"] for img in images]) if multi else images[0]["timings_s"]), **timings}
     run: dict[str, Any] = {
         "sample_id": first.sample_id,
@@ -687,9 +697,19 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
     })
     if cfg.report.enabled:
         _write_reports(run, plans, probs, regions, images if multi else None, card, cfg, model=model)
+    for f in overviews:
+        f.result()  # drawn and written (or its error raised) before run.json and the completion marker
     write_json(join(out, "run.json"), run)
     write_json(join(out, SUCCESS), {"run_key": first.run_key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, regions, run, images=[p.uri for p in plans])
+
+
+def _draw_overview(plan: SamplePlan, prob: np.ndarray, regions: list[Region]) -> None:
+    reader = open_for_plan(plan)
+    try:
+        render_overview(reader, prob[0], _cell_px0(plan), regions, join(plan.out_dir, "overview.png"))
+    finally:
+        reader.close()
 
 
 def _write_reports(run: dict[str, Any], plans: list[SamplePlan], probs: list[np.ndarray], regions: list[Region],

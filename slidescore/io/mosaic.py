@@ -264,15 +264,16 @@ def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray
     _storage_guard(path, f"writing the mosaic chunks of cells {cells}", write)
 
 
-def build_pyramid(path: str | Path, spec: MosaicSpec) -> np.ndarray:
+def build_pyramid(path: str | Path, spec: MosaicSpec, prob0: np.ndarray | None = None) -> np.ndarray:
     """Fill levels 1… from level 0 (probabilities and labels); return level 0 as probabilities.
 
-    Level 0 is read once (the caller needs it for regions anyway) and each level is computed from
+    Level 0 is read once (or given as ``prob0``, as :func:`read_level` returns it) and each level is computed from
     the stored values of the level below and written with one call, which zarr splits into whole
     chunks written concurrently; an all-NaN chunk is not written (``write_empty_chunks`` off).
     """
     root = _storage_guard(path, "opening the mosaic", lambda: _open(path, "r+"))
-    prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])))
+    if prob0 is None:
+        prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])))
     cur = prob0
     labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
     for lvl in range(1, spec.n_levels):
