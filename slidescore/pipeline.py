@@ -52,6 +52,7 @@ from slidescore.io.outputs import (
     append_jsonl,
     exists,
     join,
+    list_children,
     make_dirs,
     read_json,
     read_text,
@@ -515,10 +516,14 @@ def prepare_pixels(pixels: np.ndarray, card: ModelCard) -> np.ndarray:
     return pixels
 
 
-def _to_read(plan: SamplePlan, block: Block) -> bool:
-    """Whether a block still needs its pixels: not done, and with foreground."""
+def _to_read(plan: SamplePlan, block: Block, done: set[str] | None = None) -> bool:
+    """Whether a block still needs its pixels: with foreground, and not done (its marker is not in
+    ``done``, the names listed in the blocks folder; ``None``: look the marker up)."""
     p = block.patches
-    return bool(plan.valid[p.y : p.y1, p.x : p.x1].any()) and not exists(join(plan.blocks_dir, f"{block.key}.json"))
+    if not plan.valid[p.y : p.y1, p.x : p.x1].any():
+        return False
+    marker = f"{block.key}.json"
+    return marker not in done if done is not None else not exists(join(plan.blocks_dir, marker))
 
 
 def read_block_pixels(plan: SamplePlan, block: Block, reader: SlideReader, card: ModelCard) -> np.ndarray | None:
@@ -534,7 +539,8 @@ def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideRe
     The read boxes of the blocks to be read are announced to the reader first, so the tiles their
     halos share are decoded once.
     """
-    todo = {b.index for b in blocks if _to_read(plan, b)}
+    done = set(list_children(plan.blocks_dir))  # one listing, not one request per block
+    todo = {b.index for b in blocks if _to_read(plan, b, done)}
     expect_reads(reader, plan.level, [b.read for b in blocks if b.index in todo])
 
     def read(b: Block) -> np.ndarray | None:
