@@ -82,21 +82,17 @@ class ThrottlingProxy:
 
 
 @pytest.fixture()
-def throttled(s3_server: str, s3fs_client, tmp_path: Path) -> Iterator[tuple[ThrottlingProxy, str]]:
+def throttled(s3_server: str, s3fs_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ThrottlingProxy, str]]:
     bucket = f"out-{os.getpid()}-{tmp_path.name[-6:].lower().replace('_', '-')}"
     s3fs_client.mkdir(bucket)
     proxy = ThrottlingProxy(s3_server, f"/{MOSAIC}/0/0/")  # level-0 chunk keys (0/c/y/x), not metadata
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "SLIDESCORE_S3_MAX_ATTEMPTS", "SLIDESCORE_S3_RETRY_MODE")}
     # through the proxy, and without botocore's retries (nor its adaptive client-side rate limiter,
     # which would slow every later request): those of s3fs and of slidescore are under test
-    os.environ.update(AWS_ENDPOINT_URL=proxy.url, SLIDESCORE_S3_MAX_ATTEMPTS="1", SLIDESCORE_S3_RETRY_MODE="standard")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("SLIDESCORE_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("SLIDESCORE_S3_RETRY_MODE", "standard")
     yield proxy, bucket
     proxy.close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_throttled_chunk_writes_are_retried_then_classified(throttled: tuple[ThrottlingProxy, str], tmp_path: Path) -> None:
