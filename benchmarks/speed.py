@@ -31,6 +31,7 @@ Timings on a shared machine are noisy: rerun on a quiet one before quoting them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -169,8 +170,14 @@ def arithmetic_limit(clf: PatchClassifier, image_px: int, stride_px: int) -> dic
     return {"patches": n, "per_patch_gmac": per_patch / 1e9, "dense_gmac": dense / 1e9, "limit": per_patch / dense}
 
 
-def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_size: int) -> Callable[[], np.ndarray]:
-    """MONAI sliding_window_inference on the same normalised input; returns its map per cell."""
+def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_size: int,
+                 channels_last: bool = False) -> Callable[[], np.ndarray]:
+    """MONAI sliding_window_inference on the same normalised input; returns its map per cell.
+
+    The network is the one slidescore runs (BatchNorm folded), in the NCHW layout a module comes in
+    (what a MONAI user runs), or with ``channels_last`` its weights converted to NHWC as slidescore
+    does by default: a row that shows how much of the difference is memory layout.
+    """
     from monai.inferers import sliding_window_inference
 
     p = clf.card.patch_px
@@ -179,7 +186,9 @@ def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_
     std = torch.tensor(clf.card.std, device=dev).view(1, -1, 1, 1)
 
     # the same network slidescore runs (BatchNorm folded into the convolutions when it can be)
-    net = fold_batchnorm(clf.module) or clf.module
+    net = fold_batchnorm(clf.module) or copy.deepcopy(clf.module)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         probs = clf.probabilities(net(batch))  # (B, K, 1, 1)
@@ -198,6 +207,9 @@ def monai_scorer(clf: PatchClassifier, image: np.ndarray, stride_px: int, batch_
     return run
 
 
+MONAI_NHWC = "MONAI sliding_window_inference, network converted to channels_last"
+
+
 def compare(image: np.ndarray, clf: PatchClassifier, stride_px: int, batch_size: int, repeats: int,
             label: str) -> dict[str, Any]:
     """slidescore dense / per-patch vs MONAI on one image and model."""
@@ -206,6 +218,7 @@ def compare(image: np.ndarray, clf: PatchClassifier, stride_px: int, batch_size:
         "slidescore dense": lambda: slidescore.score_array(image, clf, mode="dense", **kw),
         "slidescore per-patch": lambda: slidescore.score_array(image, clf, mode="per_patch", **kw),
         "MONAI sliding_window_inference": monai_scorer(clf, image, stride_px, batch_size),
+        MONAI_NHWC: monai_scorer(clf, image, stride_px, batch_size, channels_last=True),
     }
     side = clf.card.patch_px + stride_px * (int(np.ceil(np.sqrt(batch_size))) - 1)  # ≥ one full batch of patches
     warm = image[:side, :side]
@@ -214,6 +227,7 @@ def compare(image: np.ndarray, clf: PatchClassifier, stride_px: int, batch_size:
     methods["slidescore dense"]()
     slidescore.score_array(warm, clf, mode="per_patch", **kw)
     monai_scorer(clf, warm, stride_px, batch_size)()
+    monai_scorer(clf, warm, stride_px, batch_size, channels_last=True)()
     print(f"[{label}] timing {list(methods)} × {repeats} …", file=sys.stderr, flush=True)
     times, cpu, outs = best_of(methods, repeats)
     mp = image.shape[0] * image.shape[1] / 1e6

@@ -20,6 +20,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,19 @@ from slidescore.types import Box, LevelInfo
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: upper bound of the decoded tiles a reader keeps for later reads (a row-major scan needs ~2 tile rows)
 TILE_CACHE_MAX_BYTES = 256 * 2**20
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """Threads decoding tiles for every reader of the process (libjpeg-turbo, zlib, zstd release the GIL)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="tile-decode")
+        return _POOL
 
 
 class TileCache:
@@ -142,6 +156,7 @@ class TiffReader:
             self.close()
             raise
         self._arrays: dict[int, zarr.Array] = {}
+        self._direct: dict[int, Any] = {}
         self.tile_cache = TileCache()
         self._expected: dict[tuple[int, Box], int] = {}
         self._expect_lock = threading.Lock()
@@ -168,9 +183,66 @@ class TiffReader:
             announced = self._expected.get((level, box), 0)
             if announced:
                 self._expected[(level, box)] = announced - 1
-        if not (tiled and announced):  # planes or pages in chunks of their own, or a read nobody announced
+        direct = self._tile_page(level) is not None
+        if not tiled or not (announced or direct):  # planes or pages in chunks of their own: through zarr
             return as_yxc(self._get(arr, axes, level, box), axes, self.uri)
-        return as_yxc(self._read_tiles(arr, axes, level, box, arr.chunks[iy], arr.chunks[ix]), axes, self.uri)
+        box = box.clip(arr.shape[iy], arr.shape[ix])  # what lies outside is left out, as a Zarr read does
+        return as_yxc(self._read_tiles(arr, axes, level, box, arr.chunks[iy], arr.chunks[ix], cached=bool(announced)),
+                      axes, self.uri)
+
+    def _tile_page(self, level: int) -> Any:
+        """The level's one tiled page when its tiles can be read and decoded directly, else ``None``.
+
+        One page of contiguous samples (SVS, OME-TIFF and GeoTIFF pyramids, our own writer): tiles
+        are read in runs of adjacent bytes (tifffile ``read_segments``) and decoded on a thread pool
+        straight from the page's codec, which halves the wall time of a block read compared with
+        the Zarr store's asynchronous machinery. Anything else (planes in pages of their own,
+        volumes, separate sample planes) is read through the Zarr store.
+        """
+        if level not in self._direct:
+            lv = self._levels[level]
+            page = lv.keyframe if len(lv.pages) == 1 else None
+            ok = (page is not None and page.is_tiled and page.imagedepth == 1 and lv.axes.upper() in ("YXS", "YX")
+                  and (page.samplesperpixel == 1 or page.planarconfig == 1))
+            self._direct[level] = page if ok else None
+        return self._direct[level]
+
+    def _decode_tiles(self, level: int, keys: list[tuple[int, int]], th: int, tw: int) -> dict[tuple[int, int], np.ndarray]:
+        """Tiles ``(ty, tx)`` of a direct level, decoded (full tile size, edge tiles padded)."""
+        page = self._tile_page(level)
+        ntx = -(-page.imagewidth // tw)
+        index = {ty * ntx + tx: (ty, tx) for ty, tx in keys}
+        idx = sorted(index)
+        shape = (th, tw, page.samplesperpixel) if page.samplesperpixel > 1 or "S" in self._levels[level].axes.upper() else (th, tw)
+        fh = self._tif.filehandle
+
+        # tiles a writer left out (no bytes) decode to the fill value; the rest are read in runs
+        present = [i for i in idx if page.databytecounts[i] > 0 and page.dataoffsets[i] > 0]
+        absent: list[tuple[bytes | None, int]] = [(None, i) for i in sorted(set(idx) - set(present))]
+
+        def fetch() -> list[tuple[bytes | None, int]]:
+            return absent + list(fh.read_segments([page.dataoffsets[i] for i in present], [page.databytecounts[i] for i in present],
+                                                  indices=present, sort=True, lock=fh.lock, flat=True))
+
+        def decode(seg: tuple[bytes | None, int]) -> np.ndarray:
+            data, i = seg
+            tile = page.decode(data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
+            if tile is None:  # a tile the writer left out (no bytes): the fill value
+                return np.full(shape, page.nodata, page.dtype)
+            return tile.reshape(shape)
+
+        try:
+            segs = with_retries(fetch, self.uri, f"reading level {level} tiles") if self._handle is not None else fetch()
+            tiles = list(_decode_pool().map(decode, segs)) if len(segs) > 1 else [decode(segs[0])]
+        except (InputError, TransientStorageError):
+            raise
+        except Exception as e:  # decoders raise many types (imagecodecs errors, ValueError, OSError)
+            raise UnsupportedImageError(
+                f"{self.uri}: failed to decode level {level} tiles {[index[i] for i in idx][:4]}… ({type(e).__name__}: {e}); "
+                "the file may be truncated or corrupt — re-export or re-upload it",
+                uri=self.uri,
+            ) from None
+        return {index[i]: t for (_, i), t in zip(segs, tiles, strict=True)}
 
     def expect(self, level: int, boxes: list[Box]) -> None:
         """Announce reads (exact boxes, any order): tiles shared by several are decoded only once."""
@@ -187,8 +259,10 @@ class TiffReader:
             self.tile_cache.need((level, ty, tx) for ty in range(box.y // th, -(-box.y1 // th))
                                  for tx in range(box.x // tw, -(-box.x1 // tw)))
 
-    def _read_tiles(self, arr: zarr.Array, axes: str, level: int, box: Box, th: int, tw: int) -> np.ndarray:
-        """The box, assembled from cached edge tiles and one read of the tile-aligned rest."""
+    def _read_tiles(self, arr: zarr.Array, axes: str, level: int, box: Box, th: int, tw: int,
+                    cached: bool = True) -> np.ndarray:
+        """The box, assembled from cached edge tiles (``cached``: an announced read) and the rest,
+        decoded directly (:meth:`_tile_page`) or in one Zarr read of their tile-aligned rectangle."""
         iy, ix = axes.find("Y"), axes.find("X")
         height, width = arr.shape[iy], arr.shape[ix]
         ty0, ty1 = box.y // th, -(-box.y1 // th)
@@ -209,13 +283,22 @@ class TiffReader:
             for tx in range(tx0, tx1):
                 y0, x0 = ty * th, tx * tw
                 y1, x1 = min(y0 + th, height), min(x0 + tw, width)
-                tile = self.tile_cache.use((level, ty, tx))
+                tile = self.tile_cache.use((level, ty, tx)) if cached else None
                 if tile is None:
                     missing.append((ty, tx))
                     continue
                 a, b = max(box.y, y0), max(box.x, x0)
                 put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y1) - y0), slice(b - x0, min(box.x1, x1) - x0))
         if not missing:
+            return out
+        if self._tile_page(level) is not None:
+            for (ty, tx), tile in self._decode_tiles(level, missing, th, tw).items():
+                y0, x0 = ty * th, tx * tw
+                y1, x1 = min(y0 + th, height), min(x0 + tw, width)
+                if cached:
+                    self.tile_cache.keep((level, ty, tx), tile[: y1 - y0, : x1 - x0])
+                a, b = max(box.y, y0), max(box.x, x0)
+                put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y1) - y0), slice(b - x0, min(box.x1, x1) - x0))
             return out
         # one read of the tile-aligned rectangle around the missing tiles (zarr decodes whole tiles anyway)
         my0, my1 = min(t[0] for t in missing), max(t[0] for t in missing) + 1

@@ -14,8 +14,11 @@ on a sample of its patches; if the two differ by more than ``DENSE_CHECK_TOLERAN
 per-patch scoring with one warning (mode ``auto``) or refuses to go on (mode ``dense``).
 :meth:`PatchClassifier.scoring_info` reports what happened, for ``run.json``.
 
-CUDA options (``amp``, ``channels_last``, ``compile``, pinned host memory with non-blocking
-copies) apply on CUDA devices only; on CPU they are ignored with one log line.
+The network runs in NHWC memory (``channels_last``, default on): oneDNN's convolutions and
+poolings are 1.4–1.8× faster on CPU that way for the built-in networks (docs/benchmarks.md), and
+the HWC block pixels already lie in that order, so the input needs no transposing copy. CUDA
+options (``amp``, ``compile``, pinned host memory with non-blocking copies) apply on CUDA devices
+only; on CPU they are ignored with one log line.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ class PatchClassifier:
     outputs
         ``logits`` (the card's head turns them into probabilities) or ``probabilities`` (used as
         they come; for plain modules handed to :func:`slidescore.score_array`).
-    amp, channels_last, compile
-        CUDA only: autocast to ``bf16``/``fp16``, NHWC memory format, ``torch.compile``.
+    channels_last
+        Run the network in NHWC memory format (``None``: yes, on every device; ``False``: NCHW).
+    amp, compile
+        CUDA only: autocast to ``bf16``/``fp16``, ``torch.compile``.
     """
 
     def __init__(self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto", checksum: str = "",
-                 source: str = "", outputs: str = "logits", amp: str = "off", channels_last: bool = False,
+                 source: str = "", outputs: str = "logits", amp: str = "off", channels_last: bool | None = None,
                  compile: bool = False, dense_tile_px: int | None = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,25 +102,24 @@ class PatchClassifier:
         self.dense_tile_px = dense_tile_px or (DENSE_TILE_PX_CUDA if self.device.type == "cuda" else DENSE_TILE_PX_CPU)
         self._configure(amp, channels_last, compile)
 
-    def _configure(self, amp: str, channels_last: bool, compile: bool) -> None:
+    def _configure(self, amp: str, channels_last: bool | None, compile: bool) -> None:
         cuda = self.device.type == "cuda"
-        asked = {k: v for k, v in (("amp", amp if amp != "off" else None), ("channels_last", channels_last),
-                                    ("compile", compile)) if v}
+        asked = {k: v for k, v in (("amp", amp if amp != "off" else None), ("compile", compile)) if v}
         if asked and not cuda:
             log.info("model %r on %s: CUDA options %s are ignored on this device (CUDA only)",
                      self.card.name, self.device, sorted(asked))
         self.amp = amp if cuda else "off"
-        self.channels_last = bool(channels_last and cuda)
+        self.channels_last = channels_last is None or bool(channels_last)
         self.compiled = bool(compile and cuda)
         self.pin_memory = cuda
-        if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # scoring runs a copy with each BatchNorm folded into its convolution (the same function, up
-        # to float rounding, ~20 % faster for SmearNet on CPU); the module itself stays as loaded for
-        # the dense self-check (full precision) and Grad-CAM
+        # to float rounding, ~20 % faster for SmearNet on CPU) in NHWC memory; the module itself
+        # stays as loaded (the caller's weights untouched) for the dense self-check and Grad-CAM
         fused = fold_batchnorm(self.module)
         self.batchnorm_folded = fused is not None
         forward: Any = fused if fused is not None else self.module
+        if self.channels_last and fused is not None:  # our copy: its weights too (a caller's module is
+            forward = fused.to(memory_format=torch.channels_last)  # left as it is; an NHWC input is most of the gain)
         self._forward_module = torch.compile(forward) if self.compiled else forward
 
     def scoring_info(self) -> dict[str, Any]:
@@ -156,8 +160,10 @@ class PatchClassifier:
         """(N, C, H, W) uint8 (0–255) or float (0–1) on any device → normalised float32 on ours."""
         x = x.to(self.device, non_blocking=True)
         scale = self._scale if x.dtype == torch.uint8 else self._scale * 255.0
-        # one contiguous float copy (also from a strided HWC view), normalised in place: not three copies
-        y = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        # one float copy, normalised in place (not three copies), in the memory order the network
+        # runs in: an HWC view is NHWC already, so with channels_last the copy is a plain cast
+        fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
+        y = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=fmt)
         return y.copy_(x).mul_(scale).add_(self._shift)
 
     def _block_input(self, pixels: np.ndarray) -> torch.Tensor:
@@ -169,10 +175,10 @@ class PatchClassifier:
     def _forward(self, x: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
         dtype = AMP_DTYPES[self.amp] if amp else None
         ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        if self.channels_last:
+        if self.channels_last and amp:
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx:
-            out = self._forward_module(x) if amp else self.module(x)
+            out = self._forward_module(x) if amp else self.module(x.contiguous())
         return out.float()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -403,14 +409,14 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:
         return None
 
 
-def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool = False,
+def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool | None = None,
                compile: bool = False, dense_tile_px: int | None = None) -> PatchClassifier:
     """Load ``builtin:<name>``, a model package folder, or a TorchScript / state-dict file.
 
     A package folder holds ``card.json`` and either ``weights.pt`` (a state dict of the card's
     built-in ``architecture``, loaded with ``weights_only=True``) or ``model.ts`` (TorchScript).
     A lone ``.pt``/``.ts`` file needs its card beside it as ``<file>.card.json`` or ``card.json``.
-    ``amp``, ``channels_last`` and ``compile`` are the CUDA options of :class:`PatchClassifier`;
+    ``channels_last`` (default on) and the CUDA options ``amp`` and ``compile`` are those of :class:`PatchClassifier`;
     ``dense_tile_px`` the edge of one dense pass (default: 1024 on CPU, 4096 on CUDA).
     """
     opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile,

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
+from slidescore.errors import UnsupportedImageError
 from slidescore.io import open_image
 from slidescore.io.adapt import AdaptedReader, open_adapted, plan_input
 from slidescore.io.readers import expect_reads, read_padded
@@ -111,3 +112,63 @@ def test_planar_and_striped_files_read_unchanged(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(reader.read(0, box), img[box.y : box.y1, box.x : box.x1])
         finally:
             reader.close()
+
+
+@pytest.mark.parametrize("kind", ["jpeg-ycbcr", "zlib", "zstd", "none", "gray-lzw", "sparse"])
+def test_direct_tile_decoding_gives_the_zarr_stores_pixels(tmp_path: Path, kind: str) -> None:
+    """Tiles of one-page levels are read and decoded directly (not through tifffile's Zarr store):
+    the same pixels for every codec and layout, edge tiles cropped, boxes past the edge clipped as a
+    Zarr read clips them, and tiles a writer left out (no bytes) filled as the store fills them."""
+    img = textured_image(330, 290, seed=8)
+    path = tmp_path / f"{kind}.tif"
+    res = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}
+    if kind == "jpeg-ycbcr":  # as scanners write (YCbCr 4:2:0), through our pyramid writer
+        write_tiff(path, img, n_levels=2, compression="jpeg", tile_px=64)
+    elif kind == "gray-lzw":
+        img = img[..., :1]
+        tifffile.imwrite(path, img[..., 0], tile=(64, 64), compression="lzw", **res)
+    elif kind == "sparse":  # tiles of pure background not written at all (byte count 0)
+        tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", compression="zlib", **res)
+        with tifffile.TiffFile(path, mode="r+b") as tif:
+            counts = tif.pages[0].tags["TileByteCounts"]
+            counts.overwrite([0 if i % 3 == 0 else n for i, n in enumerate(counts.value)])
+    else:
+        tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", compression=None if kind == "none" else kind, **res)
+    reader = open_image(str(path))
+    assert isinstance(reader, TiffReader)
+    try:
+        for level in range(len(reader.levels)):
+            assert reader._tile_page(level) is not None  # the direct path is the one under test
+            arr = reader._array(level)
+            ref = np.asarray(arr[...]).reshape(reader.levels[level].height, reader.levels[level].width, -1)
+            boxes = [Box(0, 0, *ref.shape[:2]), Box(37, 5, 100, 120), Box(60, 70, 500, 500), Box(64, 64, 64, 64)]
+            for box in boxes:
+                got = reader.read(level, box)
+                want = ref[box.y : box.y1, box.x : box.x1]
+                assert got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+            expect_reads(reader, level, boxes[1:2] * 2)  # the cached path too
+            for _ in range(2):
+                np.testing.assert_array_equal(reader.read(level, boxes[1]), ref[37:137, 5:125])
+        if kind == "sparse":
+            assert (reader.read(0, Box(0, 0, 64, 64)) == 0).all()  # tile (0, 0) was left out
+    finally:
+        reader.close()
+
+
+def test_a_corrupt_tile_names_the_file_and_level(tmp_path: Path) -> None:
+    img = textured_image(256, 256, seed=2)
+    path = write_tiff(tmp_path / "c.tif", img, n_levels=1, compression="jpeg", tile_px=64)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        off, n = page.dataoffsets[5], page.databytecounts[5]
+    raw = bytearray(path.read_bytes())
+    raw[off + n // 2 : off + n] = b"\x00" * (n - n // 2)  # second half of one tile's JPEG zeroed (no end marker)
+    raw[off : off + 4] = b"\x12\x34\x56\x78"  # and its start-of-image marker gone
+    path.write_bytes(bytes(raw))
+    reader = open_image(str(path))
+    try:
+        with pytest.raises(UnsupportedImageError, match=r"c\.tif: failed to decode level 0 tiles .*re-export"):
+            reader.read(0, Box(0, 0, 256, 256))
+    finally:
+        reader.close()

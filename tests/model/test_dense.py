@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 from slidescore.config import JobConfig
 from slidescore.errors import ConfigError
 from slidescore.model import load_model
-from slidescore.model.architectures import ARCHITECTURES, ValidResNet18, build_architecture
+from slidescore.model.architectures import ARCHITECTURES, SmearNet, ValidResNet18, build_architecture
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import DENSE_CHECK_TOLERANCE, PatchClassifier
 from slidescore.pipeline import score_samples
@@ -223,14 +224,41 @@ def test_per_patch_batches_are_bounded_and_skip_background() -> None:
 
 def test_cuda_options_are_ignored_on_cpu_with_a_log_line(caplog: pytest.LogCaptureFixture, random_model_dir: Path) -> None:
     with caplog.at_level(logging.INFO, logger="slidescore.model.scoring"):
-        clf = load_model(str(random_model_dir), device="cpu", amp="bf16", channels_last=True, compile=True)
+        clf = load_model(str(random_model_dir), device="cpu", amp="bf16", compile=True)
     info = clf.scoring_info()
-    assert (info["amp"], info["channels_last"], info["compile"], info["pinned_memory"]) == ("off", False, False, False)
+    assert (info["amp"], info["channels_last"], info["compile"], info["pinned_memory"]) == ("off", True, False, False)
     assert any("ignored" in r.getMessage() and "amp" in r.getMessage() for r in caplog.records)
     pixels, valid = _block()
     plain = load_model(str(random_model_dir), device="cpu")
     np.testing.assert_array_equal(clf.score_block(pixels, valid, 16, mode="per_patch"),
                                   plain.score_block(pixels, valid, 16, mode="per_patch"))
+
+
+@pytest.mark.parametrize("arch", ["smearnet", "resnet"])
+def test_channels_last_scores_as_nchw_and_leaves_the_callers_module_alone(arch: str) -> None:
+    """NHWC (the default) is a memory order, not a different function: same scores as NCHW, dense
+    and per patch, and the module handed in keeps its own weights' layout."""
+    torch.manual_seed(0)
+    if arch == "smearnet":
+        net, card, stride, shape = _randomise_batchnorm(SmearNet(), seed=2), _card("smear", 64, 16), 16, (64 + 16 * 9, 64 + 16 * 7)
+    else:
+        net, card, stride, shape = _randomise_batchnorm(ValidResNet18(width=8), seed=2), _card("resnet", 224, 16), 112, (224 + 112 * 2, 224 + 112)
+    layouts = [p.stride() for p in net.parameters()]
+    pixels = np.random.default_rng(5).integers(0, 256, (*shape, 3), np.uint8)
+    valid = np.ones(((shape[0] - card.patch_px) // stride + 1, (shape[1] - card.patch_px) // stride + 1), bool)
+    valid[0, 0] = False
+    nhwc = PatchClassifier(net, card, device="cpu")
+    nchw = PatchClassifier(copy.deepcopy(net), card, device="cpu", channels_last=False)
+    assert nhwc.scoring_info()["channels_last"] and not nchw.scoring_info()["channels_last"]
+    for mode in ("dense", "per_patch"):
+        a = nhwc.score_block(pixels, valid, stride, mode=mode, batch_size=4)
+        b = nchw.score_block(pixels, valid, stride, mode=mode, batch_size=4)
+        assert np.isfinite(a[:, valid]).all() and np.isnan(a[:, ~valid]).all()
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert nhwc.dense_used
+    assert [p.stride() for p in net.parameters()] == layouts
+    with pytest.raises(ConfigError, match="model.channels_last"):
+        JobConfig.from_dict({"model": {"channels_last": "yes"}})
 
 
 def test_model_config_validates_the_cuda_options() -> None:
