@@ -60,7 +60,8 @@ def find_regions(
     """All regions of all classes, ranked by peak then mean probability then area (rank 1 = top).
 
     ``prob`` is (C, H, W) with NaN for cells not scored (never part of a region). A cell belongs
-    to class c's regions when ``prob[c] >= thresholds[c]``.
+    to class c's regions when ``prob[c] >= thresholds[c]``. A region's peak is its first cell (in
+    raster order) holding its highest probability.
     """
     structure = ndimage.generate_binary_structure(2, connectivity)
     cell_area_um2 = (cell_px0 * mpp0) ** 2
@@ -70,39 +71,34 @@ def find_regions(
         labels, n = ndimage.label(p >= thresholds[ci], structure=structure)
         if n == 0:
             continue
-        idx = np.arange(1, n + 1)
-        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        peaks = ndimage.maximum(p, labels, idx)
-        peak_pos = ndimage.maximum_position(p, labels, idx)
-        means = ndimage.mean(p, labels, idx)
-        centroids = ndimage.center_of_mass(np.ones_like(p), labels, idx)
-        for j, sl in enumerate(ndimage.find_objects(labels)):
-            if sl is None:
-                continue
-            area = float(counts[j]) * cell_area_um2
-            if area < min_area_um2:
-                continue
-            y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-            bbox = (y0 * cell_px0, x0 * cell_px0, (y1 - y0) * cell_px0, (x1 - x0) * cell_px0)
-            cy, cx = ((centroids[j][0] + 0.5) * cell_px0, (centroids[j][1] + 0.5) * cell_px0)
-            py, px = ((peak_pos[j][0] + 0.5) * cell_px0, (peak_pos[j][1] + 0.5) * cell_px0)
-            found.append(
-                dict(
-                    class_name=name,
-                    class_index=ci,
-                    peak_probability=float(peaks[j]),
-                    mean_probability=float(means[j]),
-                    n_cells=int(counts[j]),
-                    area_um2=area,
-                    bbox_px=tuple(float(v) for v in bbox),
-                    centroid_px=(float(cy), float(cx)),
-                    peak_px=(float(py), float(px)),
-                    bbox_um=tuple(float(v) * mpp0 for v in bbox),
-                    centroid_um=(float(cy) * mpp0, float(cx) * mpp0),
-                    threshold=float(thresholds[ci]),
-                    image=image,
-                )
-            )
+        # per-region measurements in one pass over the labelled cells (bincount and one sort, not
+        # one scan of the map per statistic): count, mean, centroid, first cell of the peak
+        cells = np.flatnonzero(labels)
+        lab = labels.ravel()[cells]
+        val = p.ravel()[cells].astype(np.float64)
+        counts = np.bincount(lab, minlength=n + 1)[1:]
+        means = np.bincount(lab, weights=val, minlength=n + 1)[1:] / counts
+        ys, xs = np.divmod(cells, p.shape[1])
+        cys = np.bincount(lab, weights=ys, minlength=n + 1)[1:] / counts
+        cxs = np.bincount(lab, weights=xs, minlength=n + 1)[1:] / counts
+        order = np.lexsort((-val, lab))  # by region, then value descending; stable: ties in raster order
+        top = order[np.searchsorted(lab[order], np.arange(1, n + 1))]
+        peaks, peak_y, peak_x = val[top], ys[top], xs[top]
+        # bounding boxes (every label 1..n has cells), then the regions large enough, as Python numbers
+        bb = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in ndimage.find_objects(labels)], np.float64)
+        areas = counts * cell_area_um2
+        keep = np.flatnonzero(areas >= min_area_um2)
+        boxes = np.stack([bb[:, 0], bb[:, 1], bb[:, 2] - bb[:, 0], bb[:, 3] - bb[:, 1]], axis=1) * cell_px0
+        cents = np.stack([cys + 0.5, cxs + 0.5], axis=1) * cell_px0
+        peak_pts = np.stack([peak_y + 0.5, peak_x + 0.5], axis=1) * cell_px0
+        columns = zip(peaks[keep].tolist(), means[keep].tolist(), counts[keep].tolist(), areas[keep].tolist(),
+                      boxes[keep].tolist(), cents[keep].tolist(), peak_pts[keep].tolist(), (boxes[keep] * mpp0).tolist(),
+                      (cents[keep] * mpp0).tolist(), strict=True)
+        thr = float(thresholds[ci])
+        found += [dict(class_name=name, class_index=ci, peak_probability=pk, mean_probability=mean, n_cells=int(cnt),
+                       area_um2=float(area), bbox_px=tuple(box), centroid_px=tuple(cen), peak_px=tuple(pt), bbox_um=tuple(box_um),
+                       centroid_um=tuple(cen_um), threshold=thr, image=image)
+                  for pk, mean, cnt, area, box, cen, pt, box_um, cen_um in columns]
     return rank_regions(found)
 
 

@@ -91,3 +91,40 @@ def test_map_coordinates_apply_the_affine_to_pixel_positions() -> None:
 def corners_of(r: Region) -> list[tuple[float, float]]:
     y, x, h, w = r.bbox_px
     return [(0.3 * px - 0.4 * py + 1000, -0.4 * px - 0.3 * py + 9000) for py, px in ((y, x), (y, x + w), (y + h, x + w), (y + h, x))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_measurements_match_a_region_by_region_reference(seed: int) -> None:
+    """Every region's cells, mean, centroid, bbox and peak (first cell in raster order holding the
+    maximum, ties included) as a plain loop over each labelled component computes them."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    m = ndimage.uniform_filter(rng.random((2, 61, 77)), size=(1, 4, 4)).astype(np.float32)
+    m = np.round((m - m.min()) / (m.max() - m.min()), 2)  # rounding makes ties within regions
+    m[:, rng.random((61, 77)) < 0.08] = np.nan
+    thr, cell, mpp = (0.55, 0.6), 8.0, 0.5
+    regs = find_regions(m, ["a", "b"], thr, cell_px0=cell, mpp0=mpp, min_area_um2=3 * (cell * mpp) ** 2)
+    expected = []
+    for ci in range(2):
+        p = np.nan_to_num(m[ci], nan=0.0)
+        labels, n = ndimage.label(p >= thr[ci], structure=np.ones((3, 3)))
+        for k in range(1, n + 1):
+            ys, xs = np.nonzero(labels == k)  # raster order
+            if len(ys) < 3:
+                continue
+            vals = p[ys, xs].astype(np.float64)
+            j = int(np.argmax(vals))  # first maximum
+            expected.append((ci, len(ys), vals.mean(), (ys.mean() + 0.5) * cell, (xs.mean() + 0.5) * cell,
+                             (ys.min() * cell, xs.min() * cell, (ys.max() + 1 - ys.min()) * cell, (xs.max() + 1 - xs.min()) * cell),
+                             float(vals[j]), ((ys[j] + 0.5) * cell, (xs[j] + 0.5) * cell)))
+    assert len(regs) == len(expected) > 10
+    got = {(r.class_index, r.bbox_px): r for r in regs}
+    for ci, n_cells, mean, cy, cx, bbox, peak, peak_px in expected:
+        r = got[(ci, bbox)]
+        assert (r.n_cells, r.peak_px, r.class_name) == (n_cells, peak_px, "ab"[ci])
+        assert r.mean_probability == pytest.approx(mean, rel=1e-12) and r.peak_probability == pytest.approx(peak, rel=1e-7)
+        assert r.centroid_px == pytest.approx((cy, cx), rel=1e-12) and r.centroid_um == pytest.approx((cy * mpp, cx * mpp), rel=1e-12)
+        assert r.area_um2 == pytest.approx(n_cells * (cell * mpp) ** 2)
+    keys = [(-r.peak_probability, -r.mean_probability, -r.area_um2) for r in regs]
+    assert keys == sorted(keys) and [r.rank for r in regs] == list(range(1, len(regs) + 1))
