@@ -257,13 +257,17 @@ class PatchClassifier:
         """
         p = self.card.patch_px
         block = self._block_input(pixels)[0]
-        # (c, H, W) → (Py', Px', c, P, P) view; indexing it copies just the patches asked for
-        windows = block.unfold(1, p, stride_px).unfold(2, p, stride_px).permute(1, 2, 0, 3, 4)
+        if self.channels_last:  # (H, W, c) memory → (Py', Px', P, P, c) view: a gathered batch is NHWC already
+            windows = block.permute(1, 2, 0).unfold(0, p, stride_px).unfold(1, p, stride_px).permute(0, 1, 3, 4, 2)
+        else:  # (c, H, W) → (Py', Px', c, P, P) view; indexing it copies just the patches asked for
+            windows = block.unfold(1, p, stride_px).unfold(2, p, stride_px).permute(1, 2, 0, 3, 4)
         ys_t = torch.from_numpy(np.ascontiguousarray(ys, np.int64)).to(self.device)
         xs_t = torch.from_numpy(np.ascontiguousarray(xs, np.int64)).to(self.device)
         out = np.empty((len(ys), self.card.n_classes), np.float32)
         for i in range(0, len(ys), batch_size):
             batch = windows[ys_t[i : i + batch_size], xs_t[i : i + batch_size]]
+            if self.channels_last:
+                batch = batch.permute(0, 3, 1, 2)  # (B, c, P, P) in NHWC memory: no copy
             logits = self._forward(batch, amp=amp)
             if logits.ndim == 4:
                 logits = logits.flatten(2).mean(-1) if logits.shape[-1] * logits.shape[-2] > 1 else logits[:, :, 0, 0]
