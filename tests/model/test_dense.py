@@ -15,7 +15,12 @@ from torch import nn
 from slidescore.config import JobConfig
 from slidescore.errors import ConfigError
 from slidescore.model import load_model
-from slidescore.model.architectures import ARCHITECTURES, SmearNet, ValidResNet18, build_architecture
+from slidescore.model.architectures import (
+    ARCHITECTURES,
+    SmearNet,
+    ValidResNet18,
+    build_architecture,
+)
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import DENSE_CHECK_TOLERANCE, PatchClassifier
 from slidescore.pipeline import score_samples
