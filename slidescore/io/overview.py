@@ -64,4 +64,4 @@ def render_overview(
         draw.text((x + bw + pad + 2, y - pad), str(r.rank), fill=(20, 20, 20))
     # fast zlib level: a tissue thumbnail barely compresses (a 1024-px smear: 2.5 MB at level 1 or 6),
     # while level 6 takes ~1.6x as long to write
-    write_bytes(path, imagecodecs.png_encode(np.asarray(img), level=1))  # local or a URL, atomically (io.outputs)
+    write_bytes(path, bytes(imagecodecs.png_encode(np.asarray(img), level=1)))  # local or a URL, atomically (io.outputs)

@@ -221,8 +221,9 @@ class TiffReader:
         absent: list[tuple[bytes | None, int]] = [(None, i) for i in sorted(set(idx) - set(present))]
 
         def fetch() -> list[tuple[bytes | None, int]]:
-            return absent + list(fh.read_segments([page.dataoffsets[i] for i in present], [page.databytecounts[i] for i in present],
-                                                  indices=present, sort=True, lock=fh.lock, flat=True))
+            segments: Any = fh.read_segments([page.dataoffsets[i] for i in present], [page.databytecounts[i] for i in present],
+                                             indices=present, sort=True, lock=fh.lock, flat=True)  # (bytes, index) pairs
+            return absent + list(segments)
 
         def decode(seg: tuple[bytes | None, int]) -> np.ndarray:
             data, i = seg

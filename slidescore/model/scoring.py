@@ -118,8 +118,8 @@ class PatchClassifier:
         fused = fold_batchnorm(self.module)
         self.batchnorm_folded = fused is not None
         forward: Any = fused if fused is not None else self.module
-        if self.channels_last and fused is not None:  # our copy: its weights too (a caller's module is
-            forward = fused.to(memory_format=torch.channels_last)  # left as it is; an NHWC input is most of the gain)
+        if self.channels_last and fused is not None:  # our copy: its weights NHWC too (a caller's own module
+            forward = fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # is left as it is)
         self._forward_module = torch.compile(forward) if self.compiled else forward
 
     def scoring_info(self) -> dict[str, Any]:
