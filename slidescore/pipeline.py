@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -83,6 +84,7 @@ log = logging.getLogger(__name__)
 MOSAIC = "probabilities.ome.zarr"
 MASK = "mask.ome.zarr"
 SUCCESS = "_SUCCESS"
+OVERVIEW_THREADS = 4  # at most this many overview PNGs drawn at once (samples of several images)
 IMAGES = "images"  # <sample>/images/<image_id>/ for samples of several images
 REGION_COLUMNS = [
     "rank", "class_name", "peak_probability", "mean_probability", "area_um2", "n_cells",
@@ -600,7 +602,10 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
         plans, per_image = [plans], [list(records)]  # type: ignore[arg-type]
     else:
         plans, per_image = list(plans), [list(r) for r in records]  # type: ignore[arg-type]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-overview") as pool:
+    # one overview per image, drawn in parallel (PNG encoding and numpy release the GIL): for a
+    # sample of many small fields the overviews would otherwise take longer than scoring them
+    workers = max(1, min(len(plans), os.cpu_count() or 1, OVERVIEW_THREADS))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slidescore-overview") as pool:
         return _finish(plans, per_image, cfg, model_info, card, t_start, model, pool)
 
 

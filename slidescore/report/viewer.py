@@ -10,9 +10,15 @@ is the only part that needs the optional ``view`` extra. World coordinates are m
   ``translate`` are the level-0 OME-Zarr ``coordinateTransformations`` (y, x part); the
   transforms of the other levels follow napari's multiscale rule (``scale · 2^l``,
   ``translate + (2^l − 1) / 2 · scale``), which is exactly how the mosaic writer defines them;
+  they blend *translucently*: the colormap runs from transparent (p = 0) to the class colour
+  (p = 1), so a bright-field slide is tinted where the probability is high (``additive`` blending,
+  made for dark fluorescence backgrounds, washed the slide out to white there);
 * ``labels/suspect`` is a labels layer with its own transforms (hidden at start);
 * regions are rectangles in µm: level-0 pixel edges ``[y, y + h)`` → ``(y − ½) · mpp0`` … so they
   enclose exactly the pixels they cover, numbered by rank.
+
+Every layer carries ``units = ("um", "um")``: napari (0.7.1 and later) labels the scale bar from the
+layers' units (it showed "pixel" without them; ``ScaleBar.unit`` no longer has any effect since 0.8).
 
 Pixels are read lazily through slidescore's own readers (:class:`LazyLevel`), level by level and
 tile by tile as napari asks for them.
@@ -30,6 +36,7 @@ from slidescore.io import SlideReader, open_image
 from slidescore.types import Box
 
 LayerTuple = tuple[Any, dict[str, Any], str]
+UNITS = ("um", "um")  # world coordinates are micrometres (pint spelling; the scale bar shows µm)
 
 
 class LazyLevel:
@@ -156,7 +163,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
         levels = [LazyLevel(src, i) for i in range(len(src.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],
                        {"name": f"{run['sample_id']} (source)", "rgb": src.n_channels in (3, 4), "multiscale": len(levels) > 1,
-                        "scale": (mpp0, mpp0), "translate": (0.0, 0.0), "metadata": {"uri": uri}}, "image"))
+                        "scale": (mpp0, mpp0), "translate": (0.0, 0.0), "units": UNITS, "metadata": {"uri": uri}}, "image"))
     mosaic_path = d / run.get("outputs", {}).get("mosaic", "probabilities.ome.zarr")
     attrs = _zattrs(mosaic_path)
     scale, trans = yx_transform(attrs, 0)
@@ -165,8 +172,8 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
     for ci, name in enumerate(classes):
         levels = [LazyLevel(mos, i, ci, decode=decode) for i in range(len(mos.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],
-                       {"name": f"probability: {name}", "multiscale": len(levels) > 1, "scale": scale, "translate": trans,
-                        "colormap": _colormap(name, colors[ci]), "contrast_limits": (0.0, 1.0), "blending": "additive",
+                       {"name": f"probability: {name}", "multiscale": len(levels) > 1, "scale": scale, "translate": trans, "units": UNITS,
+                        "colormap": _colormap(name, colors[ci]), "contrast_limits": (0.0, 1.0), "blending": "translucent",
                         "opacity": 0.7, "metadata": {"class": name, "threshold": run.get("thresholds", {}).get(name)}}, "image"))
     labels_path = mosaic_path / "labels" / "suspect"
     if labels_path.exists():
@@ -174,7 +181,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
         lab = open_image(str(labels_path))
         levels = [LazyLevel(lab, i, 0) for i in range(len(lab.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],
-                       {"name": "suspect (thresholded)", "multiscale": len(levels) > 1, "scale": lscale, "translate": ltrans,
+                       {"name": "suspect (thresholded)", "multiscale": len(levels) > 1, "scale": lscale, "translate": ltrans, "units": UNITS,
                         "visible": False, "opacity": 0.5}, "labels"))
     regions_file = d / "regions.json"
     if regions_file.exists():
@@ -189,7 +196,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
                 cr, cg, cb = colors[classes.index(r["class_name"])] if r["class_name"] in classes else (255, 200, 0)
                 edges.append([cr / 255, cg / 255, cb / 255, 1.0])
             layers.append((rects, {
-                "name": "regions", "shape_type": "rectangle", "edge_color": edges, "face_color": [0.0, 0.0, 0.0, 0.0],
+                "name": "regions", "units": UNITS, "shape_type": "rectangle", "edge_color": edges, "face_color": [0.0, 0.0, 0.0, 0.0],
                 "edge_width": run["grid"]["stride_px"] * run["input"]["level_mpp"] / 2,  # half a cell
                 "features": {"rank": [r["rank"] for r in regions], "class": [r["class_name"] for r in regions],
                              "peak_probability": [r["peak_probability"] for r in regions],
@@ -209,19 +216,46 @@ def close_layers(layers: list[LayerTuple]) -> None:
                 arr.reader.close()
 
 
-def open_viewer(sample_dir: str | Path, *, image: str | None = None, block: bool = True) -> Any:
-    """Open napari with :func:`build_layers`'s layers (needs ``pip install 'slidescore[view]'``)."""
-    import napari
+def add_layers(viewer: Any, layers: list[LayerTuple]) -> list[Any]:
+    """Add :func:`build_layers`'s tuples to a napari viewer (``napari.Viewer`` or a Qt-free ``ViewerModel``).
+
+    Returns the napari layers, in the tuples' order (source, probabilities, labels, regions).
+    """
     from napari.utils.colormaps import Colormap
 
-    viewer = napari.Viewer(title=f"slidescore — {Path(sample_dir).name}")
-    for data, kwargs, kind in build_layers(sample_dir, image=image):
+    added = []
+    for data, kwargs, kind in layers:
         kw = dict(kwargs)
-        if isinstance(kw.get("colormap"), dict):
+        if isinstance(kw.get("colormap"), dict):  # napari reads a plain dict as {name: colormap}
             kw["colormap"] = Colormap(colors=np.asarray(kw["colormap"]["colors"]), name=kw["colormap"]["name"])
-        getattr(viewer, f"add_{kind}")(data, **kw)
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
+        added.append(getattr(viewer, f"add_{kind}")(data, **kw))
+    return added
+
+
+def open_viewer(sample_dir: str | Path, *, image: str | None = None, block: bool = True) -> Any:
+    """Open napari with :func:`build_layers`'s layers (needs ``pip install 'slidescore[view]'``).
+
+    ``block=False`` returns the open viewer at once (scripts, notebooks, tests; the image readers
+    stay open with it); ``block=True`` runs the Qt event loop until the window is closed, then
+    closes the readers.
+    """
+    import napari
+
+    layers = build_layers(sample_dir, image=image)
+    viewer = None
+    try:
+        viewer = napari.Viewer(title=f"slidescore — {Path(sample_dir).name}")
+        add_layers(viewer, layers)
+    except BaseException:
+        if viewer is not None:
+            viewer.close()
+        close_layers(layers)
+        raise
+    # napari 0.9 moved the scale bar to viewer.canvas.overlays (viewer.scale_bar warns); its unit
+    # comes from the layers' units
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    (overlays.scale_bar if overlays is not None else viewer.scale_bar).visible = True
     if block:
         napari.run()
+        close_layers(layers)
     return viewer
