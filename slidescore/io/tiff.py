@@ -195,9 +195,10 @@ class TiffReader:
 
         One page of contiguous samples (SVS, OME-TIFF and GeoTIFF pyramids, our own writer): tiles
         are read in runs of adjacent bytes (tifffile ``read_segments``) and decoded on a thread pool
-        straight from the page's codec, which halves the wall time of a block read compared with
-        the Zarr store's asynchronous machinery. Anything else (planes in pages of their own,
-        volumes, separate sample planes) is read through the Zarr store.
+        straight from the page's codec, without the Zarr store's asynchronous machinery (reading
+        every block of the 16k benchmark smear's level 1: 0.45–0.64 s against 0.66–0.71 s through
+        the store, interleaved runs). Anything else (planes in pages of their own, volumes,
+        separate sample planes) is read through the Zarr store.
         """
         if level not in self._direct:
             lv = self._levels[level]
