@@ -27,11 +27,14 @@ tile by tile as napari asks for them.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, open_image
 from slidescore.types import Box
 
@@ -42,7 +45,7 @@ UNITS = ("um", "um")  # world coordinates are micrometres (pint spelling; the sc
 class LazyLevel:
     """An array-like view of one level of a reader: ``(h, w, c)``, or ``(h, w)`` for one channel.
 
-    Supports the basic indexing napari uses (slices, with steps, and integers). With ``decode``
+    Supports the basic indexing napari uses (slices, with steps, integers and ``...``). With ``decode``
     uint8 probability mosaics become float32 (255 = not scored → NaN, else value / 254).
     """
 
@@ -65,6 +68,9 @@ class LazyLevel:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):  # napari reads whole (thumbnail) levels as level[...]
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
         spans = []
         post: list[Any] = []
@@ -93,7 +99,7 @@ class LazyLevel:
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self[...] if self.ndim == 2 else self[:, :, :]
+        arr = self[...]
         return arr if dtype is None else arr.astype(dtype)
 
 
@@ -208,37 +214,65 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
 
 def close_layers(layers: list[LayerTuple]) -> None:
     """Close the readers that :func:`build_layers`'s lazy arrays hold (when the viewer is done)."""
-    seen: set[int] = set()
+    readers: dict[int, SlideReader] = {}
     for data, _kw, _kind in layers:
-        for arr in data if isinstance(data, list) else [data]:
-            if isinstance(arr, LazyLevel) and id(arr.reader) not in seen:
-                seen.add(id(arr.reader))
-                arr.reader.close()
+        readers.update(_readers(data))
+    for reader in readers.values():
+        reader.close()
+
+
+def _readers(data: Any) -> dict[int, SlideReader]:
+    return {id(a.reader): a.reader for a in (data if isinstance(data, list) else [data]) if isinstance(a, LazyLevel)}
 
 
 def add_layers(viewer: Any, layers: list[LayerTuple]) -> list[Any]:
     """Add :func:`build_layers`'s tuples to a napari viewer (``napari.Viewer`` or a Qt-free ``ViewerModel``).
 
-    Returns the napari layers, in the tuples' order (source, probabilities, labels, regions).
+    Returns the napari layers, in the tuples' order (source, probabilities, labels, regions). A
+    reader is closed when the last layer reading it leaves the viewer (``viewer.close()`` removes them all).
     """
     from napari.utils.colormaps import Colormap
 
     added = []
+    reads: dict[int, dict[int, SlideReader]] = {}  # id(napari layer) → the readers it reads
     for data, kwargs, kind in layers:
         kw = dict(kwargs)
         if isinstance(kw.get("colormap"), dict):  # napari reads a plain dict as {name: colormap}
             kw["colormap"] = Colormap(colors=np.asarray(kw["colormap"]["colors"]), name=kw["colormap"]["name"])
-        added.append(getattr(viewer, f"add_{kind}")(data, **kw))
+        layer = getattr(viewer, f"add_{kind}")(data, **kw)
+        reads[id(layer)] = _readers(data)
+        added.append(layer)
+
+    def close_unread(event: Any) -> None:
+        gone = reads.pop(id(event.value), {})
+        still = {rid for r in reads.values() for rid in r}
+        for rid, reader in gone.items():
+            if rid not in still:
+                reader.close()
+
+    viewer.layers.events.removed.connect(close_unread)
     return added
+
+
+def _require_display() -> None:
+    """Fail with a usage error where Qt would abort the process: Linux with no display to open a window on."""
+    env = os.environ
+    if sys.platform.startswith("linux") and not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or env.get("QT_QPA_PLATFORM")):
+        raise ConfigError(
+            "`slidescore view` opens a window, but this session has no display (DISPLAY and WAYLAND_DISPLAY are unset); "
+            "run it on a desktop or over `ssh -X`, or copy the sample folder to a machine with a screen "
+            "(its report.html opens in any browser)"
+        )
 
 
 def open_viewer(sample_dir: str | Path, *, image: str | None = None, block: bool = True) -> Any:
     """Open napari with :func:`build_layers`'s layers (needs ``pip install 'slidescore[view]'``).
 
-    ``block=False`` returns the open viewer at once (scripts, notebooks, tests; the image readers
-    stay open with it); ``block=True`` runs the Qt event loop until the window is closed, then
-    closes the readers.
+    ``block=False`` returns the open viewer at once (scripts, notebooks, tests; ``viewer.close()``
+    closes the image readers); ``block=True`` runs the Qt event loop until the window is closed,
+    then closes the readers.
     """
+    _require_display()
     import napari
 
     layers = build_layers(sample_dir, image=image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import zarr
 
 from slidescore.cli import main
+from slidescore.errors import ConfigError
 from slidescore.io import mosaic as mz
 from slidescore.report.qupath import tile_heatmap_geojson
-from slidescore.report.viewer import build_layers, close_layers, resolve_sample_dir
+from slidescore.report.viewer import build_layers, close_layers, open_viewer, resolve_sample_dir
 
 
 def _ome_transforms(group: Path) -> list[tuple[list[float], list[float]]]:
@@ -58,6 +60,10 @@ def _check_layers(layers, res, sample: Path) -> None:
     # lazily read values equal the mosaic
     ref = mz.read_level(sample / "probabilities.ome.zarr", 1)[0]
     np.testing.assert_array_equal(np.asarray(data[1][5:40:2, 3:30]), ref[5:40:2, 3:30])
+    # napari reads a whole (thumbnail) level as np.asarray(level), i.e. level[...]
+    np.testing.assert_array_equal(np.asarray(data[1]), ref)
+    np.testing.assert_array_equal(data[1][..., 3:9], ref[:, 3:9])
+    assert np.asarray(src[-1]).shape == src[-1].shape and src[-1][..., 0].shape == src[-1].shape[:2]
     assert kw["colormap"]["colors"][-1][3] == 1.0 and kw["colormap"]["colors"][0][3] == 0.0
     assert kw["contrast_limits"] == (0.0, 1.0)
 
@@ -85,6 +91,16 @@ def test_view_without_napari_says_how_to_install(scored_batch, capsys: pytest.Ca
     assert main(["view", str(out)]) == 2
     assert "slidescore[view]" in capsys.readouterr().err
     assert main(["view", str(out / "nope")]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the no-display check is for Linux (X11 / Wayland)")
+def test_view_without_a_display_is_a_usage_error(scored_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qt aborts the whole process (SIGABRT) with no display; open_viewer says what to do first."""
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    _, results = scored_batch
+    with pytest.raises(ConfigError, match="no display.*ssh -X"):
+        open_viewer(results[0].out_dir)
 
 
 @pytest.mark.parametrize("max_tiles", [20000, 40, 7])
