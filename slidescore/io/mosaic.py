@@ -25,6 +25,9 @@ from xml.sax.saxutils import escape
 import numcodecs
 import numpy as np
 import zarr
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v2 import ArrayV2Metadata
+from zarr.dtype import parse_dtype
 
 from slidescore.io.outputs import join, local_path, remove, write_text
 from slidescore.io.storage import is_local, storage_options, with_retries
@@ -56,19 +59,19 @@ def _compressor() -> numcodecs.Blosc:
     return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
-def _v2_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any) -> zarr.Array:
-    return group.create_array(
-        name,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        compressors=_compressor(),
-        filters=None,
-        fill_value=fill,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-        config={"write_empty_chunks": False},
-        overwrite=True,
-    )
+def _v2_meta(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any) -> ArrayV2Metadata:
+    """A Zarr v2 array's metadata: Blosc-zstd chunks under ``/``-separated keys."""
+    return ArrayV2Metadata(shape=shape, dtype=parse_dtype(np.dtype(dtype), zarr_format=2), chunks=chunks, fill_value=fill,
+                           order="C", dimension_separator="/", compressor=_compressor(), filters=None, attributes={})
+
+
+def _create(path: str | Path, nodes: dict[str, GroupMetadata | ArrayV2Metadata]) -> None:
+    """Create a hierarchy of groups and arrays in one call: zarr writes their metadata concurrently
+    (twice as fast as one node after the other, which on object storage is one PUT round trip each)."""
+    store = _store(path)
+    if isinstance(store, str):
+        store = zarr.storage.LocalStore(store)
+    list(zarr.create_hierarchy(store=store, nodes=dict(nodes)))
 
 
 def level_shape(shape: tuple[int, ...], level: int) -> tuple[int, ...]:
@@ -130,55 +133,50 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
     """Create (or re-create) the empty mosaic: metadata, all level arrays, labels, OME-XML."""
     remove(path)
     _level0_arrays.cache_clear()
-    root = _open(path, "w")
     fill: Any = float("nan") if spec.dtype == "float32" else UINT8_NOT_SCORED
     end = 1.0 if spec.dtype == "float32" else UINT8_SCALE
+    root_attrs = {
+        "multiscales": _multiscales(spec, spec.name, True, "mean"),
+        "omero": {
+            "version": "0.4",
+            "name": spec.name,
+            "channels": [
+                {
+                    "label": name,
+                    "color": "".join(f"{v:02X}" for v in color),
+                    "window": {"start": 0.0, "end": end, "min": 0.0, "max": end},
+                    "active": True,
+                    "coefficient": 1.0,
+                    "family": "linear",
+                    "inverted": False,
+                }
+                for name, color in zip(spec.channel_names, spec.colors, strict=True)
+            ],
+            "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+        },
+        "slidescore": attrs,
+    }
+    label_attrs = {
+        "multiscales": _multiscales(spec, "suspect", False, "max"),
+        "image-label": {
+            "version": "0.4",
+            "colors": [{"label-value": i + 1, "rgba": [*color, 255]} for i, color in enumerate(spec.colors)],
+            "properties": [
+                {"label-value": i + 1, "class": name, "threshold": t}
+                for i, (name, t) in enumerate(zip(spec.channel_names, spec.thresholds, strict=True))
+            ],
+            "source": {"image": "../../"},
+        },
+    }
+    nodes: dict[str, GroupMetadata | ArrayV2Metadata] = {
+        "": GroupMetadata(attributes=root_attrs, zarr_format=2),
+        "labels": GroupMetadata(attributes={"labels": ["suspect"]}, zarr_format=2),
+        "labels/suspect": GroupMetadata(attributes=label_attrs, zarr_format=2),
+    }
     for lvl in range(spec.n_levels):
-        _v2_array(root, str(lvl), level_shape(spec.shape, lvl), (1, spec.chunk, spec.chunk), spec.dtype, fill)
-    root.attrs.update(
-        {
-            "multiscales": _multiscales(spec, spec.name, True, "mean"),
-            "omero": {
-                "version": "0.4",
-                "name": spec.name,
-                "channels": [
-                    {
-                        "label": name,
-                        "color": "".join(f"{v:02X}" for v in color),
-                        "window": {"start": 0.0, "end": end, "min": 0.0, "max": end},
-                        "active": True,
-                        "coefficient": 1.0,
-                        "family": "linear",
-                        "inverted": False,
-                    }
-                    for name, color in zip(spec.channel_names, spec.colors, strict=True)
-                ],
-                "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
-            },
-            "slidescore": attrs,
-        }
-    )
-    labels = root.create_group("labels")
-    labels.attrs["labels"] = ["suspect"]
-    lab = labels.create_group("suspect")
-    for lvl in range(spec.n_levels):
-        _v2_array(lab, str(lvl), level_shape(spec.shape[1:], lvl), (spec.chunk, spec.chunk), "uint8", 0)
-    lab.attrs.update(
-        {
-            "multiscales": _multiscales(spec, "suspect", False, "max"),
-            "image-label": {
-                "version": "0.4",
-                "colors": [
-                    {"label-value": i + 1, "rgba": [*color, 255]} for i, color in enumerate(spec.colors)
-                ],
-                "properties": [
-                    {"label-value": i + 1, "class": name, "threshold": t}
-                    for i, (name, t) in enumerate(zip(spec.channel_names, spec.thresholds, strict=True))
-                ],
-                "source": {"image": "../../"},
-            },
-        }
-    )
+        nodes[str(lvl)] = _v2_meta(level_shape(spec.shape, lvl), (1, spec.chunk, spec.chunk), spec.dtype, fill)
+        nodes[f"labels/suspect/{lvl}"] = _v2_meta(level_shape(spec.shape[1:], lvl), (spec.chunk, spec.chunk), "uint8", 0)
+    _create(path, nodes)
     write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(spec))
 
 
@@ -320,21 +318,23 @@ def read_level(path: str | Path, level: int = 0) -> np.ndarray:
 def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -> None:
     """Save the foreground mask (fraction per cell, uint8 0–255) as a single-channel OME-Zarr."""
     remove(path)
-    root = _open(path, "w")
     one = MosaicSpec(
         shape=(1, *frac.shape), chunk=spec.chunk, n_levels=1, dtype="uint8", cell_um=spec.cell_um,
         source_mpp=spec.source_mpp, channel_names=("foreground",), colors=((255, 255, 255),), thresholds=(0.5,),
         name="foreground",
     )
-    arr = _v2_array(root, "0", one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)
-    arr[0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
-    root.attrs.update({"multiscales": _multiscales(one, "foreground", True, "mean")})
-    root.attrs["omero"] = {
-        "version": "0.4",
-        "name": "foreground",
-        "channels": [{"label": "foreground fraction", "color": "FFFFFF", "window": {"start": 0, "end": 255, "min": 0, "max": 255}, "active": True}],
-        "rdefs": {"model": "greyscale"},
+    attrs = {
+        "multiscales": _multiscales(one, "foreground", True, "mean"),
+        "omero": {
+            "version": "0.4",
+            "name": "foreground",
+            "channels": [{"label": "foreground fraction", "color": "FFFFFF",
+                          "window": {"start": 0, "end": 255, "min": 0, "max": 255}, "active": True}],
+            "rdefs": {"model": "greyscale"},
+        },
     }
+    _create(path, {"": GroupMetadata(attributes=attrs, zarr_format=2), "0": _v2_meta(one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)})
+    _arr(_open(path, "r+"), "0")[0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
 
 
 def dumps(obj: Any) -> str:
