@@ -21,6 +21,7 @@ level, every region carrying its ``image`` (URI). The run key covers the fingerp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -618,17 +619,24 @@ def _finish(plans: list[SamplePlan], per_image: list[list[BlockRecord]], cfg: Jo
     out = first.sample_out
     t0 = time.perf_counter()
     probs = [mz.read_level(plan.mosaic_path, 0) for plan in plans]
-    found = [
-        find_regions(
-            prob, card.classes, plan.mosaic.thresholds, cell_px0=_cell_px0(plan), mpp0=plan.mpp0,
-            min_area_um2=cfg.regions.min_area_um2, connectivity=cfg.regions.connectivity, image=plan.uri,
-        )
-        for plan, prob in zip(plans, probs, strict=True)
-    ]
-    regions = rank_across_images(found) if multi else found[0]
-    written = regions[: cfg.regions.top_k]  # what the region files list, and the overviews outline
-    overviews = [pool.submit(_draw_overview, plan, prob, [r for r in written if r.image == plan.uri] if multi else written)
+    # the overviews' thumbnails and overlays are made while the regions are found; their boxes wait for them
+    outlined: Future[list[Region]] = Future()
+    overviews = [pool.submit(_draw_overview, plan, prob, functools.partial(_image_regions, outlined, plan.uri if multi else None))
                  for plan, prob in zip(plans, probs, strict=True)]
+    try:
+        found = [
+            find_regions(
+                prob, card.classes, plan.mosaic.thresholds, cell_px0=_cell_px0(plan), mpp0=plan.mpp0,
+                min_area_um2=cfg.regions.min_area_um2, connectivity=cfg.regions.connectivity, image=plan.uri,
+            )
+            for plan, prob in zip(plans, probs, strict=True)
+        ]
+        regions = rank_across_images(found) if multi else found[0]
+    except BaseException as e:
+        outlined.set_exception(e)  # the overview threads end instead of waiting
+        raise
+    written = regions[: cfg.regions.top_k]  # what the region files list, and the overviews outline
+    outlined.set_result(written)
     t1 = time.perf_counter()
     for plan, prob in zip(plans, probs, strict=True):
         mz.build_pyramid(plan.mosaic_path, plan.mosaic, prob0=prob)
@@ -715,7 +723,13 @@ def _finish(plans: list[SamplePlan], per_image: list[list[BlockRecord]], cfg: Jo
     return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, regions, run, images=[p.uri for p in plans])
 
 
-def _draw_overview(plan: SamplePlan, prob: np.ndarray, regions: list[Region]) -> None:
+def _image_regions(outlined: Future[list[Region]], uri: str | None) -> list[Region]:
+    """The written regions (once they are known), or those of one image of a multi-image sample."""
+    regions = outlined.result()
+    return regions if uri is None else [r for r in regions if r.image == uri]
+
+
+def _draw_overview(plan: SamplePlan, prob: np.ndarray, regions: Callable[[], list[Region]]) -> None:
     reader = open_for_plan(plan)
     try:
         render_overview(reader, prob[0], _cell_px0(plan), regions, join(plan.out_dir, "overview.png"))

@@ -145,6 +145,38 @@ def test_overview_shows_the_overlay_where_the_model_fired(tmp_path: Path, smear_
     assert np.array_equal(ov[5, 5], img[5, 5])  # background corner untouched
 
 
+def test_overview_outlines_the_top_regions(tmp_path: Path, smear_like, random_model_dir: Path) -> None:
+    """The overview is started before the regions are known; its boxes are the written regions'."""
+    from PIL import Image
+
+    tif, img = smear_like
+    cfg = _cfg(tmp_path, regions={"top_k": 3})
+    (res,) = score_samples([str(tif)], cfg, str(tmp_path), model=load_model(str(random_model_dir)))
+    assert res.status == "ok" and 1 <= len(res.regions) <= 3
+    ov = np.asarray(Image.open(Path(res.out_dir) / "overview.png")).astype(int)
+    box_colour = np.array([255, 200, 0])
+    for r in res.regions:  # each written region's box is drawn 3 px outside its bounding box
+        y, x, h, w = (int(v) for v in r.bbox_px)
+        top = ov[max(0, y - 3), x : x + w]
+        assert (np.abs(top - box_colour).sum(axis=1) == 0).mean() > 0.5, r.rank
+
+
+def test_a_failure_while_finding_regions_fails_the_sample_without_hanging(tmp_path: Path, smear_like, random_model_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overview threads wait for the regions: an error on the way ends them and fails the sample."""
+    import slidescore.pipeline as pipeline
+    from slidescore.errors import SlideScoreError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise SlideScoreError("regions exploded")
+
+    monkeypatch.setattr(pipeline, "find_regions", broken)
+    tif, _ = smear_like
+    (res,) = score_samples([str(tif)], _cfg(tmp_path), str(tmp_path), model=load_model(str(random_model_dir)))
+    assert res.status == "failed" and "regions exploded" in res.error
+    assert not (Path(res.out_dir) / "_SUCCESS").exists()
+
+
 def test_changed_parameter_never_reuses_old_blocks(tmp_path: Path, smear_like, random_model_dir: Path, constant_model_dir: Path) -> None:
     tif, _ = smear_like
     cfg = _cfg(tmp_path, tiling={"chunk_cells": 16})

@@ -9,6 +9,7 @@ regions are drawn as numbered boxes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import imagecodecs
@@ -25,14 +26,18 @@ def render_overview(
     reader: SlideReader,
     prob: np.ndarray,
     cell_px0: float,
-    regions: list[Region],
+    regions: Sequence[Region] | Callable[[], Sequence[Region]],
     path: str | Path,
     *,
     color: tuple[int, int, int] = (0, 150, 255),
     max_px: int = 1024,
     top: int = 20,
 ) -> None:
-    """Write the overview PNG to ``path`` (local or URL). ``prob`` is one class's cell map (NaN = not scored)."""
+    """Write the overview PNG to ``path`` (local or URL). ``prob`` is one class's cell map (NaN = not scored).
+
+    ``regions`` may be a function returning them, called only when the boxes are drawn: the
+    thumbnail and its overlay can then be made while the regions are still being found.
+    """
     levels = reader.levels
     fits = [lv for lv in levels if max(lv.height, lv.width) <= max_px]
     lv = max(fits, key=lambda v: v.width) if fits else min(levels, key=lambda v: v.width)
@@ -57,7 +62,7 @@ def render_overview(
     out += c
     img = Image.fromarray(np.clip(out, 0, 255, out=out).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for r in regions[:top]:
+    for r in (regions() if callable(regions) else regions)[:top]:
         y, x, bh, bw = (v / px0 for v in r.bbox_px)
         pad = 3
         draw.rectangle([x - pad, y - pad, x + bw + pad, y + bh + pad], outline=(255, 200, 0), width=2)
