@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -265,25 +266,34 @@ def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray
 def build_pyramid(path: str | Path, spec: MosaicSpec, prob0: np.ndarray | None = None) -> np.ndarray:
     """Fill levels 1… from level 0 (probabilities and labels); return level 0 as probabilities.
 
-    Level 0 is read once (or given as ``prob0``, as :func:`read_level` returns it) and each level is computed from
-    the stored values of the level below and written with one call, which zarr splits into whole
-    chunks written concurrently; an all-NaN chunk is not written (``write_empty_chunks`` off).
+    Level 0 is read once (or given as ``prob0``, as :func:`read_level` returns it) and each level is
+    computed from the stored values of the level below; then every level array is written with one
+    call each, the calls side by side (zarr splits each into whole chunks, written concurrently; an
+    all-NaN chunk is not written, ``write_empty_chunks`` off).
     """
     root = _storage_guard(path, "opening the mosaic", lambda: _open(path, "r+"))
     if prob0 is None:
         prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])))
     cur = prob0
     labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
+    levels: list[tuple[str, np.ndarray]] = []
     for lvl in range(1, spec.n_levels):
         stored = encode(nanmean_2x2(cur), spec.dtype)
         labels = max_2x2(labels)
-
-        def write(lvl: int = lvl, stored: np.ndarray = stored, labels: np.ndarray = labels) -> None:
-            _arr(root, str(lvl))[...] = stored
-            _arr(root, f"labels/suspect/{lvl}")[...] = labels
-
-        _storage_guard(path, f"writing mosaic level {lvl}", write)
+        levels += [(str(lvl), stored), (f"labels/suspect/{lvl}", labels)]
         cur = decode(stored)  # the next level averages what is stored, as a reader would
+
+    def write(item: tuple[str, np.ndarray]) -> None:
+        name, data = item
+
+        def put() -> None:
+            _arr(root, name)[...] = data
+
+        _storage_guard(path, f"writing mosaic array {name}", put)
+
+    if levels:
+        with ThreadPoolExecutor(max_workers=min(len(levels), 8), thread_name_prefix="slidescore-pyramid") as pool:
+            list(pool.map(write, levels))  # the first error, if any, raised here
     return prob0
 
 
