@@ -259,7 +259,9 @@ def end_to_end(tif: Path, clf: PatchClassifier, work: Path, repeats: int, chunk_
     The job runs with its default configuration (``chunk_cells`` overrides the block size) except
     that the specialist's HTML report (crops, Grad-CAM) is left out: it is not scoring. The three
     methods run interleaved, round after round, and each keeps its best round: on a shared (virtual)
-    machine whose speed drifts, every method then sees the same conditions.
+    machine whose speed drifts, every method then sees the same conditions. Each round also pairs
+    every job run with the in-memory runs just before and after it; the median of those paired
+    ratios is less sensitive than the best rounds to one lucky run.
     """
     tiling = {} if chunk_cells is None else {"chunk_cells": chunk_cells}
     cfgs = {depth: JobConfig.from_dict({"output": {"uri": str(work), "overwrite": True}, "tiling": tiling,
@@ -278,9 +280,19 @@ def end_to_end(tif: Path, clf: PatchClassifier, work: Path, repeats: int, chunk_
     def in_memory() -> None:
         slidescore.score_array(pixels, clf, stride_px=cfg.tiling.stride_px, valid=plan.valid, chunk_cells=cells)
 
+    def timed_in_memory() -> float:
+        sync()
+        t0 = time.perf_counter()
+        in_memory()
+        sync()
+        return time.perf_counter() - t0
+
     best: dict[str, float] = {}
     timings: dict[str, dict[str, Any]] = {}
+    paired: dict[str, list[float]] = {f"prefetch_blocks={d}": [] for d in cfgs}
+    before = timed_in_memory()  # warm-up round's in-memory run; then each round ends with one
     for i in range(repeats + 1):  # round 0 is the warm-up
+        jobs: dict[str, float] = {}
         for depth, c in cfgs.items():
             key = f"prefetch_blocks={depth}"
             with GpuSampler() as gpu:
@@ -289,21 +301,22 @@ def end_to_end(tif: Path, clf: PatchClassifier, work: Path, repeats: int, chunk_
                 dt = time.perf_counter() - t0
             if res.status != "ok":
                 raise RuntimeError(f"end-to-end run failed: {res.error}")
+            jobs[key] = dt
             if i and dt < best.get(key, float("inf")):
                 best[key], timings[key] = dt, {**res.run["timings_s"], "gpu_utilisation": gpu.summary()}
-        sync()
-        t0 = time.perf_counter()
-        in_memory()
-        sync()
-        dt = time.perf_counter() - t0
-        if i and dt < best.get("in memory", float("inf")):
-            best["in memory"] = dt
+        after = timed_in_memory()
+        if i:
+            best["in memory"] = min(best.get("in memory", float("inf")), after)
+            for key, dt in jobs.items():  # this round's job against the in-memory runs on either side of it
+                paired[key].append((before + after) / 2 / dt)
+        before = after
         print(f"  round {i}: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()), file=sys.stderr, flush=True)
     mp = plan.level_shape[0] * plan.level_shape[1] / 1e6
     rows = [{"method": "score_array, decoded pixels in memory", "seconds": best["in memory"], "megapixels_per_s": mp / best["in memory"]}]
     for k, t in timings.items():
         rows.append({"method": f"score_samples from JPEG-tiled TIFF ({k})", "seconds": best[k],
-                     "megapixels_per_s": mp / best[k], "timings_s": t})
+                     "megapixels_per_s": mp / best[k], "timings_s": t,
+                     "paired_fractions": paired[k], "paired_fraction_median": float(np.median(paired[k]))})
     for r in rows:
         r["fraction_of_in_memory"] = best["in memory"] / r["seconds"]
         t = r.get("timings_s")
@@ -343,13 +356,14 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"**End to end** (built-in model, default job configuration, level {e['level']} = {e['level_shape'][0]} × "
                   f"{e['level_shape'][1]} px of `{Path(e['tif']).name}`, {e['blocks']} blocks of {e.get('block_px', '?')} px, "
                   f"{e['patches_scored']} foreground patches, best of {e.get('repeats', res['repeats'])}):", "",
-                  "| method | seconds | megapixels/s | × in memory | block loop s | block loop × in memory | open + mask s | pyramid s | regions + files s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | seconds | megapixels/s | × in memory | × in memory, median of rounds | block loop s | block loop × in memory | open + mask s | pyramid s | regions + files s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in e["rows"]:
             t = r.get("timings_s") or {}
             extra = (f"{r['blocks_seconds']:.2f} | {r['blocks_fraction_of_in_memory']:.2f} | {t['open_s'] + t['mask_s']:.2f} | "
                      f"{t['pyramid_s']:.2f} | {t['regions_s']:.2f}" if t else "– | – | – | – | –")
-            lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['megapixels_per_s']:.2f} | {r['fraction_of_in_memory']:.2f} | {extra} |")
+            med = f"{r['paired_fraction_median']:.2f}" if "paired_fraction_median" in r else "–"
+            lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['megapixels_per_s']:.2f} | {r['fraction_of_in_memory']:.2f} | {med} | {extra} |")
         lines.append("")
     if res.get("memory"):
         lines += ["**Peak memory** (`slidescore score`, default config, fresh process):", "",
