@@ -280,41 +280,39 @@ class TiffReader:
             src_sl[iy], src_sl[ix] = sy, sx
             out[tuple(dst)] = src[tuple(src_sl)]
 
+        def place(ty: int, tx: int, tile: np.ndarray) -> None:  # a tile (cropped to the level) into the box
+            y0, x0 = ty * th, tx * tw
+            a, b = max(box.y, y0), max(box.x, x0)
+            put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y0 + th) - y0), slice(b - x0, min(box.x1, x0 + tw) - x0))
+
         missing: list[tuple[int, int]] = []
         for ty in range(ty0, ty1):
             for tx in range(tx0, tx1):
-                y0, x0 = ty * th, tx * tw
-                y1, x1 = min(y0 + th, height), min(x0 + tw, width)
                 tile = self.tile_cache.use((level, ty, tx)) if cached else None
                 if tile is None:
                     missing.append((ty, tx))
-                    continue
-                a, b = max(box.y, y0), max(box.x, x0)
-                put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y1) - y0), slice(b - x0, min(box.x1, x1) - x0))
+                else:
+                    place(ty, tx, tile)
         if not missing:
             return out
+        fresh: dict[tuple[int, int], np.ndarray] = {}
         if self._tile_page(level) is not None:
             for (ty, tx), tile in self._decode_tiles(level, missing, th, tw).items():
-                y0, x0 = ty * th, tx * tw
-                y1, x1 = min(y0 + th, height), min(x0 + tw, width)
-                if cached:
-                    self.tile_cache.keep((level, ty, tx), tile[: y1 - y0, : x1 - x0])
-                a, b = max(box.y, y0), max(box.x, x0)
-                put(a - box.y, b - box.x, tile, slice(a - y0, min(box.y1, y1) - y0), slice(b - x0, min(box.x1, x1) - x0))
-            return out
-        # one read of the tile-aligned rectangle around the missing tiles (zarr decodes whole tiles anyway)
-        my0, my1 = min(t[0] for t in missing), max(t[0] for t in missing) + 1
-        mx0, mx1 = min(t[1] for t in missing), max(t[1] for t in missing) + 1
-        rect = Box(my0 * th, mx0 * tw, min(my1 * th, height) - my0 * th, min(mx1 * tw, width) - mx0 * tw)
-        data = self._get(arr, axes, level, rect)
-        for ty, tx in missing:
-            y0, x0 = ty * th, tx * tw
-            y1, x1 = min(y0 + th, height), min(x0 + tw, width)
-            sl = [slice(None)] * len(axes)
-            sl[iy], sl[ix] = slice(y0 - rect.y, y1 - rect.y), slice(x0 - rect.x, x1 - rect.x)
-            self.tile_cache.keep((level, ty, tx), data[tuple(sl)])
-            a, b = max(box.y, y0), max(box.x, x0)
-            put(a - box.y, b - box.x, data, slice(a - rect.y, min(box.y1, y1) - rect.y), slice(b - rect.x, min(box.x1, x1) - rect.x))
+                fresh[(ty, tx)] = tile[: min(th, height - ty * th), : min(tw, width - tx * tw)]
+        else:  # one read of the tile-aligned rectangle around the missing tiles (zarr decodes whole tiles anyway)
+            my0, my1 = min(t[0] for t in missing), max(t[0] for t in missing) + 1
+            mx0, mx1 = min(t[1] for t in missing), max(t[1] for t in missing) + 1
+            rect = Box(my0 * th, mx0 * tw, min(my1 * th, height) - my0 * th, min(mx1 * tw, width) - mx0 * tw)
+            data = self._get(arr, axes, level, rect)
+            for ty, tx in missing:
+                sl = [slice(None)] * len(axes)
+                sl[iy] = slice(ty * th - rect.y, min(ty * th + th, height) - rect.y)
+                sl[ix] = slice(tx * tw - rect.x, min(tx * tw + tw, width) - rect.x)
+                fresh[(ty, tx)] = data[tuple(sl)]
+        for (ty, tx), tile in fresh.items():
+            if cached:
+                self.tile_cache.keep((level, ty, tx), tile)
+            place(ty, tx, tile)
         return out
 
     def _get(self, arr: zarr.Array, axes: str, level: int, box: Box) -> np.ndarray:

@@ -168,11 +168,9 @@ class PatchClassifier:
 
     def _block_input(self, pixels: np.ndarray) -> torch.Tensor:
         """(h, w, c) block pixels → the normalised (1, c, h, w) network input on our device."""
-        if self.pin_memory:  # CUDA: through the pinned buffer, staged in the order the network runs in
-            if self.channels_last:  # HWC as it is (no transposing copy on the host), NHWC on the device
-                return self._normalise(self._to_device(pixels[None]).permute(0, 3, 1, 2))
-            return self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))
-        if not pixels.flags.writeable:  # torch wants writeable memory: one transposed copy
+        if self.pin_memory and self.channels_last:  # CUDA: HWC staged as it is in the pinned buffer, NHWC on the device
+            return self._normalise(self._to_device(pixels[None]).permute(0, 3, 1, 2))
+        if self.pin_memory or not pixels.flags.writeable:  # pinned NCHW staging, or a read-only array torch won't wrap
             return self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))
         return self._normalise(torch.from_numpy(pixels).permute(2, 0, 1)[None])  # no transposed uint8 copy
 
