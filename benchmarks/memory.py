@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/slidescore-bench")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON line (for benchmarks/speed.py)")
     args = ap.parse_args()
-    from slidescore.demo import generate_smear
+    from slidescore.offline.demo import generate_smear
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/ray_scaling.py [--size 4096] [--chunk-cells 32] [--workdir /tmp/slidescore-ray-bench]``
 
-The smear is ``slidescore.demo.generate_smear(path, size_px=4096, seed=5)`` (generated once), scored
+The smear is ``slidescore.offline.demo.generate_smear(path, size_px=4096, seed=5)`` (generated once), scored
 with the built-in model and the default config except ``tiling.chunk_cells`` (32 cells = 512 px
 blocks at the scored level, so the pool has several blocks to share; the default 128 would make a
 2048² level a single block). Ray runs in this process (``ray.init(num_cpus=2)``, no dashboard,
@@ -40,8 +40,8 @@ def main() -> None:
     import ray
 
     from slidescore.config import JobConfig
-    from slidescore.demo import generate_smear
-    from slidescore.distributed import score_samples_ray
+    from slidescore.offline.demo import generate_smear
+    from slidescore.run.ray import score_samples_ray
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -51,13 +51,14 @@ from torch import nn
 
 import slidescore
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.io import open_image
 from slidescore.model import load_model
 from slidescore.model.architectures import ValidResNet18
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import PatchClassifier, fold_batchnorm
-from slidescore.pipeline import plan_sample, score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
+from slidescore.stages.plan import plan_sample
 
 HERE = Path(__file__).resolve().parent
 
@@ -396,7 +397,7 @@ def main() -> None:
     if (args.size - 64) % 16 or (args.resnet_size - 224) % 112:
         ap.error("--size must be 64 + 16·n and --resnet-size 224 + 112·n (the same patches for MONAI and slidescore)")
     logging.basicConfig(level=logging.WARNING)
-    from slidescore.demo import generate_smear
+    from slidescore.offline.demo import generate_smear
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from slidescore.intake import load_intake_config, load_job_config, make_backend, poll
     from slidescore.model import load_model
-    from slidescore.pipeline import check_config_for_model
+    from slidescore.stages.plan import check_config_for_model
 
     try:
         cfg = load_intake_config(args.config)

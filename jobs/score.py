@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from slidescore.config import load_config
-    from slidescore.distributed import ClusterError, dry_run_samples, score_samples_ray
     from slidescore.io.outputs import read_json
+    from slidescore.run.ray import ClusterError, dry_run_samples, score_samples_ray
 
     try:
         cfg = load_config(args.config)

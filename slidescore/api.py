@@ -3,12 +3,11 @@
 ``score_array(image, model, patch_px=…, stride_px=…)`` scores an (H, W, C) array with a
 :class:`~slidescore.model.scoring.PatchClassifier` or any torch module and returns the blended
 stride-resolution map, (K, cells_h, cells_w) float32 with NaN where no scored patch covers a cell.
-It walks the same steps as a job, block by block: the global :class:`~slidescore.tiling.PatchGrid`,
-output-chunk-aligned blocks with their halo (:func:`~slidescore.tiling.plan_blocks`), the reader's
-border padding (:func:`~slidescore.io.read_padded` on an in-memory reader), the job's channel
-preparation, ``PatchClassifier.score_block`` (dense or per-patch) and
-:func:`~slidescore.blend.blend_cells`; so for the same pixels and model its result equals level 0
-of the job's probability mosaic.
+It walks the same steps as a job, block by block: the global :class:`~slidescore.core.tiling.PatchGrid`,
+output-chunk-aligned blocks with their halo (:func:`~slidescore.core.tiling.plan_blocks`), and the
+job's own :class:`~slidescore.stages.recipe.BlockRecipe` (border padding, channel preparation,
+dense or per-patch scoring, the card's calibration and the prior shift, blending); so for the same
+pixels, model and settings its result equals level 0 of the job's probability mosaic.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from slidescore.blend import blend_cells, patch_weights
+from slidescore.config import DecisionConfig
+from slidescore.core.tiling import PatchGrid, plan_blocks
+from slidescore.core.types import Box, LevelInfo
 from slidescore.errors import ConfigError
-from slidescore.io import read_padded
-from slidescore.pipeline import prepare_pixels
-from slidescore.tiling import PatchGrid, plan_blocks
-from slidescore.types import Box, LevelInfo
+from slidescore.stages.recipe import BlockRecipe
 
 
 class ArrayReader:
@@ -74,6 +72,7 @@ def score_array(
     network_stride_px: int | None = None,
     outputs: str = "probabilities",
     device: str = "auto",
+    decision: DecisionConfig | None = None,
 ) -> np.ndarray:
     """Score an in-memory image and return the blended map at stride resolution.
 
@@ -92,7 +91,7 @@ def score_array(
         Patch edge and distance between patch origins (the output cell), in pixels;
         ``stride_px`` must divide ``patch_px``.
     weights, sigma_frac
-        Blending kernel: ``uniform``, ``gaussian`` or ``cosine`` (see :mod:`slidescore.blend`).
+        Blending kernel: ``uniform``, ``gaussian`` or ``cosine`` (see :mod:`slidescore.core.blend`).
     mode
         ``auto``, ``dense`` or ``per_patch`` (as ``model.mode`` in a job).
     batch_size
@@ -109,6 +108,10 @@ def score_array(
         Plain modules only: ``probabilities`` (used as they come) or ``logits`` (sigmoid).
     device
         Plain modules only: where to run them (``auto`` = CUDA when available).
+    decision
+        The job's ``decision`` settings (operating point, prior shift); default a job's default: the
+        card's calibration applied, no prior shift. Patch probabilities are calibrated and shifted
+        before blending exactly as in a job (:class:`~slidescore.stages.recipe.BlockRecipe`).
 
     Returns
     -------
@@ -144,7 +147,8 @@ def score_array(
     valid = np.asarray(valid, bool)
     if valid.shape != grid.patches_shape:
         raise ConfigError(f"valid: expected the ({grid.patches_shape[0]}, {grid.patches_shape[1]}) patch grid of this image, got {valid.shape}")
-    kernel = patch_weights(grid.k, weights, sigma_frac)
+    recipe = BlockRecipe.create(clf, stride_px, weights=weights, sigma_frac=sigma_frac, decision=decision, mode=mode,
+                                batch_size=batch_size, fill=fill)
     reader = ArrayReader(img)
     out = np.full((clf.card.n_classes, *grid.cells_shape), np.nan, np.float32)
     for block in plan_blocks(grid, chunk_cells):
@@ -152,7 +156,5 @@ def score_array(
         v = valid[p.y : p.y1, p.x : p.x1]
         if not v.any():
             continue
-        pixels = prepare_pixels(read_padded(reader, 0, block.read, fill), clf.card)
-        scores = clf.score_block(pixels, v, stride_px, mode=mode, batch_size=batch_size)
-        out[:, c.y : c.y1, c.x : c.x1] = blend_cells(scores, v, kernel, (p.y, p.x), (c.y, c.x, c.h, c.w))
+        out[:, c.y : c.y1, c.x : c.x1] = recipe.cells(recipe.read(reader, 0, block.read), v, (p.y, p.x), c)
     return out

@@ -31,7 +31,7 @@ def _progress_factory(enabled: bool):
 def cmd_score(args: argparse.Namespace) -> int:
     from slidescore.config import load_config
     from slidescore.model import load_model
-    from slidescore.pipeline import score_samples
+    from slidescore.run.local import score_samples
 
     cfg = load_config(args.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -94,7 +94,7 @@ def _summarise(results: list, out_root: str, seconds: float) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from slidescore.demo import run_demo
+    from slidescore.offline.demo import run_demo
 
     return run_demo(size_px=args.size, out_root=args.output, seed=args.seed, progress=not args.quiet)
 
@@ -117,7 +117,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slidescore.train import Augmentation, TrainOptions, run_train
+    from slidescore.offline.train import Augmentation, TrainOptions, run_train
 
     opts = TrainOptions(
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, width=args.width,
@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from slidescore.decide.calibrate import run_calibrate, summary_lines
+    from slidescore.offline.calibrate import run_calibrate, summary_lines
 
     given = bool(args.precision or args.recall)  # neither: the defaults precision_0.90 and recall_0.999
     card, dest = run_calibrate(args.model, args.valset, out=args.output, in_place=args.in_place, method=args.method,

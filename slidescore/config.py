@@ -1,17 +1,23 @@
 """Run configuration: one YAML file → frozen dataclasses, validated before any work starts.
 
-``load_config(path)`` reads the YAML with ``yaml.safe_load`` and builds a :class:`JobConfig`.
-Unknown keys and bad values raise :class:`~slidescore.errors.ConfigError` naming the dotted key,
-what was expected and what was found. Configs are plain data (they pickle), hold no secrets
-(endpoints and credentials come from the environment) and round-trip through ``to_dict``.
+``load_config(path)`` reads the YAML with :func:`load_yaml_file`, the one strict, bounded YAML
+reader of the project (duplicate keys, alias bombs, oversize files and several documents are
+refused), and builds a :class:`JobConfig`. Unknown keys and bad values (NaN and infinities
+included) raise :class:`~slidescore.errors.ConfigError` naming the dotted key, what was expected
+and what was found. Configs are plain data (they pickle), hold no secrets (endpoints and
+credentials come from the environment) and round-trip through ``to_dict``. Sample manifests,
+the job's and the intake poller's, are read by one parser, :func:`parse_manifest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +111,7 @@ class BlendingConfig:
 
     def validate(self, prefix: str) -> None:
         _one_of(self.weights, ("uniform", "gaussian", "cosine"), f"{prefix}.weights")
-        if not 0 < self.sigma_frac <= 1:
-            raise ConfigError(f"{prefix}.sigma_frac: expected a number in (0, 1], got {self.sigma_frac!r}")
+        _number(self.sigma_frac, f"{prefix}.sigma_frac", "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,10 @@ class MaskConfig:
     def validate(self, prefix: str) -> None:
         _one_of(self.method, ("brightfield", "nodata", "none"), f"{prefix}.method")
         for key in ("min_foreground_frac", "min_saturation", "max_brightness"):
-            v = getattr(self, key)
-            if not 0 <= v <= 1:
-                raise ConfigError(f"{prefix}.{key}: expected a fraction in [0, 1], got {v!r}")
-        if self.mask_mpp <= 0:
-            raise ConfigError(f"{prefix}.mask_mpp: expected a positive µm/px, got {self.mask_mpp!r}")
+            _number(getattr(self, key), f"{prefix}.{key}", "a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+        _number(self.mask_mpp, f"{prefix}.mask_mpp", "a finite positive number (µm/px)", lambda v: v > 0)
+        # a NaN pixel never equals NaN, so a NaN nodata value would silently mark everything foreground
+        _number(self.nodata_value, f"{prefix}.nodata_value", "a finite pixel value")
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,8 @@ class RegionsConfig:
     def validate(self, prefix: str) -> None:
         if self.thresholds is not None:
             for t in self.thresholds:
-                if not 0 <= t <= 1:
-                    raise ConfigError(f"{prefix}.thresholds: expected probabilities in [0, 1], got {t!r}")
-        if self.min_area_um2 < 0:
-            raise ConfigError(f"{prefix}.min_area_um2: expected >= 0, got {self.min_area_um2!r}")
+                _number(t, f"{prefix}.thresholds", "probabilities in [0, 1]", lambda v: 0 <= v <= 1)
+        _number(self.min_area_um2, f"{prefix}.min_area_um2", "a finite number >= 0 (µm²)", lambda v: v >= 0)
         _positive_int(self.top_k, f"{prefix}.top_k")
         _one_of(self.connectivity, (1, 2), f"{prefix}.connectivity")
 
@@ -176,10 +178,9 @@ class InputConfig:
     conversion: dict[str, Any] | None = None
 
     def validate(self, prefix: str) -> None:
-        if self.mpp is not None and not (0 < self.mpp <= 1e8):
-            raise ConfigError(f"{prefix}.mpp: expected a positive µm/px, got {self.mpp!r}")
-        if not 0 <= self.mpp_tolerance < 1:
-            raise ConfigError(f"{prefix}.mpp_tolerance: expected a fraction in [0, 1), got {self.mpp_tolerance!r}")
+        if self.mpp is not None:
+            _number(self.mpp, f"{prefix}.mpp", "a positive µm/px (at most 1e8) or null", lambda v: 0 < v <= 1e8)
+        _number(self.mpp_tolerance, f"{prefix}.mpp_tolerance", "a fraction in [0, 1)", lambda v: 0 <= v < 1)
         if self.conversion is not None:
             check_conversion(self.conversion, f"{prefix}.conversion")
 
@@ -199,9 +200,10 @@ def check_conversion(rules: Any, where: str) -> None:
         if key not in CONVERSION_DTYPES:
             raise ConfigError(f"{where}.{key}: unknown key; expected a pixel type {list(CONVERSION_DTYPES)} or gray_to_rgb")
         ok = isinstance(rule, dict) and set(rule) == {"low", "high"} and all(
-            isinstance(rule[k], int | float) and not isinstance(rule[k], bool) for k in ("low", "high"))
+            isinstance(rule[k], int | float) and not isinstance(rule[k], bool)
+            and not (isinstance(rule[k], float) and not math.isfinite(rule[k])) for k in ("low", "high"))
         if not ok or not rule["low"] < rule["high"]:
-            raise ConfigError(f"{where}.{key}: expected {{low: <number>, high: <number>}} with low < high "
+            raise ConfigError(f"{where}.{key}: expected {{low: <number>, high: <number>}} (finite) with low < high "
                               f"(the input range mapped onto 0…255), got {rule!r}")
 
 
@@ -226,10 +228,13 @@ class SampleSpec:
 
     ``sample_id`` ``None`` means "derive it from the image's file name" (plain one-image entries).
     A sample of several images is scored image by image and its regions are ranked together.
+    ``origin`` says where the sample was found (a manifest line, an intake folder), for messages
+    only: it is not compared, hashed or shown in ``repr``.
     """
 
     sample_id: str | None
     uris: tuple[str, ...]
+    origin: str = field(default="", compare=False, repr=False)
 
 
 def check_sample_id(sample_id: str, key: str) -> None:
@@ -244,11 +249,12 @@ def check_sample_id(sample_id: str, key: str) -> None:
 class SamplesConfig:
     """Which images a job scores (used by ``jobs/score.py``; the CLI takes images as arguments).
 
-    ``uris`` lists images directly, one sample each; ``manifest`` names a text file with one sample
-    per line (blank lines and ``#`` comments, whole-line or after the URIs, are ignored; URIs cannot
-    contain spaces; a relative manifest path is resolved against the working directory). A line is
-    either one image URI (the sample id is the file name), or ``ID: URI [URI …]``: a sample with
-    that id made of those images (fields of one smear; one image with an explicit id is fine too).
+    ``uris`` lists images directly, one sample each; ``manifest`` names a UTF-8 text file with one
+    sample per line in the format of :func:`parse_manifest` (a relative manifest path is resolved
+    against the working directory): one image URI (the sample id is the file name), or
+    ``ID: URI [URI …]``, a sample with that id made of those images (fields of one smear; one image
+    with an explicit id is fine too); blank lines, comment lines and `` # `` trailing comments
+    are ignored.
     ``groups`` maps sample ids to lists of image URIs in the config itself::
 
         groups:
@@ -325,35 +331,73 @@ class SamplesConfig:
 
 def _read_manifest(p: Path) -> list[str | SampleSpec]:
     try:
-        lines = p.read_text().splitlines()
+        text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"samples.manifest: cannot read {str(p)!r} ({type(e).__name__}: {e}); expected a UTF-8 text "
             "file with one image URI (or 'ID: URI URI …') per line"
         ) from None
+    return parse_manifest(text, f"samples.manifest: {str(p)!r}")
+
+
+def parse_manifest(text: str, where: str) -> list[str | SampleSpec]:
+    """The entries of a sample manifest: the one parser of the job's ``samples.manifest`` and the
+    intake poller's ``manifest``, so both see the same samples.
+
+    Parameters
+    ----------
+    text
+        The manifest's text. One entry per line, words separated by whitespace (URIs cannot
+        contain whitespace):
+
+        - ``URI``: one image, a sample of its own whose id is derived from the file name;
+        - ``ID: URI [URI …]``: a sample with that id made of those images (fields of one smear).
+
+        Comments: a line whose first non-blank character is ``#`` is a comment, and a ``#`` that
+        follows whitespace starts a trailing comment (``a.tif  # scanner 2``). A ``#`` inside a
+        word is part of it: ``s3://b/a#2.svs`` is one URI. Blank lines and a leading byte-order
+        mark are ignored.
+    where
+        What the text is, starting every message and each sample's ``origin``, e.g.
+        ``samples.manifest: 'samples.txt'``.
+
+    Returns
+    -------
+    list of str or SampleSpec
+        In line order: a URI string for a plain line, a :class:`SampleSpec` (with its ``origin``,
+        ``<where> line <n>``) for an ``ID:`` line.
+
+    Raises
+    ------
+    ConfigError
+        A line with several words and no ``ID:``, an invalid sample id, an ``ID:`` without images or
+        with one image twice; the message names the line.
+    """
     out: list[str | SampleSpec] = []
-    for n, line in enumerate(lines, 1):
-        tokens = line.split()
-        for i, t in enumerate(tokens):
-            if t.startswith("#"):
-                tokens = tokens[:i]
+    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+        words = line.split()
+        for i, w in enumerate(words):
+            if w.startswith("#"):  # a whole-line comment, or one after whitespace
+                words = words[:i]
                 break
-        if not tokens:
+        if not words:
             continue
-        if tokens[0].endswith(":") and "://" not in tokens[0]:
-            sid, uris = tokens[0][:-1], tuple(tokens[1:])
-            check_sample_id(sid, f"samples.manifest: {str(p)!r} line {n}")
+        at = f"{where} line {n}"
+        if words[0].endswith(":") and "://" not in words[0]:
+            sid, uris = words[0][:-1], tuple(words[1:])
+            check_sample_id(sid, at)
             if not uris:
-                raise ConfigError(f"samples.manifest: {str(p)!r} line {n}: sample {sid!r} lists no image; expected 'ID: URI [URI …]'")
-            if len(set(uris)) != len(uris):
-                raise ConfigError(f"samples.manifest: {str(p)!r} line {n}: an image is listed twice for sample {sid!r}")
-            out.append(SampleSpec(sid, uris))
-        elif len(tokens) == 1:
-            out.append(tokens[0])
+                raise ConfigError(f"{at}: sample {sid!r} lists no image; expected 'ID: URI [URI …]'")
+            twice = sorted(u for u, k in Counter(uris).items() if k > 1)
+            if twice:
+                raise ConfigError(f"{at}: sample {sid!r} lists an image twice ({twice[0]}); list each image once")
+            out.append(SampleSpec(sid, uris, origin=at))
+        elif len(words) == 1:
+            out.append(words[0])
         else:
             raise ConfigError(
-                f"samples.manifest: {str(p)!r} line {n}: expected one URI per line, or 'ID: URI URI …' for a sample "
-                f"of several images (comments start with '#'), got {line.strip()!r}"
+                f"{at}: expected one URI per line, or 'ID: URI URI …' for a sample of several images "
+                f"(URIs cannot contain spaces; a comment starts with ' #'), got {line.strip()!r}"
             )
     return out
 
@@ -380,10 +424,8 @@ class DecisionConfig:
         if self.operating_point is not None and not self.operating_point.strip():
             raise ConfigError(f"{prefix}.operating_point: expected the name of an operating point in the model card, got {self.operating_point!r}")
         for p in self.target_prevalence or ():
-            if not 0 < p < 1:
-                raise ConfigError(f"{prefix}.target_prevalence: expected fractions in (0, 1), got {p!r}")
-        if not 0 < self.call_alpha < 1:
-            raise ConfigError(f"{prefix}.call_alpha: expected a probability in (0, 1), got {self.call_alpha!r}")
+            _number(p, f"{prefix}.target_prevalence", "fractions in (0, 1)", lambda v: 0 < v < 1)
+        _number(self.call_alpha, f"{prefix}.call_alpha", "a probability in (0, 1)", lambda v: 0 < v < 1)
         _positive_int(self.min_positive_units, f"{prefix}.min_positive_units")
 
 
@@ -411,8 +453,7 @@ class ReportConfig:
             _positive_int(getattr(self, key), f"{prefix}.{key}")
         if self.max_crop_px < self.crop_px:
             raise ConfigError(f"{prefix}.max_crop_px: expected >= crop_px={self.crop_px}, got {self.max_crop_px!r}")
-        if not self.quality_mpp > 0:
-            raise ConfigError(f"{prefix}.quality_mpp: expected a positive µm/px, got {self.quality_mpp!r}")
+        _number(self.quality_mpp, f"{prefix}.quality_mpp", "a finite positive µm/px", lambda v: v > 0)
 
 
 @dataclass(frozen=True)
@@ -442,17 +483,14 @@ class ClusterConfig:
         _positive_int(self.max_in_flight_per_actor, f"{prefix}.max_in_flight_per_actor")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigError(f"{prefix}.max_retries: expected an integer >= 0, got {self.max_retries!r}")
-        if self.num_cpus_per_actor < 0:
-            raise ConfigError(f"{prefix}.num_cpus_per_actor: expected a number >= 0, got {self.num_cpus_per_actor!r}")
+        _number(self.num_cpus_per_actor, f"{prefix}.num_cpus_per_actor", "a finite number >= 0", lambda v: v >= 0)
         g = self.num_gpus_per_actor
-        if g < 0 or (g > 1 and g != int(g)):
-            raise ConfigError(
-                f"{prefix}.num_gpus_per_actor: expected 0, a fraction of one GPU (0 < g <= 1) or a whole number, got {g!r}"
-            )
+        _number(g, f"{prefix}.num_gpus_per_actor", "0, a fraction of one GPU (0 < g <= 1) or a whole number",
+                lambda v: v >= 0 and (v <= 1 or v == int(v)))
         if self.num_cpus_per_actor == 0 and g == 0:
             raise ConfigError(f"{prefix}.num_cpus_per_actor: an actor must reserve some CPU or GPU; got 0 CPUs and 0 GPUs")
-        if self.actor_start_timeout_s <= 0:
-            raise ConfigError(f"{prefix}.actor_start_timeout_s: expected a positive number of seconds, got {self.actor_start_timeout_s!r}")
+        _number(self.actor_start_timeout_s, f"{prefix}.actor_start_timeout_s", "a finite positive number of seconds",
+                lambda v: v > 0)
 
 
 @dataclass(frozen=True)
@@ -481,7 +519,8 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> JobConfig:
-        return _build(cls, data or {}, "").validate()
+        """Build and validate a config from plain data (``None``: all defaults)."""
+        return _build(cls, {} if data is None else data, "").validate()
 
     def replace(self, **sections: dict[str, Any]) -> JobConfig:
         """A copy with some keys of some sections changed, e.g. ``replace(output={"uri": d})``."""
@@ -494,21 +533,212 @@ class JobConfig:
 
 
 def load_config(path: str | Path | None) -> JobConfig:
-    """Read a YAML job config (``None`` → all defaults)."""
+    """Read a YAML job config (``None`` → all defaults) with :func:`load_yaml_file`."""
     if path is None:
         return JobConfig().validate()
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    data = load_yaml_file(p, what="config file")
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top, got {type(data).__name__}")
     return JobConfig.from_dict(data)
+
+
+# -- the one YAML reader ------------------------------------------------------------------------
+# Limits far above any real config (a job or intake YAML is a few kB, uses a handful of anchors at
+# most) and far below what could exhaust an unattended poller's memory or time.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000  # nodes of the document with every alias expanded
+MAX_YAML_DEPTH = 64  # nesting of collections, aliases expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """``SafeLoader`` that counts aliases and nesting while composing, before anything is built."""
+
+    def __init__(self, text: str, where: str) -> None:
+        super().__init__(text)
+        self.where = where
+        self.n_aliases = 0
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.n_aliases += 1
+            if self.n_aliases > MAX_YAML_ALIASES:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(f"{self.where}: more than {MAX_YAML_ALIASES} aliases (*name), the last "
+                                  f"at line {line}; a config needs few: write the values out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(f"{self.where}: nested more than {MAX_YAML_DEPTH} levels deep (line {line}); "
+                                  "a config is a few levels of sections and lists")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse one YAML document strictly and within bounds: the project's only YAML reader.
+
+    Parameters
+    ----------
+    text
+        The YAML text.
+    where
+        What it is, starting every message, e.g. ``config file 'job.yaml'``.
+
+    Returns
+    -------
+    Any
+        The document as plain data (``None`` for an empty document), as ``yaml.safe_load`` builds it.
+
+    Raises
+    ------
+    ConfigError
+        Text over :data:`MAX_YAML_BYTES` (checked before parsing); not valid YAML; more than one
+        document; a mapping key given twice at any depth (the message names the key and both
+        lines); more than :data:`MAX_YAML_ALIASES` aliases, or a document whose size with aliases
+        expanded exceeds :data:`MAX_YAML_NODES` nodes or :data:`MAX_YAML_DEPTH` levels, or an
+        alias inside its own anchor (all found on the composed node graph, before anything is
+        expanded in memory).
+    """
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+    if n_bytes > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {n_bytes} bytes, over the limit of {MAX_YAML_BYTES} bytes (1 MiB) for a YAML "
+                          "config; is it the right file?")
+    loader = _BoundedLoader(text, where)
+    try:
+        node = _single_node(loader, where)
+        if node is None:
+            return None
+        _check_graph(node, loader, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    # PyYAML's scalar constructors let builtin errors through for malformed values, e.g. the
+    # implicit date 2026-13-01 (ValueError), `!!int x` (ValueError), `!!bool x` (KeyError),
+    # `!!timestamp x` (AttributeError)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        detail = str(e) if isinstance(e, yaml.YAMLError) else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{where} is not valid YAML: {detail}") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """Read a YAML file with :func:`load_yaml_text`, refusing one over 1 MiB before reading it all.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What it is, for messages (``config file``, ``intake config``).
+
+    Returns
+    -------
+    Any
+        The document as plain data (``None`` for an empty file).
+
+    Raises
+    ------
+    ConfigError
+        Missing, unreadable, not UTF-8, too large, or refused by :func:`load_yaml_text`.
+    """
+    p = Path(path)
+    where = f"{what} {str(p)!r}"
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)  # never more, whatever the file is (a FIFO, /dev/zero)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found; pass an existing YAML file to --config") from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({type(e).__name__}: {e}); pass a readable YAML file") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: larger than the limit of {MAX_YAML_BYTES} bytes (1 MiB) for a YAML config; "
+                          "is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text ({e}); save it as UTF-8") from None
+    return load_yaml_text(text, where)
+
+
+def _single_node(loader: Any, where: str) -> Any:
+    """The composed node of the only document (``None`` if there is none); refuses a second one."""
+    loader.get_event()  # StreamStartEvent
+    node = loader.compose_document() if not loader.check_event(yaml.StreamEndEvent) else None
+    if not loader.check_event(yaml.StreamEndEvent):
+        line = loader.peek_event().start_mark.line + 1
+        raise ConfigError(f"{where}: a second YAML document starts at line {line}; expected one document: remove "
+                          "the '---' line and what follows, or merge the two")
+    return node
+
+
+def _check_graph(root: Any, loader: Any, where: str) -> None:
+    """Refuse duplicate keys, recursive aliases and documents too large or deep once aliases are
+    expanded, walking the composed graph once (each node's expanded size is memoised, so a
+    billion-laughs document costs its written size, not its expanded one)."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, str, bool]] = [(root, "", False)]
+    while stack:
+        node, path, finished = stack.pop()
+        nid = id(node)
+        kids: list[tuple[Any, str]] = []
+        if isinstance(node, yaml.MappingNode):
+            kids = [(k, path) for k, _ in node.value]
+            kids += [(v, _dotted(path, k)) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            kids = [(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+        if finished:
+            open_.discard(nid)
+            size[nid] = 1 + sum(size[id(k)] for k, _ in kids)
+            height[nid] = 1 + max((height[id(k)] for k, _ in kids), default=0)
+            if size[nid] > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: {_at(path)} expands to more than {MAX_YAML_NODES} values through its "
+                                  "aliases (*name); refused (a config is small: write the values out)")
+            if height[nid] > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where}: {_at(path)} is nested more than {MAX_YAML_DEPTH} levels deep once its "
+                                  "aliases (*name) are expanded; refused")
+            continue
+        if nid in size:
+            continue
+        if nid in open_:
+            raise ConfigError(f"{where}: {_at(path)} (line {node.start_mark.line + 1}) refers to itself through an "
+                              "alias (*name) inside its own anchor; a config cannot be recursive")
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node, loader, where, path)
+        open_.add(nid)
+        stack.append((node, path, True))
+        stack.extend((k, p, False) for k, p in reversed(kids))
+
+
+def _check_keys(node: Any, loader: Any, where: str, path: str) -> None:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue  # a list or mapping as a key: the constructor refuses it (unhashable)
+        # `<<` (merge) and `=` (value) keys have no scalar constructor: compare them as written
+        special = key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value")
+        key = key_node.value if special else loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ConfigError(f"{where}: key {_dotted(path, key_node)!r} appears twice (lines {lines[key]} and "
+                              f"{line}); keep one")
+        lines[key] = line
+
+
+def _dotted(path: str, key_node: Any) -> str:
+    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+    return f"{path}.{name}" if path else str(name)
+
+
+def _at(path: str) -> str:
+    return f"key {path!r}" if path else "the document"
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -517,7 +747,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=repr)  # keys need not be strings (YAML `1: x`)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"{key}: unknown key; {where} accepts {sorted(names)}")
@@ -553,7 +783,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r} (.nan and .inf are not settings; "
+                              "remove the key for the default)")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -567,6 +801,17 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def _number(value: Any, key: str, expected: str, ok: Callable[[Any], bool] = lambda v: True) -> None:
+    """Raise unless ``value`` is a finite real number (not a bool) for which ``ok`` holds.
+
+    Every float setting goes through here, so NaN (which fails no comparison) and ±inf never pass
+    a range check by accident.
+    """
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value)) or not ok(value)):
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 def _positive_int(value: Any, key: str) -> None:

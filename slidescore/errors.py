@@ -55,5 +55,10 @@ class ModelLoadError(InputError):
     """The model file or package cannot be loaded."""
 
 
+class ModelOutputError(InputError):
+    """The model failed while scoring a sample: its forward raised, or it returned outputs of the
+    wrong shape, NaN/inf, or probabilities outside [0, 1]."""
+
+
 class TransientStorageError(SlideScoreError):
     """A storage call failed in a way that may succeed on retry (throttling, timeouts, 5xx)."""

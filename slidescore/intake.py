@@ -15,7 +15,7 @@ One poll (``python -m jobs.intake``, run by the Kubernetes CronJob) does, in thi
    ``manifest`` lists one image URI per line, or ``ID: URI URI …`` for a sample of several images
    (complete as listed). Two samples with one id (``a.tif`` and ``a.svs``, or ``a.tif`` and
    ``a/``) are a *conflict*: neither is submitted until one is renamed.
-3. **Run key** of each sample (:func:`sample_run_key`, the key :func:`slidescore.pipeline.plan_images`
+3. **Run key** of each sample (:func:`sample_run_key`, the key :func:`slidescore.stages.plan.plan_images`
    computes): the fingerprints of all its images (URI, size, ETag or mtime), the model checksum and
    card, the scoring config and the version. The job computes the same key and writes it into
    ``<output>/<sample_id>/_SUCCESS``; images added to a folder after it was scored give a new key.
@@ -50,9 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
-from slidescore.config import SAMPLE_ID_PATTERN, JobConfig, check_sample_id, load_config
+from slidescore.config import (
+    SAMPLE_ID_PATTERN,
+    JobConfig,
+    SampleSpec,
+    load_config,
+    load_yaml_file,
+    parse_manifest,
+)
 from slidescore.errors import ConfigError, InputError, SlideScoreError
 from slidescore.io.storage import (
     IMAGE_SUFFIXES,
@@ -62,7 +67,8 @@ from slidescore.io.storage import (
     protocol_of,
     with_retries,
 )
-from slidescore.pipeline import SUCCESS, image_ids, sample_id_for, sample_run_key_for
+from slidescore.stages.layout import SUCCESS, image_ids, sample_id_for
+from slidescore.stages.plan import sample_run_key_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,7 @@ class IntakeConfig:
     """The poller's YAML (``intake.yaml``; every key but ``output`` and one source is optional).
 
     ``intake_prefix`` (folder or ``s3://`` prefix) and/or ``manifest`` (text file, local or
-    ``s3://``, one image URI or ``ID: URI URI …`` per line, ``#`` comments) say where samples come from. ``output`` is
+    ``s3://``, one image URI or ``ID: URI URI …`` per line, the job's format: :func:`slidescore.config.parse_manifest`) say where samples come from. ``output`` is
     where the jobs write (passed to them as ``--output``). ``job_config`` is the scoring config, a
     path valid both here and where the job driver runs (relative: beside this file).
     ``submit: rayjob`` creates a KubeRay RayJob per attempt from the suspended template
@@ -119,7 +125,7 @@ class IntakeConfig:
         types_ = {"output": str, "intake_prefix": str, "manifest": str, "job_config": str, "max_in_flight": int,
                   "max_attempts": int, "submit": str, "ray_address": str, "working_dir": str, "namespace": str,
                   "rayjob_template": str, "rescore_changed": bool, "sample_folders": bool, "settle_s": int}
-        unknown = sorted(set(data) - set(types_))
+        unknown = sorted(set(data) - set(types_), key=repr)  # keys need not be strings (YAML `1: x`)
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown key; the intake config accepts {sorted(types_)}")
         for key, value in data.items():
@@ -155,65 +161,45 @@ def _replace(cfg: IntakeConfig, **changes: Any) -> IntakeConfig:
 
 
 def load_intake_config(path: str | Path) -> IntakeConfig:
+    """Read the poller's YAML with the job's strict reader (:func:`slidescore.config.load_yaml_file`)."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"intake config {str(p)!r} not found; pass an existing YAML file to --config") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"intake config {str(p)!r} is not valid YAML: {e}") from None
-    return IntakeConfig.from_dict(data, base_dir=p.resolve().parent)
+    return IntakeConfig.from_dict(load_yaml_file(p, what="intake config"), base_dir=p.resolve().parent)
 
 
 # -- samples ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    """One sample: an id and its image URIs (one, or several: a folder or a manifest group).
-
-    ``origin`` says where it was found (a folder, a manifest line), for messages only.
-    """
-
-    sample_id: str
-    uris: tuple[str, ...]
-    origin: str = field(default="", compare=False)
+# A sample is the job's :class:`~slidescore.config.SampleSpec`: an id and its image URIs (one, or
+# several: a folder or a manifest group), with ``origin`` (a folder, a manifest line) for messages.
+# The poller always fills in the id; :func:`_sid` reads it.
+def _sid(sample: SampleSpec) -> str:
+    """A sample's id: its own, or (never the case for the poller's samples) its image's file name."""
+    return sample.sample_id if sample.sample_id is not None else sample_id_for(sample.uris[0])
 
 
 @dataclass
 class Found:
     """What one listing of the intake source holds (:func:`find_samples`)."""
 
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[SampleSpec] = field(default_factory=list)
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # id → the places claiming it
     waiting: dict[str, str] = field(default_factory=dict)  # folder samples not complete yet → what they wait for
     problems: dict[str, str] = field(default_factory=dict)  # entries never submittable as they are → why, and the fix
 
 
-def read_manifest(uri: str) -> list[str | Sample]:
-    """A manifest's entries: an image URI per line, or ``ID: URI URI …`` (a sample of several images).
+def read_manifest(uri: str) -> list[str | SampleSpec]:
+    """A manifest's entries (local or object storage), parsed by the job's own parser.
 
-    The job's manifest format (``samples.manifest``); ``#`` comments and blank lines are ignored.
+    An image URI per line, or ``ID: URI URI …`` (a sample of several images); comments and blank
+    lines as :func:`slidescore.config.parse_manifest` documents them, so the poller and the job
+    (``samples.manifest``) read one manifest as the same samples.
     """
     fs, path = filesystem(uri)
-    text = with_retries(lambda: fs.cat_file(path), uri, "reading the manifest").decode()
-    out: list[str | Sample] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        where = f"manifest: {uri} line {n}"
-        if words[0].endswith(":") and "://" not in words[0]:
-            sid, uris = words[0][:-1], tuple(words[1:])
-            check_sample_id(sid, where)
-            if not uris or len(set(uris)) != len(uris):
-                raise ConfigError(f"{where}: sample {sid!r} lists {'no image' if not uris else 'an image twice'}; "
-                                  "expected 'ID: URI [URI …]' with each image once")
-            out.append(Sample(sid, uris, origin=f"{uri} line {n}"))
-        elif len(words) == 1:
-            out.append(words[0])
-        else:
-            raise ConfigError(f"{where}: expected one image URI, or 'ID: URI URI …' for a sample of several images, "
-                              f"got {line.strip()!r}")
-    return out
+    raw = with_retries(lambda: fs.cat_file(path), uri, "reading the manifest")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"manifest: {uri} is not UTF-8 text ({e}); expected one image URI (or 'ID: URI URI …') "
+                          "per line") from None
+    return parse_manifest(text, f"manifest: {uri}")
 
 
 def _entry_uri(prefix: str, name: str) -> str:
@@ -246,7 +232,7 @@ def folder_id(folder: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", folder.rstrip("/").rsplit("/", 1)[-1])
 
 
-def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[Sample | None, str, str]:
+def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[SampleSpec | None, str, str]:
     """(sample, waiting reason, problem) of one sample folder: a sample only once it is complete."""
     sid = folder_id(folder)
     if not SAMPLE_ID_PATTERN.match(sid):
@@ -258,7 +244,7 @@ def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[Sample | 
     if READY in names:
         if not uris:
             return None, "", f"folder {folder}/ holds {READY} but no image; put the sample's images beside it"
-        return Sample(sid, tuple(uris), origin=f"{folder}/"), "", ""
+        return SampleSpec(sid, tuple(uris), origin=f"{folder}/"), "", ""
     if not uris:
         return None, f"folder {folder}/ holds no image yet", ""
     if cfg.settle_s is None:
@@ -270,7 +256,7 @@ def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[Sample | 
     if quiet_s < cfg.settle_s:
         return None, (f"folder {folder}/ ({len(uris)} images) changed {max(quiet_s, 0):.0f} s ago; complete after "
                       f"settle_s={cfg.settle_s} s without changes (or when {READY} is written)"), ""
-    return Sample(sid, tuple(uris), origin=f"{folder}/"), "", ""
+    return SampleSpec(sid, tuple(uris), origin=f"{folder}/"), "", ""
 
 
 def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
@@ -278,7 +264,7 @@ def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
     now = time.time() if now is None else now
     found = Found()
     singles: list[str] = []
-    listed: list[Sample] = []
+    listed: list[SampleSpec] = []
     if cfg.intake_prefix:
         prefix = cfg.intake_prefix.rstrip("/")
         for e in _list(cfg.intake_prefix):
@@ -298,7 +284,7 @@ def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
         singles.sort()
     if cfg.manifest:
         for entry in read_manifest(cfg.manifest):
-            if isinstance(entry, Sample):
+            if isinstance(entry, SampleSpec):
                 listed.append(entry)
             elif entry not in singles:
                 singles.append(entry)
@@ -306,14 +292,14 @@ def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
     # an image listed in a manifest group belongs to that sample, not to a sample of its own
     found.samples, found.conflicts = group_samples([u for u in singles if u not in in_groups], listed)
     for s in list(found.samples):
-        if (len(s.uris) > 1 or sample_id_for(s.uris[0]) != s.sample_id) and any("," in u for u in s.uris):
+        if (len(s.uris) > 1 or sample_id_for(s.uris[0]) != _sid(s)) and any("," in u for u in s.uris):
             found.samples.remove(s)
-            found.problems[s.sample_id] = (f"sample {s.sample_id!r}: an image URI contains ',', which the job's "
+            found.problems[_sid(s)] = (f"sample {_sid(s)!r}: an image URI contains ',', which the job's "
                                            "--sample ID=URI,URI cannot carry; rename the image")
     return found
 
 
-def group_samples(uris: Sequence[str], samples: Sequence[Sample] = ()) -> tuple[list[Sample], dict[str, list[str]]]:
+def group_samples(uris: Sequence[str], samples: Sequence[SampleSpec] = ()) -> tuple[list[SampleSpec], dict[str, list[str]]]:
     """One image = one sample (id = file name without image extensions), plus ``samples`` (folders,
     manifest groups); (samples by id, conflicts).
 
@@ -321,20 +307,20 @@ def group_samples(uris: Sequence[str], samples: Sequence[Sample] = ()) -> tuple[
     conflicts: returned by id with what claims them and never submitted, since their outputs would
     share ``<output>/<id>/``.
     """
-    by_id: dict[str, list[Sample]] = {}
+    by_id: dict[str, list[SampleSpec]] = {}
     for u in uris:
-        by_id.setdefault(sample_id_for(u), []).append(Sample(sample_id_for(u), (u,)))
+        by_id.setdefault(sample_id_for(u), []).append(SampleSpec(sample_id_for(u), (u,)))
     for s in samples:
-        by_id.setdefault(s.sample_id, []).append(s)
+        by_id.setdefault(_sid(s), []).append(s)
     ok = [ss[0] for _, ss in sorted(by_id.items()) if len(ss) == 1]
     conflicts = {sid: [s.origin or " ".join(s.uris) for s in ss] for sid, ss in sorted(by_id.items()) if len(ss) > 1}
     return ok, conflicts
 
 
-def sample_run_key(sample: Sample, model_checksum: str, card: Any, job_cfg: JobConfig) -> str:
+def sample_run_key(sample: SampleSpec, model_checksum: str, card: Any, job_cfg: JobConfig) -> str:
     """The key ``jobs.score`` will write into the sample's ``_SUCCESS``.
 
-    The job's own :func:`slidescore.pipeline.sample_run_key_for` of the images' fingerprints, in the
+    The job's own :func:`slidescore.stages.plan.sample_run_key_for` of the images' fingerprints, in the
     sample's order (the order :func:`score_command` passes them in).
     """
     return sample_run_key_for([fingerprint(u) for u in sample.uris], model_checksum, card, job_cfg,
@@ -356,17 +342,17 @@ def parse_job_name(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def score_command(sample: Sample, job_config: str, output: str, *, overwrite: bool = False) -> list[str]:
+def score_command(sample: SampleSpec, job_config: str, output: str, *, overwrite: bool = False) -> list[str]:
     """The job's entrypoint: score only this sample, into ``output``.
 
     ``--uri URI`` for one image named after its file; ``--sample ID=URI,URI`` for a sample of
     several images or one whose id is not its file's (a folder of one image).
     """
     cmd = ["python", "-m", "jobs.score", "--config", job_config, "--output", output, "-q"]
-    if len(sample.uris) == 1 and sample_id_for(sample.uris[0]) == sample.sample_id:
+    if len(sample.uris) == 1 and sample_id_for(sample.uris[0]) == _sid(sample):
         cmd += ["--uri", sample.uris[0]]
     else:
-        cmd += ["--sample", f"{sample.sample_id}={','.join(sample.uris)}"]
+        cmd += ["--sample", f"{_sid(sample)}={','.join(sample.uris)}"]
     return cmd + (["--overwrite"] if overwrite else [])
 
 
@@ -384,7 +370,7 @@ class Attempt:
 
 @dataclass(frozen=True)
 class SampleState:
-    sample: Sample
+    sample: SampleSpec
     run_key: str
     done_key: str | None  # run key in the sample's _SUCCESS, None without one
     quarantined_key: str | None  # run key of its quarantine record, None without one
@@ -410,7 +396,7 @@ def decide(states: Sequence[SampleState], *, in_flight: int, max_in_flight: int,
     out = []
     free = max(0, max_in_flight - in_flight)
     for s in states:
-        sid, key = s.sample.sample_id, s.run_key
+        sid, key = _sid(s.sample), s.run_key
         if s.done_key == key:
             out.append(Decision(sid, key, "done"))
             continue
@@ -446,7 +432,7 @@ class JobBackend(Protocol):
     def attempts(self) -> dict[str, list[Attempt]]:
         """Every slidescore attempt the backend knows, by run key."""
 
-    def submit(self, name: str, sample: Sample, run_key: str, attempt: int, command: list[str]) -> bool:
+    def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
         """Submit one attempt; ``False`` when a job of that name exists already (another poll's)."""
 
     def failure_detail(self, name: str) -> str:
@@ -495,7 +481,7 @@ class RayJobsBackend:
         except RuntimeError as e:  # logs gone (driver node lost): the job's message must do
             return f"(no logs: {e})"
 
-    def submit(self, name: str, sample: Sample, run_key: str, attempt: int, command: list[str]) -> bool:
+    def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
         import shlex
 
         runtime_env: dict[str, Any] = {}
@@ -505,7 +491,7 @@ class RayJobsBackend:
         try:
             self.client.submit_job(
                 entrypoint=shlex.join(command), submission_id=name, runtime_env=runtime_env or None,
-                metadata={"slidescore_sample_id": sample.sample_id, "slidescore_run_key": run_key,
+                metadata={"slidescore_sample_id": _sid(sample), "slidescore_run_key": run_key,
                           "slidescore_attempt": str(attempt), "slidescore_uris": " ".join(sample.uris)},
             )
         except RuntimeError as e:
@@ -563,7 +549,7 @@ class RayJobBackend:
     def failure_detail(self, name: str) -> str:
         return ""  # the poller's Role cannot read pod logs: `kubectl logs job/<name>` (docs/kubernetes.md)
 
-    def submit(self, name: str, sample: Sample, run_key: str, attempt: int, command: list[str]) -> bool:
+    def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
         if self._template is None:
             self._template = self._request("GET", f"{self._base()}/{self.template_name}")
         obj = build_rayjob(self._template, name, sample, run_key, attempt, command)
@@ -588,7 +574,7 @@ def rayjob_state(obj: dict[str, Any]) -> tuple[str, str]:
     return ACTIVE, message
 
 
-def build_rayjob(template: dict[str, Any], name: str, sample: Sample, run_key: str, attempt: int,
+def build_rayjob(template: dict[str, Any], name: str, sample: SampleSpec, run_key: str, attempt: int,
                  command: list[str]) -> dict[str, Any]:
     """A runnable RayJob for one attempt from the (suspended) template RayJob."""
     import copy
@@ -603,7 +589,7 @@ def build_rayjob(template: dict[str, Any], name: str, sample: Sample, run_key: s
     labels = {k: v for k, v in (template.get("metadata", {}).get("labels") or {}).items()}
     labels.update({LABEL_COMPONENT: "intake-run", LABEL_RUN_KEY: run_key, LABEL_ATTEMPT: str(attempt)})
     meta: dict[str, Any] = {"name": name, "labels": labels,
-                            "annotations": {ANNOTATION_SAMPLE: sample.sample_id, ANNOTATION_URIS: " ".join(sample.uris)}}
+                            "annotations": {ANNOTATION_SAMPLE: _sid(sample), ANNOTATION_URIS: " ".join(sample.uris)}}
     if template.get("metadata", {}).get("namespace"):
         meta["namespace"] = template["metadata"]["namespace"]
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": spec}
@@ -691,12 +677,12 @@ def poll(cfg: IntakeConfig, job_cfg: JobConfig, backend: JobBackend, *, model_ch
         try:
             key = sample_run_key(s, model_checksum, card, job_cfg)
         except SlideScoreError as e:  # vanished since listing, or unreadable: next poll tries again
-            summary.failed_to_key[s.sample_id] = str(e)
+            summary.failed_to_key[_sid(s)] = str(e)
             continue
-        done = _key_of(_read_json(f"{out}/{s.sample_id}/{SUCCESS}"))
-        quarantined = _key_of(_read_json(f"{out}/{QUARANTINE_DIR}/{s.sample_id}.json"))
+        done = _key_of(_read_json(f"{out}/{_sid(s)}/{SUCCESS}"))
+        quarantined = _key_of(_read_json(f"{out}/{QUARANTINE_DIR}/{_sid(s)}.json"))
         states.append(SampleState(s, key, done, quarantined, tuple(known.get(key, ()))))
-    by_id = {st.sample.sample_id: st for st in states}
+    by_id = {_sid(st.sample): st for st in states}
     busy = frozenset(a.sample_id for atts in known.values() for a in atts if a.state == ACTIVE and a.sample_id)
     for d in decide(states, in_flight=summary.in_flight, max_in_flight=cfg.max_in_flight, max_attempts=cfg.max_attempts,
                     rescore_changed=cfg.rescore_changed, busy=busy):

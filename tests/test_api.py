@@ -13,12 +13,13 @@ from torch import nn
 
 import slidescore
 from slidescore.config import JobConfig
+from slidescore.core.tiling import PatchGrid
 from slidescore.errors import ConfigError
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
 from slidescore.model.architectures import SmearNet
-from slidescore.pipeline import plan_sample, score_samples
-from slidescore.tiling import PatchGrid
+from slidescore.run.local import score_samples
+from slidescore.stages.plan import plan_sample
 from tests.conftest import textured_image, write_tiff
 from tests.test_blend import full_res_reference
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slidescore.blend import blend_cells, blend_scores, patch_weights
-from slidescore.tiling import PatchGrid, plan_blocks
+from slidescore.core.blend import blend_cells, blend_scores, patch_weights
+from slidescore.core.tiling import PatchGrid, plan_blocks
 
 
 def full_res_reference(scores: np.ndarray, valid: np.ndarray, grid: PatchGrid, weights: np.ndarray | None = None) -> np.ndarray:

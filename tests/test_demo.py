@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tifffile
 
-from slidescore.demo import run_demo
+from slidescore.offline.demo import run_demo
 
 
 @pytest.mark.slow

@@ -12,10 +12,11 @@ import ray
 import tifffile
 
 from slidescore.config import JobConfig, SampleSpec
-from slidescore.distributed import FaultInjection, RunAborted, score_samples_ray
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
-from slidescore.pipeline import MOSAIC, score_samples
+from slidescore.run.local import score_samples
+from slidescore.run.ray import FaultInjection, RunAborted, score_samples_ray
+from slidescore.stages.layout import MOSAIC
 from tests.conftest import textured_image, write_tiff
 
 pytestmark = pytest.mark.ray

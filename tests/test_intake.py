@@ -29,7 +29,6 @@ from slidescore.intake import (
     IntakeConfig,
     PollSummary,
     RayJobsBackend,
-    Sample,
     SampleState,
     build_rayjob,
     decide,
@@ -47,7 +46,7 @@ from slidescore.intake import (
 )
 from slidescore.io.storage import list_images
 from slidescore.model import load_model
-from slidescore.pipeline import plan_images
+from slidescore.stages.plan import plan_images
 from tests.conftest import REPO, Head, head_get, textured_image, write_tiff
 
 sys.path.insert(0, str(REPO / "tests" / "k8s"))
@@ -92,8 +91,8 @@ def test_intake_config_errors_name_the_key(data: dict, message: str) -> None:
 def test_one_image_is_one_sample_and_shared_ids_are_conflicts(tmp_path: Path) -> None:
     uris = ["s3://in/x/a.tif", "s3://in/x/b.ome.tiff", "s3://in/x/c.svs", "s3://in/x/a.svs", "s3://in/x/slide 7.ndpi"]
     samples, conflicts = group_samples(uris)
-    assert samples == [Sample("b", ("s3://in/x/b.ome.tiff",)), Sample("c", ("s3://in/x/c.svs",)),
-                       Sample("slide_7", ("s3://in/x/slide 7.ndpi",))]
+    assert samples == [SampleSpec("b", ("s3://in/x/b.ome.tiff",)), SampleSpec("c", ("s3://in/x/c.svs",)),
+                       SampleSpec("slide_7", ("s3://in/x/slide 7.ndpi",))]
     assert conflicts == {"a": ["s3://in/x/a.tif", "s3://in/x/a.svs"]}
     for name in ("p.tif", "q.tiff", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
@@ -120,15 +119,15 @@ def test_sample_folders_are_samples_once_ready(tmp_path: Path) -> None:
     inbox = _inbox(tmp_path)
     cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": str(tmp_path / "out")})
     found = find_samples(cfg)
-    assert found.samples == [Sample("a", (str(inbox / "a.tif"),)), Sample("b", (str(inbox / "b.ome.tiff"),)),
-                             Sample("c", (str(inbox / "c.zarr"),)), Sample("one", (str(inbox / "one/only.tif"),)),
-                             Sample("smear_7", (str(inbox / "smear 7/f1.tif"), str(inbox / "smear 7/f2.svs")))]
+    assert found.samples == [SampleSpec("a", (str(inbox / "a.tif"),)), SampleSpec("b", (str(inbox / "b.ome.tiff"),)),
+                             SampleSpec("c", (str(inbox / "c.zarr"),)), SampleSpec("one", (str(inbox / "one/only.tif"),)),
+                             SampleSpec("smear_7", (str(inbox / "smear 7/f1.tif"), str(inbox / "smear 7/f2.svs")))]
     assert sorted(found.waiting) == ["empty", "s1"] and f"has no {READY} marker yet" in found.waiting["s1"]
     assert f"holds {READY} but no image" in found.problems["bad"] and "rename the folder" in found.problems["-x"]
     assert not found.conflicts  # _quarantine/ and .partial/ are not samples
     (inbox / "s1" / READY).write_bytes(b"")
     found = find_samples(cfg)  # a second listing in this process sees the new marker
-    assert [s for s in found.samples if s.sample_id == "s1"] == [Sample("s1", (str(inbox / "s1/f1.tif"), str(inbox / "s1/f2.tif")))]
+    assert [s for s in found.samples if s.sample_id == "s1"] == [SampleSpec("s1", (str(inbox / "s1/f1.tif"), str(inbox / "s1/f2.tif")))]
     assert list(found.waiting) == ["empty"]
     # a folder and an image claiming one id: a conflict, neither is submitted
     write_tiff(inbox / "s1.tif", textured_image(64, 64))
@@ -156,14 +155,14 @@ def test_manifest_lists_images_and_samples_of_several(tmp_path: Path) -> None:
     inbox = _inbox(tmp_path)
     m = tmp_path / "manifest.txt"
     m.write_text(f"# scanner export\n{inbox}/a.tif\n\nfield7: {inbox}/b.ome.tiff s3://lab/f2.tif   # two fields\n/data/z.tif\n")
-    assert read_manifest(str(m)) == [f"{inbox}/a.tif", Sample("field7", (f"{inbox}/b.ome.tiff", "s3://lab/f2.tif")), "/data/z.tif"]
+    assert read_manifest(str(m)) == [f"{inbox}/a.tif", SampleSpec("field7", (f"{inbox}/b.ome.tiff", "s3://lab/f2.tif")), "/data/z.tif"]
     cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "manifest": str(m), "output": "o", "sample_folders": False})
     found = find_samples(cfg)
     # b.ome.tiff belongs to field7, so it is not also a sample of its own; a.tif is listed twice, once
     assert [(s.sample_id, s.uris) for s in found.samples] == [
         ("a", (f"{inbox}/a.tif",)), ("c", (f"{inbox}/c.zarr",)), ("field7", (f"{inbox}/b.ome.tiff", "s3://lab/f2.tif")),
         ("z", ("/data/z.tif",))]
-    for text, message in [("s3://x/a.tif s3://x/b.tif\n", "line 1: expected one image URI, or 'ID: URI URI"),
+    for text, message in [("s3://x/a.tif s3://x/b.tif\n", "line 1: expected one URI per line, or 'ID: URI URI"),
                           ("g:\n", "sample 'g' lists no image"), ("g: /a.tif /a.tif\n", "an image twice"),
                           (".g: /a.tif\n", "line 1: expected a sample id")]:
         m.write_text(text)
@@ -197,13 +196,13 @@ def test_intake_run_key_of_a_folder_is_the_jobs(tmp_path: Path, random_model_dir
     (s1_now,) = [s for s in find_samples(IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": "o"})).samples
                  if s.sample_id == "s1"]
     assert len(s1_now.uris) == 3 and sample_run_key(s1_now, model.checksum, model.card, job_cfg) != key
-    assert score_command(Sample("a", ("s3://in/a.tif",)), "j", "o")[-2:] == ["--uri", "s3://in/a.tif"]
+    assert score_command(SampleSpec("a", ("s3://in/a.tif",)), "j", "o")[-2:] == ["--uri", "s3://in/a.tif"]
 
 
 def test_run_key_follows_input_model_and_config(tmp_path: Path, random_model_dir: Path, constant_model_dir: Path) -> None:
     img = write_tiff(tmp_path / "a.tif", textured_image(128, 128, seed=1))
     model, other = load_model(str(random_model_dir)), load_model(str(constant_model_dir))
-    s, cfg = Sample("a", (str(img),)), JobConfig()
+    s, cfg = SampleSpec("a", (str(img),)), JobConfig()
     key = sample_run_key(s, model.checksum, model.card, cfg)
     assert key == sample_run_key(s, model.checksum, model.card, cfg.replace(cluster={"n_actors": 7}, output={"uri": "/x"}))
     assert key != sample_run_key(s, other.checksum, other.card, cfg)
@@ -227,7 +226,7 @@ def test_job_names_carry_run_key_and_attempt() -> None:
 
 # -- decisions ------------------------------------------------------------------------------------
 def _st(sid: str, key: str, *attempts: tuple[int, str], done: str | None = None, quarantined: str | None = None) -> SampleState:
-    return SampleState(Sample(sid, (f"s3://in/{sid}.tif",)), key, done, quarantined,
+    return SampleState(SampleSpec(sid, (f"s3://in/{sid}.tif",)), key, done, quarantined,
                        tuple(Attempt(job_name(key, n), n, state, f"exit 1 in {n}") for n, state in attempts))
 
 
@@ -273,7 +272,7 @@ def test_rayjob_status_mapping() -> None:
 def test_rayjob_from_the_template_is_schema_valid(where: str) -> None:
     (template,) = [o for o in render(REPO / where) if o["kind"] == "RayJob"]
     assert template["spec"]["suspend"] is True
-    key, sample = "0123456789abcdef", Sample("smear_17", ("s3://in/incoming/smear 17.tif",))
+    key, sample = "0123456789abcdef", SampleSpec("smear_17", ("s3://in/incoming/smear 17.tif",))
     cmd = score_command(sample, "/etc/slidescore/job.yaml", "s3://out/results")
     obj = build_rayjob(template, job_name(key, 3), sample, key, 3, cmd)
     assert crd_problems(obj) == []
@@ -287,7 +286,7 @@ def test_rayjob_from_the_template_is_schema_valid(where: str) -> None:
     assert obj["metadata"]["labels"]["slidescore.io/run-key"] == key and obj["metadata"]["labels"]["slidescore.io/attempt"] == "3"
     assert obj["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]  # the overlay's GPUs, untouched
     assert template["spec"]["suspend"] is True  # the template is not modified
-    folder = Sample("smear_7", ("s3://in/incoming/smear 7/f1.tif", "s3://in/incoming/smear 7/f2.tif"))
+    folder = SampleSpec("smear_7", ("s3://in/incoming/smear 7/f1.tif", "s3://in/incoming/smear 7/f2.tif"))
     obj = build_rayjob(template, job_name(key, 1), folder, key, 1, score_command(folder, "/etc/slidescore/job.yaml", "s3://out/r"))
     assert crd_problems(obj) == [] and object_meta_problems(obj, "1.30.0") == []
     assert obj["spec"]["entrypoint"].endswith("-q --sample 'smear_7=s3://in/incoming/smear 7/f1.tif,s3://in/incoming/smear 7/f2.tif'")
@@ -386,7 +385,7 @@ def test_intake_end_to_end(ray_head: Head, tmp_path: Path, random_model_dir: Pat
     job_cfg = load_job_config(cfg)
     assert job_cfg.output.uri == f"s3://{out}"
     for sid in ("a", "b", "c"):
-        key = sample_run_key(Sample(sid, (f"s3://{bucket}/incoming/{sid}.tif",)), model.checksum, model.card, job_cfg)
+        key = sample_run_key(SampleSpec(sid, (f"s3://{bucket}/incoming/{sid}.tif",)), model.checksum, model.card, job_cfg)
         assert _s3_json(s3fs_client, f"{out}/{sid}/_SUCCESS")["run_key"] == key  # type: ignore[index]  # the job computed the poller's key
         assert s["jobs"][sid] == job_name(key, 1)
         level0 = _s3_zarr(f"s3://{out}/{sid}/probabilities.ome.zarr")["0"]
@@ -431,7 +430,7 @@ def test_intake_end_to_end(ray_head: Head, tmp_path: Path, random_model_dir: Pat
     assert jobs[job_name(_key(results, "x"), 1)]["status"] == "FAILED"
     assert _s3_json(s3fs_client, f"{out}/d/_SUCCESS") is not None and _s3_json(s3fs_client, f"{out}/x/_SUCCESS") is None
     # Ray refuses a submission id it has seen: a late duplicate of this attempt is not run again
-    d_sample = Sample("d", (f"s3://{bucket}/incoming/d.tif",))
+    d_sample = SampleSpec("d", (f"s3://{bucket}/incoming/d.tif",))
     backend = RayJobsBackend(head.url, headers=auth)
     assert backend.submit(job_name(_key(results, "d"), 1), d_sample, _key(results, "d"), 1, ["true"]) is False
 
@@ -488,7 +487,7 @@ def test_intake_sample_folder_end_to_end(ray_head: Head, tmp_path: Path, random_
     assert list(jobs) == [s["jobs"]["smear_7"]] and job["status"] == "SUCCEEDED", job.get("message")
     uris = tuple(f"s3://{bucket}/incoming/smear 7/field{i}.tif" for i in (1, 2))
     assert jobs[s["jobs"]["smear_7"]]["entrypoint"].endswith(f"--sample 'smear_7={','.join(uris)}'")
-    key = sample_run_key(Sample("smear_7", uris), model.checksum, model.card, job_cfg)
+    key = sample_run_key(SampleSpec("smear_7", uris), model.checksum, model.card, job_cfg)
     assert s["jobs"]["smear_7"] == job_name(key, 1)
     assert _s3_json(s3fs_client, f"{out}/smear_7/_SUCCESS")["run_key"] == key  # type: ignore[index]
     run = _s3_json(s3fs_client, f"{out}/smear_7/run.json")
@@ -621,7 +620,7 @@ def test_rayjob_backend_polls_submit_retry_quarantine(tmp_path: Path, random_mod
         api.set_status(s.jobs["b"], "Failed", "FAILED", "again: UnsupportedImageError")
         # a poll that overlapped and tries the same attempt again is refused by the API (409)
         backend = RayJobBackend(cfg.namespace, cfg.rayjob_template, api_url=api.url, token="sa-token")
-        assert backend.submit(s.jobs["c"], Sample("c", (str(inbox / "c.tif"),)), parse_job_name(s.jobs["c"])[0], 1,  # type: ignore[index]
+        assert backend.submit(s.jobs["c"], SampleSpec("c", (str(inbox / "c.tif"),)), parse_job_name(s.jobs["c"])[0], 1,  # type: ignore[index]
                               ["true"]) is False
         s = run()
         assert s.quarantined == ["b"] and s.running == ["c"] and s.submitted == s.retried == []

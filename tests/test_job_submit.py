@@ -17,7 +17,7 @@ from slidescore.config import JobConfig
 from slidescore.errors import ConfigError
 from slidescore.io.storage import fingerprint
 from slidescore.model import load_model
-from slidescore.pipeline import run_key_for
+from slidescore.stages.plan import run_key_for
 from tests.conftest import RAY, REPO, Head, head_get, textured_image, write_tiff
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidescore.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
+from slidescore.core.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 
 
 def test_brightfield_background_is_bright_and_unsaturated() -> None:

@@ -12,7 +12,8 @@ from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import ConfigError
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
-from slidescore.pipeline import MOSAIC, score_samples
+from slidescore.run.local import score_samples
+from slidescore.stages.layout import MOSAIC
 from tests.conftest import textured_image, write_tiff
 from tests.io.test_s3_output import check_qupath_geojson
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from slidescore.config import JobConfig
+from slidescore.core.tiling import PatchGrid
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
-from slidescore.tiling import PatchGrid
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 from tests.test_blend import full_res_reference
 
@@ -164,13 +164,13 @@ def test_overview_outlines_the_top_regions(tmp_path: Path, smear_like, random_mo
 def test_a_failure_while_finding_regions_fails_the_sample_without_hanging(tmp_path: Path, smear_like, random_model_dir: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The overview threads wait for the regions: an error on the way ends them and fails the sample."""
-    import slidescore.pipeline as pipeline
+    import slidescore.stages.finish as finish
     from slidescore.errors import SlideScoreError
 
     def broken(*args: object, **kwargs: object) -> None:
         raise SlideScoreError("regions exploded")
 
-    monkeypatch.setattr(pipeline, "find_regions", broken)
+    monkeypatch.setattr(finish, "find_regions", broken)
     tif, _ = smear_like
     (res,) = score_samples([str(tif)], _cfg(tmp_path), str(tmp_path), model=load_model(str(random_model_dir)))
     assert res.status == "failed" and "regions exploded" in res.error

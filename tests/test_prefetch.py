@@ -11,12 +11,15 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.io.prefetch import prefetch
 from slidescore.model import load_model
-from slidescore.pipeline import iter_block_pixels, plan_sample, score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
+from slidescore.stages.block import iter_block_pixels
+from slidescore.stages.plan import plan_sample
+from slidescore.stages.recipe import BlockRecipe
 from tests.conftest import textured_image, write_tiff
 
 
@@ -88,7 +91,7 @@ def test_blocks_without_foreground_are_not_read(tmp_path: Path, slide: Path, ran
     assert plan is not None
     reader = CountingReader(str(slide))
     try:
-        items = list(iter_block_pixels(plan, plan.blocks, reader, model.card, 2))
+        items = list(iter_block_pixels(plan, plan.blocks, reader, BlockRecipe.for_job(model, _cfg(tmp_path, 2)), 2))
     finally:
         reader.close()
     with_fg = [b for b in plan.blocks if plan.valid[b.patches.y : b.patches.y1, b.patches.x : b.patches.x1].any()]

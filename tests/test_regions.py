@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from slidescore.regions import Region, find_regions, regions_geojson
+from slidescore.core.regions import Region, find_regions, regions_geojson
 
 
 def _map() -> np.ndarray:
@@ -65,7 +65,7 @@ def test_geojson_follows_qupath_rules() -> None:
 
 
 def test_map_coordinates_apply_the_affine_to_pixel_positions() -> None:
-    from slidescore.regions import georeference_regions, regions_map_geojson
+    from slidescore.core.regions import georeference_regions, regions_map_geojson
 
     regs = find_regions(_map(), ["parasitized"], [0.5], cell_px0=32.0, mpp0=0.25e6)
     # a rotated grid: x = 0.3·col − 0.4·row + 1000, y = −0.4·col − 0.3·row + 9000 (0.5 m pixels)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidescore import synthetic as syn
 from slidescore.errors import ConfigError
+from slidescore.offline import synthetic as syn
 
 
 @pytest.fixture(scope="module")

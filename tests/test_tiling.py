@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slidescore.tiling import PatchGrid, choose_level, plan_blocks
+from slidescore.core.tiling import PatchGrid, choose_level, plan_blocks
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,7 +6,7 @@ points; :mod:`policy` applies a card's calibration, prior shift and thresholds t
 probabilities; :mod:`sample_call` turns per-unit sensitivity and specificity into sample-level
 figures (and back) and calls each sample; :mod:`plots` draws the PNG figures;
 :mod:`calibrate` is the ``slidescore calibrate`` command (it scores a validation set, so it
-imports torch lazily through :mod:`slidescore.train`).
+imports torch lazily through :mod:`slidescore.offline.train`).
 """
 
 from slidescore.decide.policy import DecisionPolicy

@@ -6,7 +6,7 @@ threshold chosen for patch precision or recall does not keep that promise for re
 smooths scores and a parasite near a cell edge lies inside only part of the patches covering its
 cell (9/16 for patch 64, stride 16), so a threshold above ~0.56 loses regions by construction.
 Here a threshold is swept over blended maps of smears with known object positions, regions are
-found with the job's own :func:`slidescore.regions.find_regions`, and the figures a specialist
+found with the job's own :func:`slidescore.core.regions.find_regions`, and the figures a specialist
 sees are counted:
 
 * region precision: the fraction of regions whose box holds an object;
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from slidescore.regions import find_regions
+from slidescore.core.regions import find_regions
 
 # thresholds swept (the map's probabilities are continuous; a 0.01 grid keeps cards readable)
 DEFAULT_GRID = tuple(round(float(t), 2) for t in np.arange(0.01, 1.0, 0.01))

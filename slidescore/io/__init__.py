@@ -5,6 +5,7 @@ chosen by one factory, :func:`open_image`; each implements the small :class:`Sli
 protocol (levels, mpp, ``read(level, box)``).
 """
 
-from slidescore.io.readers import SlideReader, open_image, read_padded
+from slidescore.io.base import SlideReader, read_padded
+from slidescore.io.open import open_image
 
 __all__ = ["SlideReader", "open_image", "read_padded"]

@@ -30,9 +30,9 @@ from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v2 import ArrayV2Metadata
 from zarr.dtype import parse_dtype
 
+from slidescore.core.types import Box
 from slidescore.io.outputs import join, local_path, remove, write_text
 from slidescore.io.storage import is_local, storage_options, with_retries
-from slidescore.types import Box
 
 T = TypeVar("T")
 

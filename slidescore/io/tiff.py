@@ -27,10 +27,10 @@ import numpy as np
 import tifffile
 import zarr
 
+from slidescore.core.types import Box, LevelInfo
 from slidescore.errors import InputError, TransientStorageError, UnsupportedImageError
-from slidescore.io.readers import as_yxc
+from slidescore.io.base import as_yxc
 from slidescore.io.storage import with_retries
-from slidescore.types import Box, LevelInfo
 
 #: threads decoding the tiles of one read
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from slidescore.core.types import Box, LevelInfo
 from slidescore.errors import UnsupportedImageError
-from slidescore.io.readers import as_yxc
+from slidescore.io.base import as_yxc
 from slidescore.io.storage import is_local, storage_options
-from slidescore.types import Box, LevelInfo
 
 _UNITS_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slidescore.errors import ConfigError, ModelLoadError
+from slidescore.errors import ConfigError, ModelLoadError, ModelOutputError
 from slidescore.model.architectures import build_architecture
 from slidescore.model.card import ModelCard
 
@@ -51,6 +51,8 @@ DENSE_CHECK_PATCHES = 32
 """Patches of the first dense block that are also scored one by one for the check."""
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUTS = ("logits", "probabilities")
+PROBABILITY_TOLERANCE = 1e-6
+"""How far outside [0, 1] a module's own probabilities may stray (rounding) before they are refused; they are clipped."""
 
 
 class PatchClassifier:
@@ -156,7 +158,7 @@ class PatchClassifier:
         buf.numpy()[...] = arr
         return buf.to(self.device, non_blocking=True)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) uint8 (0–255) or float (0–1) on any device → normalised float32 on ours."""
         x = x.to(self.device, non_blocking=True)
         scale = self._scale if x.dtype == torch.uint8 else self._scale * 255.0
@@ -169,24 +171,93 @@ class PatchClassifier:
     def _block_input(self, pixels: np.ndarray) -> torch.Tensor:
         """(h, w, c) block pixels → the normalised (1, c, h, w) network input on our device."""
         if self.pin_memory and self.channels_last:  # CUDA: HWC staged as it is in the pinned buffer, NHWC on the device
-            return self._normalise(self._to_device(pixels[None]).permute(0, 3, 1, 2))
+            return self.normalise(self._to_device(pixels[None]).permute(0, 3, 1, 2))
         if self.pin_memory or not pixels.flags.writeable:  # pinned NCHW staging, or a read-only array torch won't wrap
-            return self._normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))
-        return self._normalise(torch.from_numpy(pixels).permute(2, 0, 1)[None])  # no transposed uint8 copy
+            return self.normalise(self._to_device(pixels.transpose(2, 0, 1)[None]))
+        return self.normalise(torch.from_numpy(pixels).permute(2, 0, 1)[None])  # no transposed uint8 copy
 
-    def _forward(self, x: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, *, amp: bool = True, dense: bool = False) -> torch.Tensor:
+        """The network's checked float32 outputs for a normalised (N, c, H, W) input.
+
+        Every batch passes here, so here is where a broken model is caught: an exception in its
+        forward, outputs of the wrong shape, NaN/inf, or probabilities outside [0, 1] raise
+        :class:`~slidescore.errors.ModelOutputError` (a failure of the sample being scored).
+        """
         dtype = AMP_DTYPES[self.amp] if amp else None
         ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         if self.channels_last and amp:
             x = x.contiguous(memory_format=torch.channels_last)
-        with ctx:
-            out = self._forward_module(x) if amp else self.module(x.contiguous())
-        return out.float()
+        try:
+            with ctx:
+                out = self._forward_module(x) if amp else self.module(x.contiguous())
+        except torch.OutOfMemoryError:
+            raise  # a resource limit (batch_size, dense_tile_px), not a broken model: the caller decides
+        except Exception as e:  # a user's network may raise anything; report it as this model's failure
+            raise ModelOutputError(
+                f"model {self.card.name!r} raised {type(e).__name__} while scoring {self._what(len(x), dense)}: {e}",
+                model=self.card.name, error=type(e).__name__,
+            ) from e
+        return self._check_output(out, len(x), dense=dense)
+
+    def _what(self, n: int, dense: bool) -> str:
+        return "a block in one dense pass" if dense else f"a batch of {n} patches"
+
+    def _check_output(self, out: Any, n: int, *, dense: bool) -> torch.Tensor:
+        """Shape, finiteness and (for ``outputs='probabilities'``) range of one batch of outputs.
+
+        Costs one small reduction on the device and one scalar copy per batch; the counts for the
+        message are computed only when the check fails.
+        """
+        name, k = self.card.name, self.card.n_classes
+        expected = f"(1, {k}, h, w)" if dense else f"({n}, {k}) or ({n}, {k}, h, w)"
+        if not isinstance(out, torch.Tensor):
+            raise ModelOutputError(
+                f"model {name!r} returned a {type(out).__name__} for {self._what(n, dense)}; expected a tensor of shape "
+                f"{expected} (one score per class of its card)", model=name)
+        shape = tuple(out.shape)
+        if out.ndim not in ((4,) if dense else (2, 4)) or shape[0] != n or shape[1] != k:
+            raise ModelOutputError(
+                f"model {name!r} returned outputs of shape {shape} for {self._what(n, dense)}; expected {expected}: "
+                f"one score per class of its card, which lists {k} ({list(self.card.classes)}) — the card's classes "
+                "or the network's output layer are wrong", model=name, shape=list(shape))
+        out = out.float()
+        if out.numel() == 0:
+            return out
+        finite = torch.isfinite(out).all()
+        if self.outputs == "probabilities":
+            lo, hi = torch.aminmax(out)
+            ok, low, high = torch.stack((finite.float(), lo, hi)).tolist()  # one device→host copy
+        else:
+            ok, low, high = float(finite.item()), 0.0, 1.0
+        if not ok:
+            raise self._nonfinite_error(out, dense)
+        if low < -PROBABILITY_TOLERANCE or high > 1 + PROBABILITY_TOLERANCE:
+            raise ModelOutputError(
+                f"model {name!r} returned values in [{low:.6g}, {high:.6g}] for {self._what(n, dense)}; expected "
+                "probabilities in [0, 1] (outputs='probabilities') — if the network returns logits, load it with "
+                "outputs='logits' so the card's head turns them into probabilities", model=name, low=low, high=high)
+        return out
+
+    def _nonfinite_error(self, out: torch.Tensor, dense: bool) -> ModelOutputError:
+        """The error for outputs holding NaN/inf, with how many patches (or dense map positions) are hit."""
+        if dense:  # (1, K, h, w): count map positions
+            nan, inf = (f(out).any(1).flatten() for f in (torch.isnan, torch.isinf))
+            unit = f"positions of its dense output map ({out.shape[2]}×{out.shape[3]}) for a block"
+        else:  # (N, K) or (N, K, h, w): count patches
+            nan, inf = (f(out).flatten(1).any(1) for f in (torch.isnan, torch.isinf))
+            unit = "patches in a batch"
+        n_nan, n_inf = int(nan.sum()), int(inf.sum())
+        found = " and ".join(f"{label} for {c}" for label, c in (("NaN", n_nan), ("±inf", n_inf)) if c)
+        hint = "; the model is broken or its input normalisation (card mean/std) is wrong"
+        if self.amp == "fp16":
+            hint += ", or the network overflows in float16 (try model.amp bf16 or off)"
+        return ModelOutputError(f"model {self.card.name!r} returned {found} of {len(nan)} {unit}{hint}",
+                                model=self.card.name, nan=n_nan, inf=n_inf, total=len(nan))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Apply the card's head to (N, C, ...) logits."""
+        """Apply the card's head to (N, C, ...) logits (a module's own probabilities: clipped to [0, 1])."""
         if self.outputs == "probabilities":
-            return logits
+            return logits.clamp(0.0, 1.0)
         if self.card.head == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
@@ -220,7 +291,7 @@ class PatchClassifier:
         t = card.network_stride_px
         if stride_px % t:
             raise ConfigError(f"tiling.stride_px={stride_px} is not a multiple of the network stride {t}; use per_patch mode")
-        probs = self.probabilities(self._forward(self._block_input(pixels), amp=amp))[0]
+        probs = self.probabilities(self._forward(self._block_input(pixels), amp=amp, dense=True))[0]
         step = stride_px // t
         py = (pixels.shape[0] - card.patch_px) // stride_px + 1
         px = (pixels.shape[1] - card.patch_px) // stride_px + 1
@@ -236,7 +307,7 @@ class PatchClassifier:
     @torch.inference_mode()
     def _score_batch(self, batch: np.ndarray, *, amp: bool = True) -> np.ndarray:
         """(B, c, P, P) patches → (B, C) float32 probabilities."""
-        logits = self._forward(self._normalise(self._to_device(batch)), amp=amp)
+        logits = self._forward(self.normalise(self._to_device(batch)), amp=amp)
         if logits.ndim == 4:
             logits = logits.flatten(2).mean(-1) if logits.shape[-1] * logits.shape[-2] > 1 else logits[:, :, 0, 0]
         return self.probabilities(logits).cpu().numpy()
@@ -336,10 +407,14 @@ class PatchClassifier:
             checking = not self.dense_checked
             try:
                 scores: np.ndarray | None = self.score_dense(pixels, stride_px)
-            except ModelLoadError:
+            except (ModelLoadError, ModelOutputError) as e:
                 if not checking or mode == "dense":
                     raise
-                scores = None  # a wrong-shaped dense map fails the check like wrong values do
+                # a network that fails on a whole block (wrong-shaped map, an error on the larger input,
+                # NaN) fails the check like wrong values do; per-patch scoring then shows whether the
+                # model itself is broken
+                log.info("model %r: the dense pass failed the dense check: %s", self.card.name, e)
+                scores = None
             if not checking or self._check_dense(pixels, scores, valid, stride_px, mode, batch_size):
                 assert scores is not None
                 out[:, valid] = scores[:, valid]
@@ -354,14 +429,27 @@ def classifier_from_module(module: torch.nn.Module, *, patch_px: int, n_channels
                            pad_value: int = 0, device: str = "auto", name: str | None = None) -> PatchClassifier:
     """Wrap a plain torch module: input scaled to [0, 1] (uint8 / 255; float images as they are).
 
-    ``n_classes`` is probed with one blank patch when not given.
+    ``n_classes`` is probed with one blank patch when not given; a module that fails that probe, or
+    returns no (1, K) or (1, K, h, w) tensor for it, raises :class:`~slidescore.errors.ModelLoadError`.
     """
     if n_channels not in (1, 3):
         raise ConfigError(f"image: expected 1 or 3 channels (4 = RGBA, alpha dropped), got {n_channels}")
     if n_classes is None:
-        with torch.inference_mode():
-            dev = next((p.device for p in module.parameters()), torch.device("cpu"))
-            probe = module.eval()(torch.zeros(1, n_channels, patch_px, patch_px, device=dev))
+        label = name or type(module).__name__
+        try:
+            with torch.inference_mode():
+                dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+                probe = module.eval()(torch.zeros(1, n_channels, patch_px, patch_px, device=dev))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a user's network may raise anything
+            raise ModelLoadError(f"model {label!r} raised {type(e).__name__} on one blank {n_channels}×{patch_px}×{patch_px} "
+                                 f"patch (probing its number of classes): {e}; check patch_px and the module, or pass "
+                                 "n_classes", model=label) from e
+        if not isinstance(probe, torch.Tensor) or probe.ndim not in (2, 4) or probe.shape[0] != 1 or probe.shape[1] < 1:
+            found = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise ModelLoadError(f"model {label!r} returned {found} for one patch; expected a tensor of shape (1, K) or "
+                                 "(1, K, h, w) with one score per class", model=label)
         n_classes = int(probe.shape[1])
     card = ModelCard(
         name=name or type(module).__name__, patch_px=patch_px, mpp=1.0,
@@ -391,11 +479,13 @@ def builtin_names() -> list[str]:
 
 
 def _read_card(path: Path) -> ModelCard:
+    """Read and validate a card file; any problem is a :class:`ModelLoadError` naming the file and key."""
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"model card {path}: cannot be read as JSON ({e})", path=str(path)) from None
-    return ModelCard.from_dict(data)
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise ModelLoadError(f"model card {path}: cannot be read as JSON ({e}); the card must be a UTF-8 JSON "
+                             "object", path=str(path)) from None
+    return ModelCard.from_dict(data, source=str(path))
 
 
 def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -484,7 +574,15 @@ def _load_file(path: Path, card: ModelCard, opts: dict[str, Any], source: str) -
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises pickle/zip/runtime errors for bad files
             raise ModelLoadError(f"model {path}: cannot be loaded ({type(e).__name__}: {e})", path=str(path)) from None
-        module = build_architecture(card.architecture, **card.arch_kwargs)
+        try:
+            module = build_architecture(card.architecture, **card.arch_kwargs)
+        except ModelLoadError as e:  # unknown name
+            raise ModelLoadError(f"model {path}: card key architecture: {e}", path=str(path), key="architecture") from None
+        except (TypeError, ValueError, RuntimeError) as e:  # arguments the architecture refuses
+            raise ModelLoadError(
+                f"model {path}: card key arch_kwargs: architecture {card.architecture!r} does not accept "
+                f"{card.arch_kwargs} ({type(e).__name__}: {e}); fix arch_kwargs in the card", path=str(path),
+                key="arch_kwargs") from None
         try:
             module.load_state_dict(state)
         except RuntimeError as e:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidescore.model.inputs import prepare_pixels
+
 
 @dataclass
 class CamResult:
@@ -112,8 +114,6 @@ def explain_crop(model: Any, pixels: np.ndarray, class_index: int = 0, *, guided
     ``model`` is a :class:`~slidescore.model.PatchClassifier`; ``pixels`` is (h, w, c) uint8 with h
     and w at least the model's ``patch_px`` (smaller crops are padded with the card's pad value).
     """
-    from slidescore.pipeline import prepare_pixels  # lazy: the pipeline imports the report
-
     module: nn.Module = model.module
     card = model.card
     method = "guided Grad-CAM" if guided else "Grad-CAM"
@@ -127,7 +127,7 @@ def explain_crop(model: Any, pixels: np.ndarray, class_index: int = 0, *, guided
         padded[:h, :w] = pix
         pix = padded
     layer = find_target_layer(module, p, pix.shape[2], model.device)
-    x_all = model._normalise(torch.from_numpy(np.ascontiguousarray(pix.transpose(2, 0, 1)))[None])
+    x_all = model.normalise(torch.from_numpy(np.ascontiguousarray(pix.transpose(2, 0, 1)))[None])
     if card.dense:
         cam, gmap = grad_cam(module, x_all, class_index, layer, guided=guided)
         cam_full, g_full = cam[0], None if gmap is None else gmap[0]

@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 
 from slidescore.config import ReportConfig
+from slidescore.core.regions import Region
+from slidescore.core.types import Box
 from slidescore.io import SlideReader
 from slidescore.io.outputs import write_text
-from slidescore.regions import Region
 from slidescore.report import images as im
 from slidescore.report.quality import QualityThresholds, sample_quality
 from slidescore.report.qupath import tile_heatmap_geojson
-from slidescore.types import Box
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from slidescore.core.regions import Region
+from slidescore.core.types import Box
 from slidescore.io import SlideReader
-from slidescore.regions import Region
-from slidescore.types import Box
 
 OUTLINE_RGB = (255, 200, 0)  # thresholded-area outline and region boxes: amber reads on pink and azure
 

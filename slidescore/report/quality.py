@@ -3,7 +3,7 @@
 Measured on tiles of ``tile_px`` pixels of one low-resolution level (the coarsest at or finer than
 ``quality_mpp`` µm/px), read block by block so memory stays bounded whatever the image size:
 
-* ``blank_fraction`` — tiles with almost no foreground (brightfield rule of :mod:`slidescore.mask`);
+* ``blank_fraction`` — tiles with almost no foreground (brightfield rule of :mod:`slidescore.core.mask`);
 * ``dark_fraction`` — tiles whose mean brightness is below ``dark_gray`` (pen, folds, off-slide);
 * ``out_of_focus_fraction`` — foreground tiles whose variance of the Laplacian of brightness is
   below ``focus_min_laplacian_var`` (blur removes the high frequencies the Laplacian measures);
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from slidescore.core.mask import detect_foreground
+from slidescore.core.types import Box
 from slidescore.io import SlideReader
-from slidescore.mask import detect_foreground
-from slidescore.types import Box
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _GENERIC_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

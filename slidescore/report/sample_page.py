@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from slidescore.config import ReportConfig
+from slidescore.core.regions import Region
 from slidescore.io.outputs import write_text
-from slidescore.regions import Region
 from slidescore.report import images as im
 from slidescore.report.html import (
     CSS,

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, open_image
-from slidescore.types import Box
 
 LayerTuple = tuple[Any, dict[str, Any], str]
 UNITS = ("um", "um")  # world coordinates are micrometres (pint spelling; the scale bar shows µm)

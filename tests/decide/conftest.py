@@ -12,7 +12,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def patch_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``root/{parasitized,uninfected}/smear<S>_cell_<i>.png``: 64-px patches at 0.5 µm/px, 4 smears."""
-    from slidescore.decide.datasets import load_synthetic
+    from slidescore.offline.datasets import load_synthetic
 
     ps = load_synthetic(1, n_smears=4, size_px=768)
     rng = np.random.default_rng(0)

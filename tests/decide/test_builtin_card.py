@@ -41,7 +41,7 @@ def test_builtin_card_has_operating_points_that_meet_their_targets() -> None:
 
 @pytest.mark.slow
 def test_calibrate_builtin_is_reproducible(tmp_path: Path) -> None:
-    from slidescore.model.calibrate_builtin import main
+    from slidescore.offline.calibrate_builtin import main
 
     pkg = tmp_path / "smearnet"
     shutil.copytree(builtin_dir("smearnet"), pkg)

@@ -70,14 +70,14 @@ def consistent(failures: int, n: int, target: float, alpha: float = 0.01) -> boo
 def fresh_smear() -> tuple[object, rp.RegionSample]:
     """The built-in model's calibrated map of a smear no operating point saw (seed 2024, 2048² px)."""
     from slidescore.model import load_model
-    from slidescore.model.calibrate_builtin import CalibratedClassifier, region_sample, smear_spec
+    from slidescore.offline.calibrate_builtin import CalibratedClassifier, region_sample, smear_spec
 
     base = load_model("builtin:smearnet", device="cpu")
     return base.card, region_sample(CalibratedClassifier(base, base.card), smear_spec(2024, size_px=2048))
 
 
 def test_builtin_region_points_hold_on_a_fresh_smear(fresh_smear: tuple[ModelCard, rp.RegionSample]) -> None:
-    from slidescore.model.calibrate_builtin import region_figures
+    from slidescore.offline.calibrate_builtin import region_figures
 
     card, sample = fresh_smear
     assert len(sample.points) >= 40
@@ -133,10 +133,10 @@ def test_a_region_point_under_other_region_settings_is_flagged(caplog: pytest.Lo
 
     from slidescore.config import JobConfig
     from slidescore.model import load_model
-    from slidescore.pipeline import check_config_for_model
+    from slidescore.stages.plan import check_config_for_model
 
     card = load_model("builtin:smearnet").card
-    with caplog.at_level(logging.WARNING, logger="slidescore.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="slidescore.stages.plan"):
         check_config_for_model(JobConfig.from_dict({"decision": {"operating_point": "precision_0.90"}}), card)
         assert not caplog.records
         check_config_for_model(JobConfig.from_dict({"decision": {"operating_point": "precision_0.90"},

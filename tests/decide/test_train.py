@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from slidescore.cli import main
-from slidescore.decide.datasets import load_folder, load_table
 from slidescore.errors import ConfigError
 from slidescore.model import load_model
-from slidescore.train import Augmentation, TrainOptions, run_train, split_by_group
+from slidescore.offline.datasets import load_folder, load_table
+from slidescore.offline.train import Augmentation, TrainOptions, run_train, split_by_group
 from tests.conftest import write_tiff
 
 FAST = TrainOptions(epochs=4, patience=2, width=8, batch_size=32, progress=False)
@@ -102,7 +102,7 @@ def test_bad_folders_give_clear_errors(patch_folder: Path, tmp_path: Path) -> No
 
 
 def test_annotation_table_reads_patches_with_slidescore_readers(tmp_path: Path) -> None:
-    from slidescore import synthetic as syn
+    from slidescore.offline import synthetic as syn
 
     rows = []
     for i in range(2):

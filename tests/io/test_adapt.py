@@ -12,13 +12,13 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.io.adapt import AdaptedReader, InputRecipe, axis_weights
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 CFG = {"tiling": {"chunk_cells": 8}, "mask": {"method": "none"}}
@@ -190,7 +190,7 @@ def test_ray_actors_read_through_the_same_recipe(tmp_path: Path, random_model_di
     """The plan carries the recipe: actors convert (uint16) and resample (0.25 → 0.5 µm/px) exactly like one process."""
     import ray
 
-    from slidescore.distributed import score_samples_ray
+    from slidescore.run.ray import score_samples_ray
 
     img = textured_image(320, 288, seed=14, fg_box=(24, 24, 260, 230))
     src = _imwrite(tmp_path / "u16.tif", img.astype(np.uint16) * 257, mpp=0.25)

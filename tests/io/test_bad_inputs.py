@@ -11,7 +11,7 @@ import tifffile
 
 from slidescore.config import JobConfig
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 

@@ -11,11 +11,11 @@ import tifffile
 import zarr
 
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 MPP = 0.5

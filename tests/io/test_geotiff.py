@@ -12,10 +12,10 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.io import open_image
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
 from tests.conftest import make_model_package, textured_image
 
 # GeoKey ids (GeoTIFF 1.1): GTModelType 1024, GTRasterType 1025, GeographicType 2048, ProjectedCSType 3072,

@@ -12,7 +12,7 @@ import zarr
 
 from slidescore.config import JobConfig
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 

@@ -8,19 +8,21 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 
 from slidescore.config import JobConfig
+from slidescore.core.types import Box
 from slidescore.errors import InputError, SampleNotFoundError, UnsupportedImageError
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.model import load_model
-from slidescore.pipeline import score_samples
-from slidescore.types import Box
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 pytestmark = pytest.mark.s3
@@ -154,12 +156,16 @@ def test_wrong_endpoint_fails_the_sample_quickly_and_others_finish(monkeypatch: 
 
 @pytest.fixture(scope="module")
 def iam_s3(tmp_path_factory: pytest.TempPathFactory, small_tif: Path):
-    """A second moto server that enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT): the first 6 calls set up a
-    bucket, two objects and a user allowed to read only ``lab/open/*``; every later call is authorised."""
+    """A second moto server that enforces IAM once set up: a bucket, two objects and a user allowed to read
+    only ``lab/open/*`` are made with authorisation off, then moto's ``/moto-api/reset-auth`` turns it on.
+
+    The policy grants by *resource*, not by action name: moto releases map a HEAD or a ListObjectsV2 to
+    different IAM action names (5.2 checks HEAD against an action that ``s3:GetObject`` does not cover),
+    and what this test is about is our error for an object the credentials may not read."""
     import boto3
 
     port = _free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="6")
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -176,16 +182,26 @@ def iam_s3(tmp_path_factory: pytest.TempPathFactory, small_tif: Path):
                 time.sleep(0.1)
         admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="admin", aws_secret_access_key="admin")
         iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
-        iam.create_user(UserName="reader")  # 1
-        iam.put_user_policy(UserName="reader", PolicyName="read-open", PolicyDocument=json.dumps({  # 2
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read-open", PolicyDocument=json.dumps({
             "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+            "Statement": [{"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:Head*"],
                            "Resource": ["arn:aws:s3:::lab", "arn:aws:s3:::lab/open/*"]}]}))
-        key = iam.create_access_key(UserName="reader")["AccessKey"]  # 3
-        s3.create_bucket(Bucket="lab")  # 4
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        s3.create_bucket(Bucket="lab")
         data = small_tif.read_bytes()
-        s3.put_object(Bucket="lab", Key="open/good.tif", Body=data)  # 5
-        s3.put_object(Bucket="lab", Key="secret/locked.tif", Body=data)  # 6: authorisation starts after this
+        s3.put_object(Bucket="lab", Key="open/good.tif", Body=data)
+        s3.put_object(Bucket="lab", Key="secret/locked.tif", Body=data)
+        # authorisation from now on, whatever number of calls this moto release counted above
+        req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+        reader = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+        assert reader.head_object(Bucket="lab", Key="open/good.tif")["ContentLength"] == len(data)
+        with pytest.raises(ClientError, match="403|Forbidden|AccessDenied"):  # the server itself enforces the policy
+            reader.head_object(Bucket="lab", Key="secret/locked.tif")
         yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
         proc.terminate()

@@ -15,7 +15,8 @@ import zarr
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.io import mosaic as mz
 from slidescore.model import load_model
-from slidescore.pipeline import MOSAIC, score_samples
+from slidescore.run.local import score_samples
+from slidescore.stages.layout import MOSAIC
 from tests.conftest import textured_image, write_tiff
 
 

@@ -20,7 +20,8 @@ from slidescore.config import JobConfig
 from slidescore.io import mosaic as mz
 from slidescore.io.outputs import read_bytes
 from slidescore.model import load_model
-from slidescore.pipeline import MOSAIC, score_samples
+from slidescore.run.local import score_samples
+from slidescore.stages.layout import MOSAIC
 from tests.conftest import textured_image, write_tiff
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'

@@ -9,13 +9,14 @@ import pytest
 import tifffile
 
 from slidescore.config import JobConfig
+from slidescore.core.tiling import PatchGrid, plan_blocks
+from slidescore.core.types import Box
 from slidescore.errors import UnsupportedImageError
 from slidescore.io import open_image
-from slidescore.io.adapt import AdaptedReader, open_adapted, plan_input
-from slidescore.io.readers import expect_reads, read_padded
+from slidescore.io.adapt import AdaptedReader, open_adapted
+from slidescore.io.base import expect_reads, read_padded
 from slidescore.io.tiff import TiffReader, TileCache
-from slidescore.tiling import PatchGrid, plan_blocks
-from slidescore.types import Box
+from slidescore.stages.input_plan import plan_input
 from tests.conftest import textured_image, write_tiff
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import slidescore.model.train_builtin as tb
-from slidescore import synthetic as syn
+import slidescore.offline.train_builtin as tb
 from slidescore.model.architectures import SmearNet, build_architecture
 from slidescore.model.card import ModelCard
+from slidescore.offline import synthetic as syn
 
 BUILTIN = Path(tb.__file__).parent / "builtin" / "smearnet"
 

@@ -23,7 +23,7 @@ from slidescore.model.architectures import (
 )
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import DENSE_CHECK_TOLERANCE, PatchClassifier
-from slidescore.pipeline import score_samples
+from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

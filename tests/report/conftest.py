@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from slidescore.config import JobConfig
-from slidescore.demo import generate_smear
-from slidescore.pipeline import SampleResult, score_samples
+from slidescore.offline.demo import generate_smear
+from slidescore.run.local import score_samples
+from slidescore.stages.records import SampleResult
 
 
 @pytest.fixture(scope="package")

@@ -10,8 +10,8 @@ from scipy import ndimage
 
 from slidescore.io import open_image
 from slidescore.model import load_model
+from slidescore.offline.synthetic import SmearSpec, plan_smear, render_region
 from slidescore.report.quality import sample_quality
-from slidescore.synthetic import SmearSpec, plan_smear, render_region
 from tests.conftest import write_tiff
 
 

@@ -16,8 +16,8 @@ from slidescore.config import ReportConfig
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.model import load_model
-from slidescore.pipeline import SampleResult
 from slidescore.report import write_index, write_report
+from slidescore.stages.records import SampleResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from slidescore.config import JobConfig, SampleSpec
+from slidescore.core.regions import Region
 from slidescore.io import mosaic as mz
 from slidescore.io import open_image
 from slidescore.model import load_model
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import PatchClassifier
-from slidescore.pipeline import MOSAIC, score_samples
-from slidescore.regions import Region
 from slidescore.report import write_report
+from slidescore.run.local import score_samples
+from slidescore.stages.layout import MOSAIC
 from tests.conftest import textured_image, write_tiff
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,8 +1,8 @@
 """Calibrate the built-in ``smearnet`` and fit its operating points on regions (reproducibly).
 
-Run ``python -m slidescore.model.calibrate_builtin [--seed 0]``. Smears are 4096² px at 0.25 µm/px
+Run ``python -m slidescore.offline.calibrate_builtin [--seed 0]``. Smears are 4096² px at 0.25 µm/px
 with 2 % parasitemia, rendered at 0.5 µm/px and JPEG'd at quality 90, 4:2:0, as ``slidescore
-demo`` writes its pyramids (set up by :mod:`slidescore.model.train_builtin`'s helpers).
+demo`` writes its pyramids (set up by :mod:`slidescore.offline.train_builtin`'s helpers).
 
 1. Temperature, on patches: the 64-px patches of smear ``1000·seed + 903`` on the 16-px grid that
    the scorer would score (foreground fraction >= 0.1 under the default brightfield mask) are
@@ -14,7 +14,7 @@ demo`` writes its pyramids (set up by :mod:`slidescore.model.train_builtin`'s he
    :func:`slidescore.score_array` (the job's grid, blocks, border padding, dense scoring and
    uniform blending) on a classifier whose patch probabilities pass through the card's
    calibration before blending, as the pipeline does — and every threshold of a 0.01 grid is
-   swept with :func:`slidescore.regions.find_regions`, counting region precision and recall
+   swept with :func:`slidescore.core.regions.find_regions`, counting region precision and recall
    (:mod:`slidescore.decide.region_points`).
 3. Held out: smear ``1000·seed + 904`` gives each point's region figures (and the patch figures
    of the patch-level points).
@@ -34,15 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from slidescore import synthetic as syn
 from slidescore.decide import calibration as cal
 from slidescore.decide import region_points as rp
-from slidescore.decide.calibrate import calibrate_patchset, summary_lines
-from slidescore.decide.datasets import PatchSet
-from slidescore.decide.policy import DecisionPolicy
-from slidescore.model.card import ModelCard
 from slidescore.model.scoring import PatchClassifier, builtin_dir, load_model
-from slidescore.model.train_builtin import (
+from slidescore.offline import synthetic as syn
+from slidescore.offline.calibrate import calibrate_patchset, summary_lines
+from slidescore.offline.datasets import PatchSet
+from slidescore.offline.train_builtin import (
     PATCH_PX,
     STRIDE_PX,
     cut_patches,
@@ -86,23 +84,6 @@ def smear_patches(seed: int, parasitemia: float = 0.02, min_foreground_frac: flo
                     ("uninfected", "parasitized"), 0.5, describe(spec))
 
 
-class CalibratedClassifier(PatchClassifier):
-    """A classifier whose patch probabilities pass through a card's decision policy before blending.
-
-    The pipeline applies ``DecisionPolicy.transform`` to each block's patch scores before it blends
-    them; scoring through this class lets :func:`slidescore.score_array` give the same map.
-    """
-
-    def __init__(self, base: PatchClassifier, card: ModelCard, decision: Any = None) -> None:
-        super().__init__(base.module, card, device=str(base.device), checksum=base.checksum, source=base.source,
-                         outputs=base.outputs)
-        self.policy = DecisionPolicy.from_card(card, decision)
-
-    def score_block(self, pixels: np.ndarray, valid: np.ndarray, stride_px: int, *, mode: str = "auto",
-                    batch_size: int = 256) -> np.ndarray:
-        return self.policy.transform(super().score_block(pixels, valid, stride_px, mode=mode, batch_size=batch_size))
-
-
 def region_sample(clf: PatchClassifier, spec: syn.SmearSpec) -> rp.RegionSample:
     """The blended (calibrated) map of one smear as a job computes it, with its parasite positions."""
     from slidescore.api import score_array
@@ -120,7 +101,7 @@ def region_figures(sample: rp.RegionSample, threshold: float, mpp: float = 0.5) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slidescore.model.calibrate_builtin", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m slidescore.offline.calibrate_builtin", description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--region-smears", type=int, default=3, help="calibration smears pooled for the region-level fit")
     ap.add_argument("--out", type=Path, default=builtin_dir("smearnet"), help="package folder whose card.json is rewritten")
@@ -140,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # held-out patch figures of the patch-level points
     check = smear_patches(1000 * args.seed + 904)
-    from slidescore.train import predict_logits
+    from slidescore.offline.train import predict_logits
 
     p = cal.apply_temperature(cal.sigmoid(predict_logits(clf.module, check.images, base.mean, base.std, clf.device)),
                               new.calibration["temperature"], base.head, axis=1)[:, 0]
@@ -151,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         op["held_out_on"] = check.source
 
     # region-level points on the calibrated, blended maps of the calibration smears
-    scorer = CalibratedClassifier(clf, new)
+    # the same network under the calibrated card: score_array applies its calibration as a job does
+    scorer = PatchClassifier(clf.module, new, device=str(clf.device), checksum=clf.checksum, source=clf.source,
+                             outputs=clf.outputs)
     seeds = [1000 * args.seed + 903] + [1000 * args.seed + 905 + i for i in range(args.region_smears - 1)]
     fit = [region_sample(scorer, smear_spec(s)) for s in seeds]
     print(f"region fit: {len(fit)} smears, {sum(len(s.points) for s in fit)} parasites ({time.time() - t0:.0f} s)",
@@ -175,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                             "patch_fields": round(sweep.n_fields, 3),
                             "default_threshold": {"validation": {base.classes[0]: rp.rounded(sweep.figures(default_i))},
                                                   "held_out": {base.classes[0]: region_figures(held, new.thresholds[0], base.mpp)}}},
-             "script": "python -m slidescore.model.calibrate_builtin", "seed": args.seed,
+             "script": "python -m slidescore.offline.calibrate_builtin", "seed": args.seed,
              "region_smears": args.region_smears}
     new = dataclasses.replace(new, calibration=calib, operating_points=points)
     (args.out / "card.json").write_text(json.dumps(new.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -137,9 +137,9 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 def load_table(path: Path, *, patch_px: int = 64, mpp: float | None = None, pad_value: int = 255,
                mpp_tolerance: float = 0.1) -> PatchSet:
     """Patches of ``patch_px`` at ``mpp`` (default: level 0) centred on each row's box."""
+    from slidescore.core.tiling import choose_level
+    from slidescore.core.types import Box
     from slidescore.io import open_image, read_padded
-    from slidescore.tiling import choose_level
-    from slidescore.types import Box
 
     rows = read_table(path)
     need = ("y", "x", "h", "w", "label")
@@ -208,8 +208,8 @@ def load_synthetic(seed: int, *, n_smears: int = 4, size_px: int = 1536, neg_per
     by 4 px (ambiguous patches are left out). All positives of the 16-px grid are kept and
     ``neg_per_pos`` times as many negatives drawn at random; each smear is one source image.
     """
-    from slidescore import synthetic as syn
-    from slidescore.model.train_builtin import cut_patches, grid_labels, inner_origins, make_smear
+    from slidescore.offline import synthetic as syn
+    from slidescore.offline.train_builtin import cut_patches, grid_labels, inner_origins, make_smear
 
     rng = np.random.default_rng([seed, 3])
     images: list[np.ndarray] = []

@@ -1,23 +1,23 @@
 """Scoring on a Ray cluster: a fixed pool of model-holding actors fed with blocks through ``ray.wait``.
 
-The driver plans every sample (:func:`~slidescore.pipeline.plan_sample`, one sample ahead of the
+The driver plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
 actors, in a driver thread), puts each plan into the object store once, and feeds the blocks of all
 samples to a fixed pool of :class:`ScoringActor` s in sample order with no barrier between samples:
 when one sample's last blocks are in flight, idle actors already take the next sample's blocks.
 Each actor keeps at most ``cluster.max_in_flight_per_actor`` tasks. A sample is finished
-(:func:`~slidescore.pipeline.finish_sample`: pyramid, regions, files, ``_SUCCESS``) on the driver,
+(:func:`~slidescore.run.lifecycle.finish_sample`: pyramid, regions, files, ``_SUCCESS``) on the driver,
 in the same driver thread, as soon as its last block record arrives, while the actors go on.
 Sample order (rather than round-robin over samples) finishes the first samples early, keeps few
 readers open per actor, and leaves as many samples finished as possible when a job is stopped.
 Blocks without foreground ride along with the next block that has some, so a task is never empty.
 A sample of several images (:class:`~slidescore.config.SampleSpec`) is planned image by image
-(:func:`~slidescore.pipeline.plan_images`); its block tasks are per image, and it is finished once
+(:func:`~slidescore.stages.plan.plan_images`); its block tasks are per image, and it is finished once
 the blocks of all its images are in (regions ranked across the images). Outputs may be local or
 on an object store (``output.uri: s3://…``): actors and driver write through ``io.outputs``.
 
 Why plain actors and ``ray.wait`` rather than Ray Data: our unit of work is a block of one sample
-that writes its own mosaic chunks (ARCHITECTURE invariant 2) and returns a small
-:class:`~slidescore.pipeline.BlockRecord`; we need those records per block (resume, progress,
+that writes its own mosaic chunks (docs/architecture.md, invariant 2) and returns a small
+:class:`~slidescore.stages.records.BlockRecord`; we need those records per block (resume, progress,
 run records, finishing a sample the moment its last block is done), a fixed pool sized by the
 config (one actor per GPU, fractions of a GPU, or CPU actors; no autoscaling actor pools that
 load the model again and again), and fault handling that knows blocks and samples. A Ray Data
@@ -38,7 +38,9 @@ tasks), ``bytes_read`` (sum of the decoded pixel bytes those tasks read: the blo
 clipped to the image, for blocks with foreground) and ``seconds_scoring`` (first block dispatched →
 last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``).
 
-This is the only module that imports ray.
+This is the only module that imports ray. The sample lifecycle (states, the error boundary,
+failure records, finishing, the run record) is :mod:`slidescore.run.lifecycle`, shared with the
+local runner; this module keeps what is Ray's: the actor pool, the task queue and the retries.
 """
 
 from __future__ import annotations
@@ -58,32 +60,27 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from slidescore import __version__
 from slidescore.config import ClusterConfig, JobConfig, SampleSpec
+from slidescore.core.types import Box
 from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, TransientStorageError
 from slidescore.io import SlideReader
-from slidescore.io.outputs import exists, join, make_dirs, read_json, write_json
-from slidescore.io.readers import expect_reads
+from slidescore.io.base import expect_reads
+from slidescore.io.outputs import make_dirs
 from slidescore.io.storage import is_local
-from slidescore.pipeline import (
-    BlockRecord,
+from slidescore.run import lifecycle
+from slidescore.stages.block import score_blocks
+from slidescore.stages.layout import sample_label
+from slidescore.stages.plan import (
     SamplePlan,
-    SampleResult,
     check_config_for_model,
-    code_version,
-    finish_sample,
+    dry_run_rows,
     image_error,
-    iter_block_pixels,
-    model_info,
     open_for_plan,
     plan_images,
-    record_failure,
     resolve_samples,
-    run_block,
-    sample_label,
-    write_run_index,
 )
-from slidescore.types import Box
+from slidescore.stages.recipe import BlockRecipe
+from slidescore.stages.records import BlockRecord, RunRecord, SampleResult, model_info
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +160,7 @@ class ScoringActor:
 
         self.cfg = cfg
         self.model = load_model(cfg.model.name, **{**cfg.model.runtime_options(), "device": device})
+        self.recipe = BlockRecipe.for_job(self.model, cfg)
         self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
         self.tasks = 0
         self._crash_on = crash_on_task
@@ -185,9 +183,8 @@ class ScoringActor:
         reader = self._reader(plan)
         bytes_before = reader.bytes_read
         try:
-            ahead = iter_block_pixels(plan, [plan.blocks[i] for i in block_indices], reader, self.model.card,
-                                      self.cfg.model.prefetch_depth(self.model.device.type, not is_local(plan.uri)))
-            records = [run_block(plan, b, reader, self.model, self.cfg, pixels=px, seconds_read=rs) for b, px, rs in ahead]
+            depth = self.cfg.model.prefetch_depth(self.model.device.type, not is_local(plan.uri))
+            records = list(score_blocks(plan, [plan.blocks[i] for i in block_indices], reader, self.recipe, depth))
             return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
         except TransientStorageError:
             self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
@@ -424,9 +421,8 @@ class _Driver:
 
     def _on_planned(self, s: _Sample, plans: list[SamplePlan] | None) -> None:
         if plans is None:
-            out = join(self.out_root, s.sid)
             s.status, s.t_end = "skipped", s.t_start
-            s.result = SampleResult(s.sid, s.uri, "skipped", out, [], read_json(join(out, "run.json")), images=list(s.spec.uris))
+            s.result = lifecycle.skipped(self.out_root, s.spec)
             return
         s.plans, s.status = plans, "running"
         # the valid-patch grid travels to the object store once per image, not with every task
@@ -435,8 +431,7 @@ class _Driver:
             group: list[int] = []
             for b in plan.blocks:
                 group.append(b.index)
-                p = b.patches
-                if plan.valid[p.y : p.y1, p.x : p.x1].any() or len(group) >= MAX_BLOCKS_PER_TASK:
+                if plan.block_has_foreground(b) or len(group) >= MAX_BLOCKS_PER_TASK:
                     self.queue.append(_Task(s.sid, k, tuple(group)))
                     group = []
             if group:
@@ -448,18 +443,14 @@ class _Driver:
             s.bar = tqdm(total=s.n_blocks, unit="block", desc=s.sid, leave=False, dynamic_ncols=True,
                          mininterval=0.1 if sys.stderr.isatty() else 15.0)  # job logs are files: few lines
 
-    def _fail(self, s: _Sample, err: BaseException, where: str) -> None:
+    def _fail(self, s: _Sample, err: BaseException, stage: str) -> None:
         if s.status in ("failed", "ok", "skipped"):
             return
-        log.error("sample %s failed %s: %s", s.sid, where, err)
         s.status, s.t_end = "failed", time.perf_counter()
         s.refs = None
         self.queue = collections.deque(t for t in self.queue if t.sid != s.sid)
         self.delayed = [t for t in self.delayed if t.sid != s.sid]
-        etype = type(err).__name__
-        s.result = SampleResult(s.sid, s.uri, "failed", join(self.out_root, s.sid), error=str(err), error_type=etype,
-                                images=list(s.spec.uris))
-        record_failure(self.out_root, s.spec, err)
+        s.result = lifecycle.failed(self.out_root, s.spec, err, stage)
         self._close_bar(s)
 
     def _close_bar(self, s: _Sample) -> None:
@@ -475,19 +466,17 @@ class _Driver:
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
         # the driver's CPU copy of the scoring model (same checksum as the actors') serves Grad-CAM: no reload
-        fut = self.pool.submit(finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start, model=self.model)
+        fut = self.pool.submit(lifecycle.finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start, model=self.model)
         self.jobs[fut] = ("finish", s)
 
     def _on_job_done(self, fut: cf.Future) -> None:
         kind, s = self.jobs.pop(fut)
         try:
             value = fut.result()
-        except ConfigError:
-            raise
         except Exception as e:  # one sample's error never stops the others; the record says what happened
-            if not isinstance(e, SlideScoreError | OSError):
-                log.exception("unexpected error while %s sample %s", "planning" if kind == "plan" else "finishing", s.sid)
-            self._fail(s, e, f"while {'planning' if kind == 'plan' else 'finishing'}")
+            if lifecycle.classify(e) == "stop":
+                raise
+            self._fail(s, e, "planning" if kind == "plan" else "finishing")
             return
         if kind == "plan":
             self._on_planned(s, value)
@@ -541,16 +530,18 @@ class _Driver:
             self._retry(task, s, e, lost=True)
             return
         except RayTaskError as e:
-            cause = e.cause
-            if isinstance(cause, ConfigError):
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            outcome = lifecycle.classify(cause)
+            if outcome == "stop":
                 raise cause from None
-            if isinstance(cause, TransientStorageError):
+            if outcome == "retry":
                 self._retry(task, s, cause, lost=False)
             else:
                 plan = s.plans[task.image] if s.plans else None
                 if plan is not None and plan.image_id:  # a sample of several images: name the bad one
                     cause = image_error(s.sid, plan.image_id, plan.uri, cause)
-                self._fail(s, cause, f"in blocks {list(task.blocks)}")
+                log.debug("blocks %s of %s failed", list(task.blocks), s.sid)
+                self._fail(s, cause, "scoring")
             return
         except RayError as e:  # worker crash, lost object, node died: like a lost actor, without replacing it
             self._retry(task, s, e, lost=True)
@@ -586,7 +577,8 @@ class _Driver:
             task.transient += 1
         n = task.lost if lost else task.transient
         if n > self.cfg.cluster.max_retries:
-            self._fail(s, err, f"after {n - 1} retries of blocks {list(task.blocks)}")
+            log.error("sample %s: blocks %s failed after %d retries", s.sid, list(task.blocks), n - 1)
+            self._fail(s, err, "scoring")
             return
         if lost:
             log.warning("resubmitting blocks %s of %s (attempt %d): %s", list(task.blocks), s.sid, n + 1, type(err).__name__)
@@ -642,38 +634,35 @@ class _Driver:
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
         c = self.cfg.cluster
-        samples = []
+        rows = []
         for s in self.samples:
             r = s.result
-            assert r is not None
-            total = s.n_blocks if s.plans else (r.run.get("blocks", {}).get("total") if r.run else None)
-            blocks = {"total": total, "done": len(s.records), "resumed": sum(rec.resumed for rec in s.records.values())}
-            samples.append({"sample_id": s.sid, "uri": s.uri, "status": r.status, "error": r.error,
-                            "n_regions": r.run.get("regions", {}).get("total") if r.run else None,
-                            "blocks": blocks, "patches_scored": s.patches_scored, "retries": s.retries,
-                            "seconds": round((s.t_end or s.t_start) - s.t_start, 3),
-                            "seconds_scoring": round(s.t_last_record - s.t_first_task, 3)
-                            if s.t_first_task is not None and s.t_last_record is not None else None,
-                            "bytes_read": s.bytes_read, "actor_seconds": round(s.actor_seconds, 3),
-                            "n_actors": len(s.actors), "actors": sorted(s.actors)})
-        write_json(join(self.out_root, "run.json"), {
-            "slidescore_version": __version__, "code_version": code_version(), "config": self.cfg.to_dict(),
-            "model": info, "runner": "ray",
-            "cluster": {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
-                        "actors_replaced": self.actors_replaced, "num_cpus_per_actor": c.num_cpus_per_actor,
-                        "num_gpus_per_actor": c.num_gpus_per_actor, "resources": ray.cluster_resources(),
-                        "actor_pinning": self.actor_gpus,
-                        "blocks_done": self.blocks_done, "seconds": time.perf_counter() - self.t0,
-                        "seconds_pool_start": None if self.t_pool is None or self.t_pool_ready is None
-                        else round(self.t_pool_ready - self.t_pool, 3)},
-            "samples": samples,
-        })
-        write_run_index(self.out_root, self.cfg)
+            if r is None:  # cannot happen once the loop ended normally; recorded rather than crashing the record
+                r = SampleResult(s.sid, s.uri, "failed", "", error="not finished", error_type="RunAborted", images=list(s.spec.uris))
+            measured: dict[str, Any] = {
+                "blocks_done": len(s.records), "blocks_resumed": sum(rec.resumed for rec in s.records.values()),
+                "patches_scored": s.patches_scored, "retries": s.retries,
+                "seconds": round((s.t_end or s.t_start) - s.t_start, 3),
+                "seconds_scoring": round(s.t_last_record - s.t_first_task, 3)
+                if s.t_first_task is not None and s.t_last_record is not None else None,
+                "bytes_read": s.bytes_read, "actor_seconds": round(s.actor_seconds, 3), "actors": sorted(s.actors)}
+            if s.plans:
+                measured["blocks_total"] = s.n_blocks
+            rows.append(lifecycle.sample_row(r, **measured))
+        cluster = {"ray_version": ray.__version__, "n_actors": len(self.slots), "actors_started": self.actors_started,
+                   "actors_replaced": self.actors_replaced, "num_cpus_per_actor": c.num_cpus_per_actor,
+                   "num_gpus_per_actor": c.num_gpus_per_actor, "resources": ray.cluster_resources(),
+                   "actor_pinning": self.actor_gpus, "blocks_done": self.blocks_done,
+                   "seconds": time.perf_counter() - self.t0,
+                   "seconds_pool_start": None if self.t_pool is None or self.t_pool_ready is None
+                   else round(self.t_pool_ready - self.t_pool, 3)}
+        record = RunRecord(self.cfg.to_dict(), info, "ray", rows, cluster=cluster, seconds=round(time.perf_counter() - self.t0, 3))
+        lifecycle.write_run_record(self.out_root, record, self.cfg)
 
 
 def score_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
                       progress: bool = True, fault: FaultInjection | None = None, wait_for_pool: bool = False) -> list[SampleResult]:
-    """Score many samples on a Ray cluster; the distributed counterpart of ``pipeline.score_samples``.
+    """Score many samples on a Ray cluster; the distributed counterpart of ``slidescore.run.local.score_samples``.
 
     Connects with ``ray.init(address=cfg.cluster.address)`` unless Ray is already initialised
     (and then leaves the connection open). ``n_actors`` defaults to ``cfg.cluster.n_actors``.
@@ -699,37 +688,11 @@ def dry_run_samples(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str)
     """Plan every sample without writing anything and say what a run would do (no Ray needed).
 
     Raises ``ConfigError`` / ``ModelLoadError`` like a real run; per-sample problems are reported
-    in the returned rows (``status: failed``).
+    in the returned rows (``status: failed``; :func:`~slidescore.stages.plan.dry_run_rows`).
     """
     from slidescore.model import load_model
 
     actor_device(cfg)
     model = load_model(cfg.model.name, device="cpu")
     check_config_for_model(cfg, model.card)
-    rows = []
-    for spec in resolve_samples(uris):
-        row: dict[str, Any] = {"sample_id": spec.sample_id, "uri": sample_label(spec)}
-        try:
-            plans = plan_images(spec, cfg, model.card, model.checksum, out_root, dry_run=True)
-        except ConfigError:
-            raise
-        except (SlideScoreError, OSError) as e:
-            rows.append({**row, "status": "failed", "error": str(e), "error_type": type(e).__name__})
-            continue
-        if plans is None:
-            rows.append({**row, "status": "complete"})
-            continue
-        images = [_dry_run_image(plan, cfg) for plan in plans]
-        # one-image samples: that image's figures; several images: the first image's level, summed counts
-        rows.append({**row, "status": "to score", **images[0],
-                     **{k: sum(img[k] for img in images) for k in ("blocks", "blocks_done", "patches_total", "patches_to_score")},
-                     **({"images": images} if len(images) > 1 else {})})
-    return rows
-
-
-def _dry_run_image(plan: SamplePlan, cfg: JobConfig) -> dict[str, Any]:
-    done = 0 if cfg.output.overwrite else sum(1 for b in plan.blocks if exists(join(plan.blocks_dir, f"{b.key}.json")))
-    return {"image_id": plan.image_id, "image": plan.uri, "level": plan.level, "level_mpp": plan.level_mpp,
-            "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
-            "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
-            "patches_to_score": int(np.count_nonzero(plan.valid))}
+    return dry_run_rows(resolve_samples(uris), cfg, model.card, model.checksum, out_root)

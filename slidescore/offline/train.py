@@ -1,6 +1,6 @@
 """``slidescore train``: fit a patch classifier and write a model package the scorer loads.
 
-Data come from :mod:`slidescore.decide.datasets` (class folders, annotation tables read with
+Data come from :mod:`slidescore.offline.datasets` (class folders, annotation tables read with
 slidescore's readers, or synthetic smears). The data are split by source image (no image in two
 splits), the training split is balanced as chosen (``downsample`` the majority classes,
 ``class_weights`` in the loss, or ``bias_init``: output bias at log(pos/neg) so the first steps
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from slidescore.decide import calibration as cal
-from slidescore.decide import plots
-from slidescore.decide.datasets import PatchSet, load_patches, positive_class
 from slidescore.errors import ConfigError
 from slidescore.model.architectures import SmearNet
 from slidescore.model.card import ModelCard
+from slidescore.offline import plots
+from slidescore.offline.datasets import PatchSet, load_patches, positive_class
 
 log = logging.getLogger(__name__)
 BALANCES = ("downsample", "class_weights", "bias_init", "none")
@@ -398,7 +398,7 @@ def run_train(source: str, out: str, opts: TrainOptions, *, mpp: float | None = 
               group_regex: str | None = None, synthetic_smears: int = 4, synthetic_size_px: int = 1536,
               patch_px: int = 64) -> ModelCard:
     """Load the data named by ``source`` and train (the CLI entry point)."""
-    from slidescore.decide.datasets import DEFAULT_GROUP_REGEX
+    from slidescore.offline.datasets import DEFAULT_GROUP_REGEX
 
     data = load_patches(source, patch_px=patch_px, mpp=mpp, resize=resize, group_regex=group_regex or DEFAULT_GROUP_REGEX,
                         seed=opts.seed, synthetic_smears=synthetic_smears, synthetic_size_px=synthetic_size_px,

@@ -1,7 +1,7 @@
 """Train the built-in ``smearnet`` parasite detector on synthetic smears and write weights + card.
 
-Run ``python -m slidescore.model.train_builtin [--out DIR] [--seed 0] [--epochs N]``. Training
-smears come from :mod:`slidescore.synthetic` at 0.25 µm/px and are rendered at downsample 2
+Run ``python -m slidescore.offline.train_builtin [--out DIR] [--seed 0] [--epochs N]``. Training
+smears come from :mod:`slidescore.offline.synthetic` at 0.25 µm/px and are rendered at downsample 2
 (0.5 µm/px), exactly what the scorer reads from level 1 of such a pyramid. A 64-px patch on the
 16-px scoring grid is positive when a parasite's chromatin-dot centre lies at least 4 px inside
 it, negative when no dot lies within it or 4 px around it, and ignored otherwise. Because
@@ -29,9 +29,9 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
-from slidescore import synthetic as syn
 from slidescore.model.architectures import SmearNet
 from slidescore.model.card import ModelCard
+from slidescore.offline import synthetic as syn
 
 PATCH_PX, STRIDE_PX, MARGIN_PX = 64, 16, 4
 DOWNSAMPLE = 2  # 0.25 µm/px level 0 → 0.5 µm/px model resolution
@@ -150,7 +150,7 @@ def foreground_fraction(img: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.n
     Origins are pixel positions in ``img``; a patch reaching past its edge counts the missing pixels
     as background.
     """
-    from slidescore.mask import detect_foreground
+    from slidescore.core.mask import detect_foreground
 
     fg = detect_foreground(img, "brightfield").astype(np.float64)
     s = np.zeros((fg.shape[0] + 1, fg.shape[1] + 1))
@@ -303,7 +303,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m slidescore.model.train_builtin", description=__doc__.split("\n")[0]
+        prog="python -m slidescore.offline.train_builtin", description=__doc__.split("\n")[0]
     )
     ap.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="directory for weights.pt and card.json"
@@ -423,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         pad_value=PAD_VALUE,
         version="1",
         description="Ring-stage malaria parasites in Giemsa thin blood smears at 0.5 µm/px, trained only on "
-        "slidescore.synthetic smears (a demonstration model, not for diagnosis).",
+        "slidescore.offline.synthetic smears (a demonstration model, not for diagnosis).",
         training={
-            "script": "python -m slidescore.model.train_builtin",
+            "script": "python -m slidescore.offline.train_builtin",
             "seed": args.seed,
             "epochs": args.epochs,
             "steps": n_steps,

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from slidescore.decide import calibration as cal
-from slidescore.decide import plots
-from slidescore.decide.datasets import PatchSet, load_patches
 from slidescore.errors import ConfigError
+from slidescore.offline import plots
+from slidescore.offline.datasets import PatchSet, load_patches
 
 
 def _package_dir(model_ref: str) -> Path:
@@ -69,7 +69,7 @@ def calibrate_patchset(classifier: Any, ps: PatchSet, out: Path, *, method: str 
                        precisions: tuple[str, ...] = ("0.90",), recalls: tuple[str, ...] = ("0.999",),
                        n_bins: int = 15, prevalence: str = "auto", plot_dir: Path | None = None) -> Any:
     """Fit, evaluate and return the calibrated card; writes plots under ``plot_dir`` (``out / 'plots'``)."""
-    from slidescore.train import predict_logits
+    from slidescore.offline.train import predict_logits
 
     card = classifier.card
     if method not in ("temperature", "isotonic"):
@@ -152,8 +152,8 @@ def run_calibrate(model_ref: str, valset: str | PatchSet, *, out: str | None = N
                   recalls: tuple[str, ...] = ("0.999",), resize: int | None = None, group_regex: str | None = None,
                   device: str = "auto", seed: int = 0, prevalence: str = "auto") -> tuple[Any, Path]:
     """Calibrate ``model_ref`` on ``valset``; write the package to ``out`` (or in place)."""
-    from slidescore.decide.datasets import DEFAULT_GROUP_REGEX
     from slidescore.model import load_model
+    from slidescore.offline.datasets import DEFAULT_GROUP_REGEX
 
     src = _package_dir(model_ref)
     if in_place == (out is not None):

@@ -1,4 +1,4 @@
-"""The reader interface and the factory that picks an implementation for a URI.
+"""The reader interface and helpers every backend shares (the factory is :mod:`slidescore.io.open`).
 
 A :class:`SlideReader` exposes the pyramid (``levels``, level-0 ``mpp``) and reads a box of one
 level as an (h, w, c) array, without loading the rest of the image. ``read_padded`` extends a read
@@ -7,14 +7,12 @@ past the image edge with a fill value, which is how the patch grid's border poli
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from slidescore.errors import SampleNotFoundError, UnsupportedImageError
-from slidescore.types import Box, LevelInfo
+from slidescore.core.types import Box, LevelInfo
+from slidescore.errors import UnsupportedImageError
 
 
 @runtime_checkable
@@ -37,58 +35,6 @@ class SlideReader(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def open_image(uri: str) -> SlideReader:
-    """Open a TIFF-family file or a Zarr / OME-Zarr image by its path or fsspec URL (``s3://…``)."""
-    from slidescore.io import storage
-
-    if not storage.is_local(uri):
-        return _open_remote(uri)
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    path = Path(uri)
-    if not path.exists():
-        raise SampleNotFoundError(
-            f"{uri}: no such file or directory; check the path (local paths are relative to the working directory)",
-            uri=uri,
-        )
-    if path.is_dir():
-        if (path / ".zattrs").exists() or (path / "zarr.json").exists() or (path / ".zgroup").exists() or (path / ".zarray").exists():
-            from slidescore.io.zarr_image import ZarrImageReader
-
-            return ZarrImageReader(uri)
-        raise UnsupportedImageError(
-            f"{uri}: is a directory but not a Zarr store (no .zattrs/.zgroup/zarr.json); pass a TIFF file or an OME-Zarr folder",
-            uri=uri,
-        )
-    if os.path.getsize(path) == 0:
-        raise UnsupportedImageError(f"{uri}: file is empty (0 bytes); re-export or re-upload the image", uri=uri)
-    from slidescore.io.tiff import TiffReader
-
-    return TiffReader(uri)
-
-
-def _open_remote(uri: str) -> SlideReader:
-    from slidescore.io import storage
-
-    fs, path = storage.filesystem(uri)
-    meta = storage.info(uri)
-    if meta.get("type") == "directory":
-        markers = (".zattrs", ".zgroup", ".zarray", "zarr.json")
-        listing = storage.with_retries(lambda: fs.ls(path, detail=False), uri, "listing the prefix")
-        names = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in listing}
-        if names & set(markers):
-            from slidescore.io.zarr_image import ZarrImageReader
-
-            return ZarrImageReader(uri)
-        raise UnsupportedImageError(f"{uri}: is a prefix but not a Zarr store (no .zattrs/.zgroup/zarr.json); "
-                                    "pass an image object or an OME-Zarr prefix", uri=uri)
-    if int(meta.get("size") or 0) == 0:
-        raise UnsupportedImageError(f"{uri}: object is empty (0 bytes); re-upload the image", uri=uri)
-    from slidescore.io.tiff import TiffReader
-
-    return TiffReader(uri, handle=storage.open_binary(uri))
 
 
 def expect_reads(reader: SlideReader, level: int, boxes: list[Box]) -> None:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from slidescore.types import Block, Box
+from slidescore.core.types import Block, Box
 
 
 @dataclass(frozen=True)

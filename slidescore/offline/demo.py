@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from slidescore.config import JobConfig
+from slidescore.core.regions import Region
 from slidescore.io.outputs import write_json
 from slidescore.io.tiff import write_tiff_pyramid
-from slidescore.pipeline import score_samples
-from slidescore.regions import Region
-from slidescore.synthetic import SmearSpec, parasite_positions, plan_smear, render_region
+from slidescore.offline.synthetic import SmearSpec, parasite_positions, plan_smear, render_region
+from slidescore.run.local import score_samples
 
 DEMO_MPP = 0.25
 

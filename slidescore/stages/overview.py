@@ -16,10 +16,10 @@ import imagecodecs
 import numpy as np
 from PIL import Image, ImageDraw
 
+from slidescore.core.regions import Region
+from slidescore.core.types import Box
+from slidescore.io.base import SlideReader
 from slidescore.io.outputs import write_bytes
-from slidescore.io.readers import SlideReader
-from slidescore.regions import Region
-from slidescore.types import Box
 
 
 def render_overview(

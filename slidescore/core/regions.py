@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -102,10 +102,22 @@ def find_regions(
     return rank_regions(found)
 
 
+def rank_key(peak: float, mean: float, area_um2: float, bbox_px: tuple[float, ...], image_index: int = 0) -> tuple[Any, ...]:
+    """The one ranking rule: peak, mean, area (descending); ties by image order, then raster order of the box."""
+    return (-peak, -mean, -area_um2, image_index, tuple(bbox_px))
+
+
 def rank_regions(found: list[dict[str, Any]]) -> list[Region]:
-    """Sort region measurements (peak, mean, area; descending) and number them from 1."""
-    order = sorted(found, key=lambda r: (-r["peak_probability"], -r["mean_probability"], -r["area_um2"], r["bbox_px"]))
+    """Sort region measurements by :func:`rank_key` and number them from 1."""
+    order = sorted(found, key=lambda r: rank_key(r["peak_probability"], r["mean_probability"], r["area_um2"], r["bbox_px"]))
     return [Region(rank=i + 1, **r) for i, r in enumerate(order)]
+
+
+def rank_across_images(per_image: list[list[Region]]) -> list[Region]:
+    """Rank the regions of several images together by :func:`rank_key` and number them from 1."""
+    keyed = [(rank_key(r.peak_probability, r.mean_probability, r.area_um2, r.bbox_px, i), r)
+             for i, rs in enumerate(per_image) for r in rs]
+    return [replace(r, rank=n + 1) for n, (_, r) in enumerate(sorted(keyed, key=lambda kr: kr[0]))]
 
 
 def regions_geojson(regions: list[Region], colors: dict[str, tuple[int, int, int]], sample_id: str) -> dict[str, Any]:

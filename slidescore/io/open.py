@@ -1,0 +1,62 @@
+"""The one factory that picks a :class:`~slidescore.io.base.SlideReader` implementation for a URI.
+
+Backends import :mod:`slidescore.io.base` only; this module imports the backends, so the two never
+import each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slidescore.errors import SampleNotFoundError, UnsupportedImageError
+from slidescore.io import storage
+from slidescore.io.base import SlideReader
+
+
+def open_image(uri: str) -> SlideReader:
+    """Open a TIFF-family file or a Zarr / OME-Zarr image by its path or fsspec URL (``s3://…``)."""
+    if not storage.is_local(uri):
+        return _open_remote(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    path = Path(uri)
+    if not path.exists():
+        raise SampleNotFoundError(
+            f"{uri}: no such file or directory; check the path (local paths are relative to the working directory)",
+            uri=uri,
+        )
+    if path.is_dir():
+        if (path / ".zattrs").exists() or (path / "zarr.json").exists() or (path / ".zgroup").exists() or (path / ".zarray").exists():
+            from slidescore.io.zarr_image import ZarrImageReader
+
+            return ZarrImageReader(uri)
+        raise UnsupportedImageError(
+            f"{uri}: is a directory but not a Zarr store (no .zattrs/.zgroup/zarr.json); pass a TIFF file or an OME-Zarr folder",
+            uri=uri,
+        )
+    if os.path.getsize(path) == 0:
+        raise UnsupportedImageError(f"{uri}: file is empty (0 bytes); re-export or re-upload the image", uri=uri)
+    from slidescore.io.tiff import TiffReader
+
+    return TiffReader(uri)
+
+
+def _open_remote(uri: str) -> SlideReader:
+    fs, path = storage.filesystem(uri)
+    meta = storage.info(uri)
+    if meta.get("type") == "directory":
+        markers = (".zattrs", ".zgroup", ".zarray", "zarr.json")
+        listing = storage.with_retries(lambda: fs.ls(path, detail=False), uri, "listing the prefix")
+        names = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in listing}
+        if names & set(markers):
+            from slidescore.io.zarr_image import ZarrImageReader
+
+            return ZarrImageReader(uri)
+        raise UnsupportedImageError(f"{uri}: is a prefix but not a Zarr store (no .zattrs/.zgroup/zarr.json); "
+                                    "pass an image object or an OME-Zarr prefix", uri=uri)
+    if int(meta.get("size") or 0) == 0:
+        raise UnsupportedImageError(f"{uri}: object is empty (0 bytes); re-upload the image", uri=uri)
+    from slidescore.io.tiff import TiffReader
+
+    return TiffReader(uri, handle=storage.open_binary(uri))

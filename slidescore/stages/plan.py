@@ -1,0 +1,465 @@
+"""Planning a sample: ids, run keys, the resume check, the level, the foreground mask, the blocks.
+
+:func:`plan_images` turns a :class:`~slidescore.config.SampleSpec` into one picklable
+:class:`SamplePlan` per image (``None`` when the sample's finished outputs of this run exist):
+open the image, resolve its µm/px, choose the level for the model, compute the foreground mask at
+a low resolution, lay out the global patch grid and the output-chunk-aligned blocks, and create
+(or reuse, when resuming) the image's mosaic. Both runners plan through here; :func:`dry_run_rows`
+says what a run would do without writing anything. See docs/architecture.md ("Planning").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slidescore.version import __version__
+from slidescore.config import JobConfig, SampleSpec
+from slidescore.core.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
+from slidescore.core.tiling import PatchGrid, choose_level, level_count, plan_blocks
+from slidescore.core.types import Block, Box
+from slidescore.decide import DecisionPolicy
+from slidescore.errors import (
+    ConfigError,
+    InputError,
+    ResolutionError,
+    SlideScoreError,
+    UnsupportedImageError,
+)
+from slidescore.io import SlideReader, open_image
+from slidescore.io import mosaic as mz
+from slidescore.io.adapt import AdaptedReader, InputRecipe, open_adapted
+from slidescore.io.outputs import (
+    exists,
+    join,
+    list_children,
+    read_json,
+    read_text,
+    remove,
+    write_text,
+)
+from slidescore.io.storage import fingerprint
+from slidescore.model.card import ModelCard
+from slidescore.stages import layout
+from slidescore.stages.input_plan import plan_input
+from slidescore.stages.layout import (
+    IMAGES,
+    MASK,
+    MOSAIC,
+    RUN_JSON,
+    RUN_KEY_FILE,
+    SUCCESS,
+    image_ids,
+    sample_id_for,
+    sample_label,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Everything a worker needs to score a block of one sample (picklable, no open handles)."""
+
+    sample_id: str
+    uri: str
+    out_dir: str
+    run_key: str
+    level: int
+    level_shape: tuple[int, int]
+    level_downsample: float
+    mpp0: float
+    mpp_source: str
+    grid: PatchGrid
+    blocks: tuple[Block, ...]
+    valid: np.ndarray
+    mosaic: mz.MosaicSpec
+    input_fingerprint: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    input_recipe: InputRecipe | None = None  # dtype conversion, channels, resampled virtual level (io.adapt)
+    georeference: dict[str, Any] | None = None  # GeoTIFF: epsg, affine (level-0 px → map), units
+    image_id: str = ""  # set for the images of a sample of several images ("" for a one-image sample)
+    sample_dir: str = ""  # where the sample's regions, run.json and _SUCCESS go ("" = out_dir)
+
+    @property
+    def level_mpp(self) -> float:
+        return self.mpp0 * self.level_downsample
+
+    @property
+    def mosaic_path(self) -> str:
+        """The image's mosaic: a local path or a URL (a string; never ``Path``, which breaks ``s3://``)."""
+        return join(self.out_dir, MOSAIC)
+
+    @property
+    def blocks_dir(self) -> str:
+        return layout.blocks_dir(self.out_dir, self.run_key)
+
+    def block_marker(self, block: Block) -> str:
+        """The completion record of ``block`` (written after its chunks)."""
+        return layout.block_marker(self.out_dir, self.run_key, block.key)
+
+    def block_has_foreground(self, block: Block) -> bool:
+        """Whether any patch the block scores is foreground (else it is neither read nor written)."""
+        p = block.patches
+        return bool(self.valid[p.y : p.y1, p.x : p.x1].any())
+
+    @property
+    def cell_px0(self) -> float:
+        """Level-0 pixels per output cell."""
+        return self.grid.stride_px * self.level_downsample
+
+    @property
+    def sample_out(self) -> str:
+        return self.sample_dir or self.out_dir
+
+
+def resolve_samples(entries: Sequence[str | SampleSpec]) -> list[SampleSpec]:
+    """Every entry as a :class:`SampleSpec` with its id: plain URIs get ``sample_id_for`` ids, made unique."""
+    explicit = [e.sample_id for e in entries if isinstance(e, SampleSpec) and e.sample_id]
+    dups = sorted({s for s in explicit if explicit.count(s) > 1})
+    if dups:
+        raise ConfigError(f"samples: sample id {dups[0]!r} is given twice; sample ids must be unique")
+    specs = [e if isinstance(e, SampleSpec) else SampleSpec(None, (e,)) for e in entries]
+    for s in specs:
+        if not s.uris:
+            raise ConfigError(f"samples: sample {s.sample_id!r} lists no image; give at least one image URI")
+    unnamed = [i for i, s in enumerate(specs) if not s.sample_id]
+    names = layout._unique_names([specs[i].uris[0] for i in unnamed], set(explicit))
+    for i, name in zip(unnamed, names, strict=True):
+        specs[i] = SampleSpec(name, specs[i].uris)
+    return specs
+
+
+def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: JobConfig) -> str:
+    """Deterministic key of everything that determines a sample's outputs."""
+    d = cfg.to_dict()
+    d["output"].pop("uri")
+    d["output"].pop("overwrite")
+    d["model"].pop("device")
+    d["model"].pop("batch_size")
+    for speed_only in ("channels_last", "compile", "prefetch_blocks", "dense_tile_px"):  # how fast, never what comes out
+        d["model"].pop(speed_only, None)
+    # which samples are in the job and how the cluster runs it never change a sample's outputs
+    d.pop("samples", None)
+    d.pop("cluster", None)
+    payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_run_key_for(fps: Sequence[dict[str, Any]], model_checksum: str, card: ModelCard, cfg: JobConfig,
+                       *, image_ids: Sequence[str]) -> str:
+    """The run key of a sample from its images' fingerprints (in the sample's order): one image →
+    :func:`run_key_for` of its fingerprint; several → of all of them by image id. What the job
+    writes into ``_SUCCESS``, and what intake compares it with."""
+    if len(fps) == 1:
+        return run_key_for(fps[0], model_checksum, card, cfg)
+    return run_key_for({"images": [{"image_id": iid, **fp} for iid, fp in zip(image_ids, fps, strict=True)]},
+                       model_checksum, card, cfg)
+
+
+def resolve_mpp(reader: SlideReader, cfg: JobConfig, sample_id: str) -> tuple[float, str]:
+    if cfg.input.mpp is not None:
+        return cfg.input.mpp, "config:input.mpp"
+    if reader.mpp is None:
+        raise ResolutionError(
+            f"sample {sample_id!r} ({reader.uri}): the image has no resolution metadata (µm/px); "
+            f"set input.mpp in the config (or --mpp) to the scanner's level-0 µm/px ({reader.mpp_source})",
+            uri=reader.uri,
+        )
+    if not 0.01 <= reader.mpp <= 1e8:  # 10 nm/px … 100 m/px: microscopy to satellite
+        raise ResolutionError(
+            f"sample {sample_id!r} ({reader.uri}): implausible resolution metadata {reader.mpp} µm/px "
+            f"(from {reader.mpp_source}); set input.mpp in the config to the true level-0 µm/px",
+            uri=reader.uri,
+        )
+    return reader.mpp, reader.mpp_source
+
+
+def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, grid: PatchGrid, level_downsample: float) -> np.ndarray:
+    """Foreground fraction of every output cell, from a low-resolution level, read in strips."""
+    mcfg = cfg.mask
+    if mcfg.method == "none":
+        return np.ones(grid.cells_shape, np.float32)
+    mpps = [mpp0 * lv.downsample for lv in reader.levels]
+    candidates = [i for i, m in enumerate(mpps) if m <= mcfg.mask_mpp * 1.01]
+    lvl = max(candidates, key=lambda i: mpps[i]) if candidates else int(np.argmin(mpps))
+    info = reader.levels[lvl]
+    factor = max(1, int(mcfg.mask_mpp / mpps[lvl] + 1e-6))
+    strip = factor * max(1, 2048 // factor)
+    parts = []
+    for y in range(0, info.height, strip):
+        h = min(strip, info.height - y)
+        rows = []
+        for x in range(0, info.width, strip):
+            w = min(strip, info.width - x)
+            pix = reader.read(lvl, Box(y, x, h, w))
+            fg = detect_foreground(
+                pix, mcfg.method, min_saturation=mcfg.min_saturation,
+                max_brightness=mcfg.max_brightness, nodata_value=mcfg.nodata_value,
+            )
+            rows.append(reduce_mean(fg, factor))
+        parts.append(np.concatenate(rows, axis=1))
+    frac = np.concatenate(parts, axis=0)
+    src_px0 = info.downsample * factor
+    cell_px0 = grid.stride_px * level_downsample
+    return cell_fractions(frac, src_px0, grid.cells_shape, cell_px0)
+
+
+def _finished(sample_dir: str, run_key: str, cfg: JobConfig, sample_id: str, uri: str) -> bool:
+    """Whether the sample's finished outputs of this run exist; refuse those of another run."""
+    marker = join(sample_dir, SUCCESS)
+    if not exists(marker):
+        return False
+    done = read_json(marker)
+    if done.get("run_key") == run_key and not cfg.output.overwrite:
+        return True
+    if not cfg.output.overwrite:
+        raise InputError(
+            f"sample {sample_id!r}: {sample_dir} holds finished results of a different run "
+            f"(run key {done.get('run_key')} ≠ {run_key}); pass --overwrite or choose another --output",
+            uri=uri,
+        )
+    return False
+
+
+def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str, sample_id: str | None = None,
+                *, dry_run: bool = False, image_id: str = "", run_key: str | None = None,
+                fp: dict[str, Any] | None = None) -> SamplePlan | None:
+    """Open, choose the level, mask, plan; create or reuse the mosaic. ``None`` = already done.
+
+    With ``dry_run`` nothing is created or changed under ``out_root`` (the plan is only computed).
+    ``image_id`` (with the sample's ``run_key`` and this image's fingerprint ``fp``) plans one image
+    of a sample of several images, in ``<out_root>/<sample_id>/images/<image_id>/``; the sample's
+    completion is then checked by :func:`plan_images`, not here.
+    """
+    t0 = time.perf_counter()
+    sample_id = sample_id or sample_id_for(uri)
+    reader = open_image(uri)
+    try:
+        fp = fingerprint(uri) if fp is None else fp
+        run_key = run_key or run_key_for(fp, model_checksum, card, cfg)
+        sample_dir = layout.sample_dir(out_root, sample_id)
+        out_dir = layout.image_dir(out_root, sample_id, image_id)
+        if not image_id and _finished(sample_dir, run_key, cfg, sample_id, uri):
+            return None
+        mpp0, mpp_source = resolve_mpp(reader, cfg, sample_id)
+        recipe = plan_input(reader, card, cfg.input, sample_id, mpp0)  # refuses what it cannot convert
+        reader = AdaptedReader(reader, recipe)  # uint8, model channels, a resampled virtual level if needed
+        level_mpps = [mpp0 * lv.downsample for lv in reader.levels]
+        level, scale = choose_level(level_mpps, card.mpp, cfg.input.mpp_tolerance)
+        if scale != 1.0:
+            raise ResolutionError(
+                f"sample {sample_id!r} ({uri}): no pyramid level within {cfg.input.mpp_tolerance:.0%} of the model's "
+                f"{card.mpp} µm/px (levels: {', '.join(f'{m:.3g}' for m in level_mpps)} µm/px) — export a level at "
+                "the model resolution, raise input.mpp_tolerance, or fix input.mpp",
+                uri=uri,
+            )
+        info = reader.levels[level]
+        try:
+            grid = PatchGrid(info.height, info.width, card.patch_px, cfg.tiling.stride_px)
+        except ValueError as e:
+            raise UnsupportedImageError(
+                f"sample {sample_id!r} ({uri}): {e} at level {level} ({level_mpps[level]:.3g} µm/px); "
+                "a sample must be at least one model patch in size",
+                uri=uri,
+            ) from None
+        t_open = time.perf_counter()
+        cell_fg = compute_cell_foreground(reader, cfg, mpp0, grid, info.downsample)
+        pf = patch_fractions(cell_fg, grid.k, grid.patches_shape)
+        valid = pf >= max(cfg.mask.min_foreground_frac, 1e-6) if cfg.mask.method != "none" else np.ones_like(pf, bool)
+        t_mask = time.perf_counter()
+    finally:
+        reader.close()
+
+    cells = grid.cells_shape
+    spec = mz.MosaicSpec(
+        shape=(card.n_classes, *cells),
+        chunk=cfg.tiling.chunk_cells,
+        n_levels=level_count(cells, cfg.tiling.chunk_cells),
+        dtype=cfg.output.dtype,
+        cell_um=grid.stride_px * info.downsample * mpp0,
+        source_mpp=mpp0,
+        channel_names=card.classes,
+        colors=tuple(card.class_colors()),
+        thresholds=thresholds_for(card, cfg),
+    )
+    blocks = tuple(plan_blocks(grid, cfg.tiling.chunk_cells, cfg.tiling.block_chunks))
+    plan = SamplePlan(
+        sample_id=sample_id, uri=uri, out_dir=out_dir, run_key=run_key, level=level,
+        level_shape=(info.height, info.width), level_downsample=info.downsample, mpp0=mpp0,
+        mpp_source=mpp_source, grid=grid, blocks=blocks, valid=valid, mosaic=spec, input_fingerprint=fp,
+        timings={"open_s": t_open - t0, "mask_s": t_mask - t_open},
+        image_id=image_id, sample_dir=sample_dir if image_id else "",
+        input_recipe=recipe, georeference=getattr(reader, "georeference", None),
+    )
+    if not dry_run:
+        _prepare_outputs(plan, cfg, cell_fg)
+    return plan
+
+
+def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str,
+                *, dry_run: bool = False) -> list[SamplePlan] | None:
+    """Plan every image of a sample (one plan each, in order). ``None`` = the sample is already done.
+
+    A one-image sample is exactly :func:`plan_sample`. For several images, the run key covers the
+    fingerprints of all of them; a bad image fails the whole sample with an error that names it.
+    """
+    sid = spec.sample_id or sample_id_for(spec.uris[0])
+    if len(spec.uris) == 1:
+        plan = plan_sample(spec.uris[0], cfg, card, model_checksum, out_root, sid, dry_run=dry_run)
+        return None if plan is None else [plan]
+    ids = image_ids(spec.uris)
+    fps = []
+    for iid, uri in zip(ids, spec.uris, strict=True):
+        try:
+            fps.append(fingerprint(uri))
+        except ConfigError:
+            raise
+        except Exception as e:  # the sample's error boundary names the bad image of a sample of several
+            raise image_error(sid, iid, uri, e) from e
+    run_key = sample_run_key_for(fps, model_checksum, card, cfg, image_ids=ids)
+    sample_dir = layout.sample_dir(out_root, sid)
+    if _finished(sample_dir, run_key, cfg, sid, sample_label(spec)):
+        return None
+    if not dry_run:
+        key_file = join(sample_dir, RUN_KEY_FILE)
+        same_run = exists(key_file) and read_text(key_file).strip() == run_key
+        if not same_run or cfg.output.overwrite:
+            # another run's partial outputs (or --overwrite): start the sample afresh, images included
+            for stale in (SUCCESS, RUN_JSON, "regions.json", "regions.csv", "regions.geojson", IMAGES):
+                remove(join(sample_dir, stale))
+            write_text(key_file, run_key + "\n")
+    plans = []
+    for iid, uri, fp in zip(ids, spec.uris, fps, strict=True):
+        try:
+            plan = plan_sample(uri, cfg, card, model_checksum, out_root, sid, dry_run=dry_run, image_id=iid,
+                               run_key=run_key, fp=fp)
+        except ConfigError:
+            raise
+        except Exception as e:  # the sample's error boundary names the bad image of a sample of several
+            raise image_error(sid, iid, uri, e) from e
+        if plan is None:  # only one-image plans check completion
+            raise RuntimeError(f"sample {sid!r}: image {iid!r} planned as complete on its own")
+        plans.append(plan)
+    return plans
+
+
+def image_error(sample_id: str, image_id: str, uri: str, err: BaseException) -> SlideScoreError:
+    """The error of one image of a sample of several images, naming the image (same type when ours)."""
+    text = str(err) if isinstance(err, SlideScoreError | OSError) else f"unexpected {type(err).__name__}: {err}"
+    head = f"sample {sample_id!r}"
+    if text.startswith(head):
+        msg = f"{head}, image {image_id!r}{text[len(head):]}"
+    else:
+        msg = f"{head}, image {image_id!r} ({uri}): {text}"
+    if isinstance(err, SlideScoreError):
+        return type(err)(msg, **{**err.context, "image_id": image_id})
+    return InputError(msg, uri=uri, image_id=image_id)
+
+
+def open_for_plan(plan: SamplePlan) -> SlideReader:
+    """Open a planned image as the plan reads it (converted to uint8, with its resampled level if any)."""
+    return open_adapted(plan.uri, plan.input_recipe)
+
+
+def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
+    """Usage errors that need the model card (before any sample is touched)."""
+    s = cfg.tiling.stride_px
+    if card.patch_px % s:
+        divisors = [d for d in range(1, card.patch_px + 1) if card.patch_px % d == 0]
+        raise ConfigError(
+            f"tiling.stride_px: expected a positive int that divides patch_px={card.patch_px} of model "
+            f"{card.name!r}, got {s}; use one of {divisors}"
+        )
+    if cfg.model.mode == "dense" and (not card.dense or s % card.network_stride_px):
+        raise ConfigError(
+            f"model.mode: dense needs a dense-capable model whose network stride ({card.network_stride_px}) "
+            f"divides tiling.stride_px={s}; model {card.name!r} is {'dense' if card.dense else 'not dense'} — use auto"
+        )
+    thresholds_for(card, cfg)
+    _check_region_rule(cfg, card)
+
+
+def _check_region_rule(cfg: JobConfig, card: ModelCard) -> None:
+    """Warn when a region-level operating point is used under other region settings than it was fitted with."""
+    name = cfg.decision.operating_point
+    if not name or name not in card.operating_points or card.operating_point_unit(name) != "region":
+        return
+    rule = card.operating_points[name].get("region_rule") or {}
+    ours = {"stride_px": cfg.tiling.stride_px, "blending": cfg.blending.weights,
+            "min_area_um2": cfg.regions.min_area_um2, "connectivity": cfg.regions.connectivity}
+    differ = [f"{k} {ours[k]!r} (fitted with {rule[k]!r})" for k in ours if k in rule and rule[k] != ours[k]]
+    if differ:
+        log.warning("operating point %r of model %r was fitted on regions under other settings: %s; its precision/recall "
+                    "figures may not hold — use the fitted settings or recalibrate", name, card.name, ", ".join(differ))
+
+
+def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:
+    if cfg.regions.thresholds is None:
+        return DecisionPolicy.from_card(card, cfg.decision).thresholds
+    if len(cfg.regions.thresholds) != card.n_classes:
+        raise ConfigError(
+            f"regions.thresholds: {len(cfg.regions.thresholds)} values given, model {card.name!r} has "
+            f"{card.n_classes} classes {list(card.classes)}; give one threshold per class"
+        )
+    return tuple(cfg.regions.thresholds)
+
+
+def _prepare_outputs(plan: SamplePlan, cfg: JobConfig, cell_fg: np.ndarray) -> None:
+    """Create the mosaic unless a partial one of the same run exists (then resume into it)."""
+    out = plan.out_dir
+    key_file = join(out, RUN_KEY_FILE)
+    same_run = exists(key_file) and read_text(key_file).strip() == plan.run_key and exists(join(plan.mosaic_path, ".zgroup"))
+    if same_run and not cfg.output.overwrite:
+        return
+    for stale in (join(out, SUCCESS), join(out, layout.BLOCKS)):
+        remove(stale)
+    attrs = {"run_key": plan.run_key, "sample_id": plan.sample_id, "source": plan.uri, "version": __version__,
+             "config": cfg.to_dict()}
+    if plan.image_id:
+        attrs["image_id"] = plan.image_id
+    mz.create_mosaic(plan.mosaic_path, plan.mosaic, attrs)
+    mz.write_fraction_image(join(out, MASK), cell_fg, plan.mosaic)
+    write_text(key_file, plan.run_key + "\n")
+
+
+def dry_run_rows(specs: Sequence[SampleSpec], cfg: JobConfig, card: ModelCard, model_checksum: str,
+                 out_root: str) -> list[dict[str, Any]]:
+    """Plan every sample without writing anything and say what a run would do.
+
+    Per-sample problems are reported in the rows (``status: failed``); a ``ConfigError`` propagates.
+    """
+    rows = []
+    for spec in specs:
+        row: dict[str, Any] = {"sample_id": spec.sample_id, "uri": sample_label(spec)}
+        try:
+            plans = plan_images(spec, cfg, card, model_checksum, out_root, dry_run=True)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the dry run reports every per-sample problem, as a run would record it
+            rows.append({**row, "status": "failed", "error": str(e), "error_type": type(e).__name__})
+            continue
+        if plans is None:
+            rows.append({**row, "status": "complete"})
+            continue
+        images = [_dry_run_image(plan, cfg) for plan in plans]
+        # one-image samples: that image's figures; several images: the first image's level, summed counts
+        rows.append({**row, "status": "to score", **images[0],
+                     **{k: sum(img[k] for img in images) for k in ("blocks", "blocks_done", "patches_total", "patches_to_score")},
+                     **({"images": images} if len(images) > 1 else {})})
+    return rows
+
+
+def _dry_run_image(plan: SamplePlan, cfg: JobConfig) -> dict[str, Any]:
+    done = 0 if cfg.output.overwrite else len({f"{b.key}.json" for b in plan.blocks} & set(list_children(plan.blocks_dir)))
+    return {"image_id": plan.image_id, "image": plan.uri, "level": plan.level, "level_mpp": plan.level_mpp,
+            "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
+            "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
+            "patches_to_score": int(np.count_nonzero(plan.valid))}
