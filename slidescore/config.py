@@ -562,6 +562,12 @@ class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
         self.depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        # explicit tags (!!int x, !!binary, !custom) are never needed in a config, and PyYAML's
+        # constructors for them let builtin errors through on malformed values
+        if getattr(event, "tag", None) not in (None, "!"):
+            raise ConfigError(f"{self.where}: explicit YAML tag {event.tag!r} at line {event.start_mark.line + 1}; a config "
+                              "takes plain values: remove the tag (quote the value to make it a string)")
         if self.check_event(yaml.AliasEvent):
             self.n_aliases += 1
             if self.n_aliases > MAX_YAML_ALIASES:
@@ -608,7 +614,10 @@ def load_yaml_text(text: str, where: str) -> Any:
     if n_bytes > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: {n_bytes} bytes, over the limit of {MAX_YAML_BYTES} bytes (1 MiB) for a YAML "
                           "config; is it the right file?")
-    loader = _BoundedLoader(text, where)
+    try:
+        loader = _BoundedLoader(text, where)  # the reader refuses control characters here already
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
     try:
         node = _single_node(loader, where)
         if node is None:
@@ -617,10 +626,11 @@ def load_yaml_text(text: str, where: str) -> Any:
         return loader.construct_document(node)
     except ConfigError:
         raise
-    # PyYAML's scalar constructors let builtin errors through for malformed values, e.g. the
-    # implicit date 2026-13-01 (ValueError), `!!int x` (ValueError), `!!bool x` (KeyError),
-    # `!!timestamp x` (AttributeError)
-    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+    # PyYAML's constructors let builtin errors through for malformed values: the implicit date
+    # 2026-13-01 or an int of 5000 digits (ValueError); and, were explicit tags not refused while
+    # composing, `!!int x` (ValueError), `!!int ''` (IndexError), `!!bool x` (KeyError), `!!timestamp x`
+    # (AttributeError)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
         detail = str(e) if isinstance(e, yaml.YAMLError) else f"{type(e).__name__}: {e}"
         raise ConfigError(f"{where} is not valid YAML: {detail}") from None
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from slidescore.model import load_model
 from slidescore.model.architectures import SmearNet
 from slidescore.run.local import score_samples
 from slidescore.stages.plan import plan_sample
-from tests.conftest import textured_image, write_tiff
+from tests.conftest import make_model_package, textured_image, write_tiff
 from tests.test_blend import full_res_reference
 
 
@@ -46,6 +47,43 @@ def test_equals_the_jobs_mosaic_level_0(tmp_path: Path, slide, random_model_dir:
     assert np.array_equal(np.isnan(mine), np.isnan(job))
     assert (mask == "none") == (not np.isnan(job).any())
     np.testing.assert_allclose(mine, job, atol=1e-6, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def calibrated_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A card with temperature calibration and a training prevalence (so a prior shift can apply)."""
+    import json
+
+    folder = make_model_package(tmp_path_factory.mktemp("models") / "calibrated", seed=5)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(calibration={"method": "temperature", "temperature": 1.7}, training_prevalence=[0.5])
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_calibrated_prior_shifted_card_equals_the_jobs_mosaic(tmp_path: Path, slide, calibrated_model_dir: Path) -> None:
+    """score_array applies the card's calibration and the config's prior shift before blending, as the job does."""
+    from slidescore.config import DecisionConfig
+
+    tif, img = slide
+    model = load_model(str(calibrated_model_dir), device="cpu")
+    decision = {"target_prevalence": [0.1]}
+    cfg = JobConfig.from_dict({"output": {"uri": str(tmp_path)}, "mask": {"method": "none"}, "tiling": {"chunk_cells": 8},
+                               "decision": decision, "report": {"enabled": False}})
+    (res,) = score_samples([str(tif)], cfg, str(tmp_path), model=model)
+    assert res.status == "ok", res.error
+    job = mz.read_level(Path(res.out_dir) / "probabilities.ome.zarr", 0)
+    mine = slidescore.score_array(img, model, stride_px=16, chunk_cells=13, decision=DecisionConfig(target_prevalence=(0.1,)))
+    np.testing.assert_allclose(mine, job, atol=1e-6)
+    # the prior shift changes the map, and so does the card's calibration (what score_array once skipped)
+    raw = slidescore.score_array(img, model, stride_px=16, chunk_cells=13, decision=DecisionConfig())
+    assert np.abs(raw - job).max() > 1e-3
+    temperature_only = slidescore.score_array(img, model, stride_px=16, chunk_cells=13)
+    assert np.abs(temperature_only - raw).max() < 1e-7  # default decision = the card's calibration, no shift
+    uncalibrated = load_model(str(calibrated_model_dir), device="cpu")
+    uncalibrated.card = dataclasses.replace(uncalibrated.card, calibration={})  # the same network without the card's temperature
+    plain = slidescore.score_array(img, uncalibrated, stride_px=16, chunk_cells=13)
+    assert np.abs(plain - temperature_only).max() > 1e-3
 
 
 class MeanRed(nn.Module):

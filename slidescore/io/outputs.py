@@ -6,13 +6,24 @@ locations from parts without ever passing a URL through :class:`~pathlib.Path` (
 
 Atomicity, the unit every invariant rests on (block marker after its chunks, ``_SUCCESS`` last):
 
-- local: every file is written to a temporary name and renamed (``os.replace``), so a crash never
-  leaves half a file and a rerun overwrites with identical bytes;
+- local: every file is written to a temporary name unique to the process, thread and call and
+  renamed (``os.replace``), so a crash never leaves half a file, two writers of one file (threads of
+  one process included) never share a temporary file, and a rerun overwrites with identical bytes;
+  a failed write removes its temporary file;
 - object stores: there is no rename, but a single PUT of one object is atomic and, on S3 since
   2020, strongly read-after-write consistent. Every output file here is small and written with one
   PUT (:func:`write_bytes`), so a reader sees the old object, the new one, or none — never half.
   Zarr chunks are single PUTs as well. ``failures.jsonl`` has no append on S3: it is read, extended
   and PUT again (only the run's driver writes it, so there is one writer).
+
+Conditional writes, for the lease that lets one run at a time write a sample folder
+(:mod:`slidescore.stages.lease`): :func:`create_exclusive` writes a file only if none exists and
+:func:`replace_if_unchanged` overwrites one only if it is still the version that was read
+(:func:`read_versioned`). Local: a complete temporary file hard-linked into place (``os.link`` fails
+when the name exists; ``O_CREAT | O_EXCL`` where hard links are not supported), and a swap that
+renames the old file away and checks it is the one that was read. S3: ``If-None-Match: *`` and
+``If-Match: <ETag>`` PUTs (conditional writes: AWS S3 since 2024, MinIO, moto); any other fsspec store
+gets its own ``pipe_file(mode="create")`` and a read-compare-write, which are best effort.
 
 Remote calls go through :func:`~slidescore.io.storage.with_retries` (transient errors are retried,
 the others mapped onto the error tree).
@@ -20,16 +31,20 @@ the others mapped onto the error tree).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from slidescore.errors import SampleNotFoundError
-from slidescore.io.storage import filesystem, is_local, with_retries
+from slidescore.io.storage import filesystem, is_local, protocol_of, with_retries
 
 
 def join(root: str | Path, *parts: str) -> str:
@@ -59,9 +74,14 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
     if isinstance(uri, Path) or is_local(str(uri)):
         path = Path(local_path(uri))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        tmp = _temp_name(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         return
     fs, path_s = filesystem(str(uri))
     with_retries(lambda: fs.pipe_file(path_s, data), str(uri), "writing an output")
@@ -154,6 +174,166 @@ def make_dirs(uri: str | Path) -> None:
     """Create a local folder (object stores have no folders: nothing to do)."""
     if isinstance(uri, Path) or is_local(str(uri)):
         Path(local_path(uri)).mkdir(parents=True, exist_ok=True)
+
+
+def create_exclusive(uri: str | Path, data: bytes) -> bool:
+    """Write a file only if none exists, atomically: ``True`` = this call wrote it, ``False`` = one was there.
+
+    Local: the bytes go to a temporary file first, hard-linked to the name (``os.link`` fails when the
+    name exists), so a reader never sees half a file; where the file system has no hard links,
+    ``O_CREAT | O_EXCL`` then a write (a reader may then see the file briefly empty). S3: one PUT with
+    ``If-None-Match: *``. Remote retries make ``False`` ambiguous (the first try may have written
+    before a timeout): callers that must know put a unique token in ``data`` and read it back.
+    """
+    if isinstance(uri, Path) or is_local(str(uri)):
+        path = Path(local_path(uri))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(path)
+        try:
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE, SMB, vfat mounts)
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    fs, path_s = filesystem(str(uri))
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path_s, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+
+    try:
+        return bool(with_retries(put, str(uri), "creating an output"))
+    finally:
+        fs.invalidate_cache(path_s)
+
+
+def read_versioned(uri: str | Path) -> tuple[bytes, str] | None:
+    """A file's bytes and a version tag for :func:`replace_if_unchanged`; ``None`` when it is absent.
+
+    S3: the bytes and the ETag of one GET (so they belong together); elsewhere a hash of the bytes.
+    """
+    if isinstance(uri, Path) or is_local(str(uri)):
+        try:
+            data = Path(local_path(uri)).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, _digest(data)
+    fs, path = filesystem(str(uri))
+    fs.invalidate_cache(path)
+    try:
+        if _is_s3(str(uri), fs):
+            got = with_retries(lambda: _s3_get(fs, path), str(uri), "reading an output")
+            return got[0], got[1]
+        data = bytes(with_retries(lambda: fs.cat_file(path), str(uri), "reading an output"))
+    except SampleNotFoundError:
+        return None
+    return data, _digest(data)
+
+
+def replace_if_unchanged(uri: str | Path, version: str, data: bytes) -> bool:
+    """Overwrite a file only if it is still at ``version`` (from :func:`read_versioned`): compare and swap.
+
+    ``False`` when it changed or vanished since it was read (nothing is written then). Local: the
+    file is renamed away (atomic: only one of several swappers gets it), checked, and the new bytes
+    created in its place with :func:`create_exclusive`; a file that changed meanwhile is put back.
+    S3: one PUT with ``If-Match: <ETag>``.
+    """
+    if isinstance(uri, Path) or is_local(str(uri)):
+        path = Path(local_path(uri))
+        grabbed = _temp_name(path, "swap")
+        try:
+            os.rename(path, grabbed)
+        except FileNotFoundError:
+            return False
+        try:
+            old = grabbed.read_bytes()
+            if _digest(old) != version:  # changed since it was read: put it back unless a new one is there
+                create_exclusive(path, old)
+                return False
+            return create_exclusive(path, data)
+        finally:
+            with contextlib.suppress(OSError):
+                grabbed.unlink()
+    fs, path_s = filesystem(str(uri))
+    if not _is_s3(str(uri), fs):  # no conditional write known for this store: best effort
+        now = read_versioned(uri)
+        if now is None or now[1] != version:
+            return False
+        write_bytes(uri, data)
+        return True
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path_s, data, IfMatch=version)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+
+    try:
+        return bool(with_retries(put, str(uri), "replacing an output"))
+    finally:
+        fs.invalidate_cache(path_s)
+
+
+def _temp_name(path: Path, what: str = "tmp") -> Path:
+    """A temporary name next to ``path``, unique to this process, thread and call."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:12]}")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_s3(uri: str, fs: Any) -> bool:
+    return protocol_of(uri) in ("s3", "s3a") and hasattr(fs, "_call_s3")
+
+
+def _s3_get(fs: Any, path: str) -> tuple[bytes, str]:
+    """Bytes and ETag of one S3 object from a single GET."""
+    from fsspec.asyn import sync
+
+    async def get() -> tuple[bytes, str]:
+        bucket, key, _ = fs.split_path(path)
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return bytes(await resp["Body"].read()), str(resp["ETag"])
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether a storage error is a failed write condition (412, or S3's 409 for racing conditional writes)."""
+    for err in (e, e.__cause__):
+        resp = getattr(err, "response", None)
+        code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return True
+    return False
 
 
 def _default(o: Any) -> Any:

@@ -6,7 +6,10 @@ subsamples the logit map to the scoring stride (valid for cards that declare ``d
 mode normalises the block once on the device and gathers the valid patches from a strided
 (unfold) view of it, one batch at a time (memory bounded by the block plus ``batch_size``
 patches; background patches never reach the model). Both return (C, Py, Px)
-probabilities, NaN where a patch was not scored.
+probabilities, NaN where a patch was not scored. Every batch the network returns is checked (shape,
+NaN/inf, probabilities within [0, 1]) with one reduction on the device; a bad batch, or an exception
+in the network's forward, raises :class:`~slidescore.errors.ModelOutputError`, a failure of the
+sample being scored, instead of a complete-looking map of garbage.
 
 Dense mode is verified once per classifier: the first dense block is also scored patch by patch
 on a sample of its patches; if the two differ by more than ``DENSE_CHECK_TOLERANCE`` the card's
@@ -583,6 +586,12 @@ def _load_file(path: Path, card: ModelCard, opts: dict[str, Any], source: str) -
                 f"model {path}: card key arch_kwargs: architecture {card.architecture!r} does not accept "
                 f"{card.arch_kwargs} ({type(e).__name__}: {e}); fix arch_kwargs in the card", path=str(path),
                 key="arch_kwargs") from None
+        head = getattr(module, "head", None)  # the built-ins end in a 1×1 conv with one output per class
+        if isinstance(head, torch.nn.Conv2d) and head.out_channels != card.n_classes:
+            raise ModelLoadError(
+                f"model {path}: card key arch_kwargs: architecture {card.architecture!r} built with {card.arch_kwargs} "
+                f"has {head.out_channels} outputs, but the card lists {card.n_classes} classes {list(card.classes)}; "
+                "make arch_kwargs.n_outputs equal the number of classes", path=str(path), key="arch_kwargs") from None
         try:
             module.load_state_dict(state)
         except RuntimeError as e:

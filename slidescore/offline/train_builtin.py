@@ -38,7 +38,7 @@ DOWNSAMPLE = 2  # 0.25 µm/px level 0 → 0.5 µm/px model resolution
 PAD_VALUE = 235  # background grey, used beyond the image border
 PAD_PX = 64  # training images are padded on every side so crops may reach past the border
 CROP_PX = PATCH_PX + STRIDE_PX * 12  # 256 px: 13 × 13 grid patches per crop
-DEFAULT_OUT = Path(__file__).parent / "builtin" / "smearnet"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "model" / "builtin" / "smearnet"  # shipped as package data of slidescore.model
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from slidescore.version import __version__
 from slidescore.config import JobConfig
 from slidescore.core.regions import (
     Region,
@@ -37,6 +36,7 @@ from slidescore.stages.layout import IMAGES, MASK, MOSAIC
 from slidescore.stages.overview import render_overview
 from slidescore.stages.plan import SamplePlan, open_for_plan
 from slidescore.stages.records import BlockRecord, code_version
+from slidescore.version import __version__
 
 OVERVIEW_THREADS = 4  # at most this many overview PNGs drawn at once (samples of several images)
 REGION_COLUMNS = [
@@ -66,8 +66,6 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
     files are written; the caller awaits :attr:`Finished.overviews` before the sample's ``run.json``
     and completion marker (:func:`slidescore.run.lifecycle.finish_sample`)."""
     multi = len(plans) > 1
-    first = plans[0]
-    out = first.sample_out
     t0 = time.perf_counter()
     probs = [mz.read_level(plan.mosaic_path, 0) for plan in plans]
     # the overviews' thumbnails and overlays are made while the regions are found; their boxes wait for them
@@ -75,35 +73,53 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
     overviews = [pool.submit(_draw_overview, plan, prob, functools.partial(_image_regions, outlined, plan.uri if multi else None))
                  for plan, prob in zip(plans, probs, strict=True)]
     try:
-        found = [
-            find_regions(
-                prob, card.classes, plan.mosaic.thresholds, cell_px0=plan.cell_px0, mpp0=plan.mpp0,
-                min_area_um2=cfg.regions.min_area_um2, connectivity=cfg.regions.connectivity, image=plan.uri,
-            )
-            for plan, prob in zip(plans, probs, strict=True)
-        ]
-        regions = rank_across_images(found) if multi else found[0]
+        regions = _find_regions(plans, probs, cfg, card)
     except BaseException as e:
         outlined.set_exception(e)  # the overview threads end instead of waiting
         raise
-    written = regions[: cfg.regions.top_k]  # what the region files list, and the overviews outline
-    outlined.set_result(written)
+    outlined.set_result(regions[: cfg.regions.top_k])  # what the region files list, and the overviews outline
     t1 = time.perf_counter()
     for plan, prob in zip(plans, probs, strict=True):
         mz.build_pyramid(plan.mosaic_path, plan.mosaic, prob0=prob)
     t_pyramid = time.perf_counter() - t1
-    all_records = [r for recs in per_image for r in recs]
+    decision = _decision(plans, per_image, regions, cfg, card)
+    written = _georeferenced(regions[: cfg.regions.top_k], plans)  # GeoTIFF: map coordinates too
+    _write_region_files(plans, written, len(regions), card)
+    timings = {"pyramid_s": t_pyramid, "regions_s": time.perf_counter() - t0 - t_pyramid}
+    run, images = _sample_run(plans, per_image, probs, cfg, card, model_info, t_start, timings)
+    run.update(decision=decision, regions={"total": len(regions), "written": len(written)})
+    return Finished(run, written, probs, images if multi else None, overviews)
+
+
+def _find_regions(plans: list[SamplePlan], probs: list[np.ndarray], cfg: JobConfig, card: ModelCard) -> list[Region]:
+    """Every region of every image (threshold ▸ components ▸ rank), ranked across the images of a sample."""
+    found = [find_regions(prob, card.classes, plan.mosaic.thresholds, cell_px0=plan.cell_px0, mpp0=plan.mpp0,
+                          min_area_um2=cfg.regions.min_area_um2, connectivity=cfg.regions.connectivity, image=plan.uri)
+             for plan, prob in zip(plans, probs, strict=True)]
+    return rank_across_images(found) if len(plans) > 1 else found[0]
+
+
+def _decision(plans: list[SamplePlan], per_image: list[list[BlockRecord]], regions: list[Region], cfg: JobConfig,
+              card: ModelCard) -> dict[str, Any]:
+    """run.json ``decision``: thresholds, operating point, calibration, and the sample-level call."""
     policy = DecisionPolicy.from_card(card, cfg.decision)
     decision = policy.record()
     if policy.sample_call_enabled:
         # overlapping patches: (patch/stride)² patches cover one patch-sized field, the independent unit
-        k2 = (first.grid.patch_px // first.grid.stride_px) ** 2
-        n_units = sum(r.patches_scored for r in all_records) // k2
+        grid = plans[0].grid
+        k2 = (grid.patch_px // grid.stride_px) ** 2
+        n_units = sum(r.patches_scored for recs in per_image for r in recs) // k2
         counts = {c: sum(1 for r in regions if r.class_name == c) for c in card.classes}
         decision["sample_call"] = policy.sample_call(n_units, counts, unit="patch field")
-    n_regions = len(regions)
-    regions = _georeferenced(regions[: cfg.regions.top_k], plans)  # GeoTIFF: map coordinates too
-    doc: dict[str, Any] = {"sample_id": first.sample_id, "n_regions_total": n_regions,
+    return decision
+
+
+def _write_region_files(plans: list[SamplePlan], regions: list[Region], n_total: int, card: ModelCard) -> None:
+    """``regions.json`` / ``.csv`` / ``.geojson`` of the sample; per image the QuPath and map-CRS GeoJSON."""
+    multi = len(plans) > 1
+    first = plans[0]
+    out = first.sample_out
+    doc: dict[str, Any] = {"sample_id": first.sample_id, "n_regions_total": n_total,
                            "coordinates": "level-0 pixels (y, x, h, w) and µm", "regions": [r.to_dict() for r in regions]}
     if multi:
         doc["coordinates"] = "level-0 pixels (y, x, h, w) and µm of each region's image"
@@ -122,20 +138,27 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
             write_json(join(plan.out_dir, "regions.geojson"), regions_geojson(mine, colors, first.sample_id))
         if plan.georeference is not None:  # the same regions in the image's map CRS, for GIS tools
             write_json(join(plan.out_dir, "regions.map.geojson"), regions_map_geojson(mine, plan.georeference, first.sample_id))
-    t2 = time.perf_counter()
+
+
+def _sample_run(plans: list[SamplePlan], per_image: list[list[BlockRecord]], probs: list[np.ndarray], cfg: JobConfig,
+                card: ModelCard, model_info: dict[str, Any], t_start: float,
+                timings: dict[str, float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sample's run record (without decision, regions and report) and its per-image records."""
+    multi = len(plans) > 1
+    first = plans[0]
+    all_records = [r for recs in per_image for r in recs]
     images = [_image_run(plan, recs, prob) for plan, recs, prob in zip(plans, per_image, probs, strict=True)]
     scored = sum(r.patches_scored for r in all_records)
     score_s = sum(r.seconds_score for r in all_records)
     megapixels = sum(p.level_shape[0] * p.level_shape[1] for p in plans) / 1e6
     outputs: dict[str, Any] = {"mosaic": MOSAIC, "mask": MASK, "labels": f"{MOSAIC}/labels/suspect",
-               "regions": ["regions.json", "regions.csv", "regions.geojson"], "overview": "overview.png"}
+                               "regions": ["regions.json", "regions.csv", "regions.geojson"], "overview": "overview.png"}
     if multi:
-        one = images
-        images = [{"image_id": p.image_id, "folder": f"{IMAGES}/{p.image_id}", **img} for p, img in zip(plans, one, strict=True)]
+        images = [{"image_id": p.image_id, "folder": f"{IMAGES}/{p.image_id}", **img} for p, img in zip(plans, images, strict=True)]
         outputs = {"regions": ["regions.json", "regions.csv", "regions.geojson"],
                    "per_image": {"folder": f"{IMAGES}/<image_id>", "mosaic": MOSAIC, "mask": MASK,
                                  "labels": f"{MOSAIC}/labels/suspect", "regions": "regions.geojson", "overview": "overview.png"}}
-    timings = {"pyramid_s": t_pyramid, "regions_s": t2 - t0 - t_pyramid, "total_s": time.perf_counter() - t_start}
+    timings = {**timings, "total_s": time.perf_counter() - t_start}
     timings_s = {**(_sum_dicts([img["timings_s"] for img in images]) if multi else images[0]["timings_s"]), **timings}
     run: dict[str, Any] = {
         "sample_id": first.sample_id,
@@ -158,14 +181,14 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
         run.update({k: images[0][k] for k in ("grid", "patches", "blocks", "area")})
     run.update({
         "thresholds": dict(zip(card.classes, first.mosaic.thresholds, strict=True)),
-        "decision": decision,
-        "regions": {"total": n_regions, "written": len(regions)},
+        "decision": None,
+        "regions": None,
         "timings_s": timings_s,
         "throughput": {"patches_per_s": scored / score_s if score_s else None,
                        "megapixels_per_s": megapixels / max(1e-9, time.perf_counter() - t_start)},
         "outputs": outputs,
     })
-    return Finished(run, regions, probs, images if multi else None, overviews)
+    return run, images
 
 
 def _image_regions(outlined: Future[list[Region]], uri: str | None) -> list[Region]:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from slidescore.version import __version__
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.core.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
 from slidescore.core.tiling import PatchGrid, choose_level, level_count, plan_blocks
@@ -40,8 +39,6 @@ from slidescore.io.outputs import (
     exists,
     join,
     list_children,
-    read_json,
-    read_text,
     remove,
     write_text,
 )
@@ -60,6 +57,8 @@ from slidescore.stages.layout import (
     sample_id_for,
     sample_label,
 )
+from slidescore.stages.lease import acquire_lease, check_lease, finished_key, read_run_key_file
+from slidescore.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,8 @@ def resolve_samples(entries: Sequence[str | SampleSpec]) -> list[SampleSpec]:
     dups = sorted({s for s in explicit if explicit.count(s) > 1})
     if dups:
         raise ConfigError(f"samples: sample id {dups[0]!r} is given twice; sample ids must be unique")
+    for sid in explicit:  # before any work: an id that would shadow a run-level file stops the run (exit 2)
+        layout.check_folder_name(sid, "samples: sample id")
     specs = [e if isinstance(e, SampleSpec) else SampleSpec(None, (e,)) for e in entries]
     for s in specs:
         if not s.uris:
@@ -213,19 +214,21 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
 
 
 def _finished(sample_dir: str, run_key: str, cfg: JobConfig, sample_id: str, uri: str) -> bool:
-    """Whether the sample's finished outputs of this run exist; refuse those of another run."""
-    marker = join(sample_dir, SUCCESS)
-    if not exists(marker):
-        return False
-    done = read_json(marker)
-    if done.get("run_key") == run_key and not cfg.output.overwrite:
-        return True
-    if not cfg.output.overwrite:
+    """Whether the sample's finished outputs of this run exist; refuse those of another run, and a
+    folder another run is writing (its live lease; read only here, taken before the first write).
+
+    An empty or garbage ``_SUCCESS`` (a crash) means "not finished": the sample is redone.
+    """
+    done_key = finished_key(sample_dir)  # None: absent or unreadable (logged)
+    if done_key is not None and not cfg.output.overwrite:
+        if done_key == run_key:
+            return True
         raise InputError(
             f"sample {sample_id!r}: {sample_dir} holds finished results of a different run "
-            f"(run key {done.get('run_key')} ≠ {run_key}); pass --overwrite or choose another --output",
+            f"(run key {done_key} ≠ {run_key}); pass --overwrite or choose another --output",
             uri=uri,
         )
+    check_lease(sample_dir, run_key, sample_id=sample_id, uri=uri)
     return False
 
 
@@ -329,8 +332,10 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
     if _finished(sample_dir, run_key, cfg, sid, sample_label(spec)):
         return None
     if not dry_run:
+        # the sample folder's lease before anything is written under it (its images' plans write under it too)
+        acquire_lease(sample_dir, run_key, sample_id=sid, uri=sample_label(spec))
         key_file = join(sample_dir, RUN_KEY_FILE)
-        same_run = exists(key_file) and read_text(key_file).strip() == run_key
+        same_run = read_run_key_file(key_file) == run_key  # absent or unreadable: not this run's
         if not same_run or cfg.output.overwrite:
             # another run's partial outputs (or --overwrite): start the sample afresh, images included
             for stale in (SUCCESS, RUN_JSON, "regions.json", "regions.csv", "regions.geojson", IMAGES):
@@ -413,10 +418,16 @@ def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:
 
 
 def _prepare_outputs(plan: SamplePlan, cfg: JobConfig, cell_fg: np.ndarray) -> None:
-    """Create the mosaic unless a partial one of the same run exists (then resume into it)."""
+    """Create the mosaic unless a partial one of the same run exists (then resume into it).
+
+    A one-image sample takes its folder's lease first (:mod:`slidescore.stages.lease`); the images
+    of a sample of several images are planned under the lease :func:`plan_images` took.
+    """
+    if not plan.image_id:
+        acquire_lease(plan.sample_out, plan.run_key, sample_id=plan.sample_id, uri=plan.uri)
     out = plan.out_dir
     key_file = join(out, RUN_KEY_FILE)
-    same_run = exists(key_file) and read_text(key_file).strip() == plan.run_key and exists(join(plan.mosaic_path, ".zgroup"))
+    same_run = read_run_key_file(key_file) == plan.run_key and exists(join(plan.mosaic_path, ".zgroup"))
     if same_run and not cfg.output.overwrite:
         return
     for stale in (join(out, SUCCESS), join(out, layout.BLOCKS)):

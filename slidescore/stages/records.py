@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slidescore.version import __version__
 from slidescore.core.regions import Region
+from slidescore.version import __version__
 
 
 @dataclass(frozen=True)

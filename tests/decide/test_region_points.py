@@ -70,10 +70,10 @@ def consistent(failures: int, n: int, target: float, alpha: float = 0.01) -> boo
 def fresh_smear() -> tuple[object, rp.RegionSample]:
     """The built-in model's calibrated map of a smear no operating point saw (seed 2024, 2048² px)."""
     from slidescore.model import load_model
-    from slidescore.offline.calibrate_builtin import CalibratedClassifier, region_sample, smear_spec
+    from slidescore.offline.calibrate_builtin import region_sample, smear_spec
 
-    base = load_model("builtin:smearnet", device="cpu")
-    return base.card, region_sample(CalibratedClassifier(base, base.card), smear_spec(2024, size_px=2048))
+    base = load_model("builtin:smearnet", device="cpu")  # score_array applies its card's calibration, as a job does
+    return base.card, region_sample(base, smear_spec(2024, size_px=2048))
 
 
 def test_builtin_region_points_hold_on_a_fresh_smear(fresh_smear: tuple[ModelCard, rp.RegionSample]) -> None:

@@ -14,7 +14,7 @@ from slidescore.model.architectures import SmearNet, build_architecture
 from slidescore.model.card import ModelCard
 from slidescore.offline import synthetic as syn
 
-BUILTIN = Path(tb.__file__).parent / "builtin" / "smearnet"
+BUILTIN = tb.DEFAULT_OUT
 
 
 @pytest.fixture(scope="module")

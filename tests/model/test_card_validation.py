@@ -152,6 +152,8 @@ def test_a_lone_weights_file_reads_its_card_beside_it_the_same_way(package: Path
     ({"architecture": "nope"}, "card key architecture: unknown architecture 'nope'"),
     ({"arch_kwargs": {"n_outputs": 1, "width": 8, "depth": 3}}, "card key arch_kwargs: architecture 'smearnet' does not accept"),
     ({"arch_kwargs": {"n_outputs": 1, "width": -8}}, "card key arch_kwargs"),
+    ({"arch_kwargs": {"n_outputs": 2, "width": 8}},
+     "has 2 outputs, but the card lists 1 classes ['parasitized']; make arch_kwargs.n_outputs equal the number of classes"),
 ])
 def test_an_architecture_the_card_cannot_build_fails_the_load(package: Path, tmp_path: Path, changes: dict[str, Any],
                                                               expected: str) -> None:
