@@ -39,12 +39,14 @@ LABEL org.opencontainers.image.title="slidescore" \
 # run as this uid too (runAsUser: 1000) and never as root.
 USER 1000:100
 COPY --from=wheel --chown=1000:100 /wheels /tmp/wheels
-# The constraints keep pip from replacing the image's Ray (ray[default]>=2.40 in pyproject).
+# The lock (constraints.txt: the versions CI passed with) plus the image's Ray and the chosen torch:
+# pip installs exactly those versions and never replaces the image's Ray.
+COPY --chown=1000:100 constraints.txt /tmp/lock.txt
 RUN printf 'ray==%s\ntorch==%s\n' "${RAY_VERSION}" "${TORCH_VERSION}" > /tmp/constraints.txt \
- && pip install --no-cache-dir --constraint /tmp/constraints.txt \
+ && pip install --no-cache-dir --constraint /tmp/lock.txt --constraint /tmp/constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} \
         /tmp/wheels/*.whl \
- && rm -rf /tmp/wheels /tmp/constraints.txt \
+ && rm -rf /tmp/wheels /tmp/constraints.txt /tmp/lock.txt \
  && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')"
 
 # The sources too, so `python -m jobs.score` / `python -m jobs.intake` work from WORKDIR as in a

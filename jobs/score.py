@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from slidescore.errors import ConfigError, InputError, ModelLoadError
+from slidescore.errors import ConfigError, InputError, ModelLoadError, OutputLocationError
 
 EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return print_dry_run(dry_run_samples(uris, cfg, out_root))
         t0 = time.perf_counter()
         results = score_samples_ray(uris, cfg, out_root, progress=not args.quiet)
-    except (ConfigError, ModelLoadError, ClusterError) as e:
+    except (ConfigError, ModelLoadError, OutputLocationError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return print_summary(results, read_json(f"{out_root}/run.json"), out_root, time.perf_counter() - t0)

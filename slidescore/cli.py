@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from slidescore.errors import ConfigError, ModelLoadError
+from slidescore.errors import ConfigError, ModelLoadError, OutputLocationError
 
 EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, ModelLoadError) as e:
+    except (ConfigError, ModelLoadError, OutputLocationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -62,3 +62,8 @@ class ModelOutputError(InputError):
 
 class TransientStorageError(SlideScoreError):
     """A storage call failed in a way that may succeed on retry (throttling, timeouts, 5xx)."""
+
+
+class OutputLocationError(SlideScoreError):
+    """The output location cannot be written (a file in the way, no permission, no bucket): no sample can
+    finish, so the run stops before any work (exit code 2)."""

@@ -220,6 +220,9 @@ def _index(
     )
 
 
+# Long on purpose: one seeded generator read top to bottom (cells, then parasites, then stain); split, the
+# order of the random draws — which fixes every generated smear and the built-in model's training data — would be
+# spread over several functions.
 def plan_smear(spec: SmearSpec) -> SmearLayout:
     """Place every object of the smear described by ``spec`` (deterministic from ``spec.seed``)."""
     H, W, mpp = spec.height_px, spec.width_px, spec.mpp

@@ -251,6 +251,7 @@ def write_plots(folder: Path, probs: np.ndarray, targets: np.ndarray, head: str,
 
 
 # -- training -----------------------------------------------------------------------------------
+# Long on purpose: the training loop, its evaluation and the card it writes read as one procedure (offline, not runtime).
 def train_model(data: PatchSet, out: Path, opts: TrainOptions) -> ModelCard:
     """Train on ``data`` and write the model package to ``out``; returns its card."""
     t0 = time.time()

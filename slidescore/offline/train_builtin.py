@@ -301,6 +301,7 @@ def evaluate(
 # main
 
 
+# Long on purpose: the recorded recipe of the built-in model, step by step as its card cites it (offline).
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m slidescore.offline.train_builtin", description=__doc__.split("\n")[0]

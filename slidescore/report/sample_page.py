@@ -34,6 +34,7 @@ from slidescore.report.html import (
 )
 
 
+# A page template: one f-string document, longer than 80 lines by its markup, not its logic.
 def write_sample_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], parts: SampleParts, card: Any, *,
                         cfg: ReportConfig | None = None, image_folder: str = "images") -> dict[str, Any]:
     """Write the ``report.html`` of a multi-image sample, after :func:`write_report` ran for each image.

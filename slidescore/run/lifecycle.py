@@ -33,8 +33,22 @@ import numpy as np
 
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.core.regions import Region
-from slidescore.errors import ConfigError, InputError, SlideScoreError, TransientStorageError
-from slidescore.io.outputs import append_jsonl, join, read_json, write_bytes, write_json
+from slidescore.errors import (
+    ConfigError,
+    InputError,
+    OutputLocationError,
+    SlideScoreError,
+    TransientStorageError,
+)
+from slidescore.io.outputs import (
+    append_jsonl,
+    join,
+    make_dirs,
+    read_json,
+    remove,
+    write_bytes,
+    write_json,
+)
 from slidescore.model.card import ModelCard
 from slidescore.stages.finish import OVERVIEW_THREADS, write_outputs
 from slidescore.stages.layout import FAILURES, IMAGES, RUN_JSON, SUCCESS, sample_label
@@ -59,11 +73,29 @@ def classify(err: BaseException) -> Outcome:
     ``stop``: it dooms every sample (a usage or config error); ``retry``: transient storage trouble
     (throttling, timeouts) that a runner may retry; ``fail``: anything else fails this sample only.
     """
-    if isinstance(err, ConfigError):
+    if isinstance(err, ConfigError | OutputLocationError):
         return "stop"
     if isinstance(err, TransientStorageError):
         return "retry"
     return "fail"
+
+
+def prepare_output_root(out_root: str) -> None:
+    """Create the output root and prove it writable (one small file written and removed), before any work.
+
+    A file in the way, a read-only folder, a missing bucket or wrong credentials doom every sample:
+    they raise :class:`~slidescore.errors.OutputLocationError` (the run stops, exit code 2).
+    """
+    probe = join(out_root, ".slidescore-write-probe")
+    try:
+        make_dirs(out_root)
+        write_bytes(probe, b"ok\n")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 — whatever the storage says, the answer is "not writable"
+        raise OutputLocationError(
+            f"output {out_root}: cannot be written ({type(e).__name__}: {describe(e)}); choose a folder you can write "
+            "(not an existing file), or for s3:// check that the bucket exists and the credentials may PutObject there",
+            uri=out_root) from None
 
 
 def describe(err: BaseException) -> str:

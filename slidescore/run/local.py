@@ -16,7 +16,6 @@ from typing import Any
 
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import ConfigError
-from slidescore.io.outputs import make_dirs
 from slidescore.io.storage import is_local
 from slidescore.run import lifecycle
 from slidescore.stages.block import score_blocks
@@ -103,7 +102,7 @@ def score_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
         model = load_model(cfg.model.name, **cfg.model.runtime_options())
     check_config_for_model(cfg, model.card)
     specs = resolve_samples(uris)
-    make_dirs(out_root)
+    lifecycle.prepare_output_root(out_root)
     results, rows = [], []
     for spec in specs:
         stage = ["planning"]

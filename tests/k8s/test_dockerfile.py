@@ -51,7 +51,7 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
     ]
     assert rules[0] == "*"  # allow-list: .venv, .git, tests and outputs stay out
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "slidescore", "jobs"}
+    assert allowed == {"pyproject.toml", "README.md", "slidescore", "jobs", "constraints.txt"}  # the lock: the versions CI passed with
     # Every build-context source the Dockerfile copies is allowed in.
     for keyword, argument in instructions():
         if keyword == "COPY" and "--from" not in argument:

@@ -1,46 +1,6 @@
-"""Scoring on a Ray cluster: a fixed pool of model-holding actors fed with blocks through ``ray.wait``.
+"""The driver of a Ray run: plans samples, feeds their blocks to the actor pool, retries, finishes.
 
-The driver plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
-actors, in a driver thread), puts each plan into the object store once, and feeds the blocks of all
-samples to a fixed pool of :class:`ScoringActor` s in sample order with no barrier between samples:
-when one sample's last blocks are in flight, idle actors already take the next sample's blocks.
-Each actor keeps at most ``cluster.max_in_flight_per_actor`` tasks. A sample is finished
-(:func:`~slidescore.run.lifecycle.finish_sample`: pyramid, regions, files, ``_SUCCESS``) on the driver,
-in the same driver thread, as soon as its last block record arrives, while the actors go on.
-Sample order (rather than round-robin over samples) finishes the first samples early, keeps few
-readers open per actor, and leaves as many samples finished as possible when a job is stopped.
-Blocks without foreground ride along with the next block that has some, so a task is never empty.
-A sample of several images (:class:`~slidescore.config.SampleSpec`) is planned image by image
-(:func:`~slidescore.stages.plan.plan_images`); its block tasks are per image, and it is finished once
-the blocks of all its images are in (regions ranked across the images). Outputs may be local or
-on an object store (``output.uri: s3://…``): actors and driver write through ``io.outputs``.
-
-Why plain actors and ``ray.wait`` rather than Ray Data: our unit of work is a block of one sample
-that writes its own mosaic chunks (docs/architecture.md, invariant 2) and returns a small
-:class:`~slidescore.stages.records.BlockRecord`; we need those records per block (resume, progress,
-run records, finishing a sample the moment its last block is done), a fixed pool sized by the
-config (one actor per GPU, fractions of a GPU, or CPU actors; no autoscaling actor pools that
-load the model again and again), and fault handling that knows blocks and samples. A Ray Data
-pipeline would turn blocks into rows in batches it chooses, with retries and backpressure we
-cannot tie to a sample, for nothing we need.
-
-Faults: an actor that dies (``RayActorError``) is replaced and its in-flight blocks are
-resubmitted (a block rewrites the same bytes, so this is idempotent); a task that raises
-:class:`~slidescore.errors.TransientStorageError` is retried with exponential backoff; both at most
-``cluster.max_retries`` times per task. Any other error in a block (an ``InputError`` such as a
-corrupt tile) fails only that sample: it is recorded in ``failures.jsonl`` and its remaining
-blocks are dropped; other samples go on. A :class:`~slidescore.errors.ConfigError` stops the run.
-
-Observability: the driver shows a progress bar per sample (blocks, patches/s); ``run.json`` of the
-run folder has per sample the blocks (total, done, resumed), patches scored, retries, the actors
-used (``actors``, ``n_actors``), ``actor_seconds`` (sum of the wall time of its accepted actor
-tasks), ``bytes_read`` (sum of the decoded pixel bytes those tasks read: the block + halo boxes
-clipped to the image, for blocks with foreground) and ``seconds_scoring`` (first block dispatched →
-last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``).
-
-This is the only module that imports ray. The sample lifecycle (states, the error boundary,
-failure records, finishing, the run record) is :mod:`slidescore.run.lifecycle`, shared with the
-local runner; this module keeps what is Ray's: the actor pool, the task queue and the retries.
+See :mod:`slidescore.run.ray` for the design; this module holds the scheduling loop (:class:`Driver`).
 """
 
 from __future__ import annotations
@@ -48,50 +8,43 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
-import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from slidescore.config import ClusterConfig, JobConfig, SampleSpec
-from slidescore.core.types import Box
-from slidescore.errors import ConfigError, ModelLoadError, SlideScoreError, TransientStorageError
-from slidescore.io import SlideReader
-from slidescore.io.base import expect_reads
-from slidescore.io.outputs import make_dirs
-from slidescore.io.storage import is_local
+from slidescore.config import JobConfig, SampleSpec
+from slidescore.errors import ModelLoadError, SlideScoreError
 from slidescore.run import lifecycle
-from slidescore.stages.block import score_blocks
+from slidescore.run.ray.actor import ScoringActor, TaskResult
+from slidescore.run.ray.cluster import ClusterError, actor_device
 from slidescore.stages.layout import sample_label
 from slidescore.stages.plan import (
     SamplePlan,
     check_config_for_model,
-    dry_run_rows,
     image_error,
-    open_for_plan,
     plan_images,
     resolve_samples,
 )
-from slidescore.stages.recipe import BlockRecipe
 from slidescore.stages.records import BlockRecord, RunRecord, SampleResult, model_info
 
 log = logging.getLogger(__name__)
 
+
 MAX_BLOCKS_PER_TASK = 64  # blocks without foreground ride along with the next block that has some
+
+
 BACKOFF_BASE_S = 0.5
+
+
 BACKOFF_MAX_S = 30.0
+
+
 KILL_WAIT_S = 30.0
-
-
-class ClusterError(SlideScoreError):
-    """The cluster cannot run the job (no actor could start, or Ray cannot be reached)."""
 
 
 class RunAborted(SlideScoreError):
@@ -114,97 +67,6 @@ class FaultInjection:
     transient_errors: int = 0
     abort_after_blocks: int | None = None
     on_blocks_done: Callable[[Any], None] | None = None
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What one actor task returns: its block records and what it cost."""
-
-    records: list[BlockRecord]
-    seconds: float  # wall time of the task in the actor (reader open, read, score, blend, write)
-    bytes_read: int  # decoded pixel bytes the task read from the image (blocks with foreground only)
-
-
-class _CountingReader:
-    """A :class:`~slidescore.io.SlideReader` that counts the decoded bytes it hands out."""
-
-    def __init__(self, inner: SlideReader) -> None:
-        self.inner = inner
-        self.uri, self.levels, self.mpp, self.mpp_source = inner.uri, inner.levels, inner.mpp, inner.mpp_source
-        self.n_channels, self.dtype = inner.n_channels, inner.dtype
-        self.bytes_read = 0
-        self._lock = threading.Lock()  # read-ahead threads read concurrently
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        data = self.inner.read(level, box)
-        with self._lock:
-            self.bytes_read += int(data.nbytes)
-        return data
-
-    def expect(self, level: int, boxes: list[Box]) -> None:
-        expect_reads(self.inner, level, boxes)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-# -- the actor --------------------------------------------------------------------------------
-@ray.remote
-class ScoringActor:
-    """One scoring process: the model loaded once, readers kept open per image URI."""
-
-    MAX_OPEN_READERS = 4
-
-    def __init__(self, cfg: JobConfig, device: str, crash_on_task: int | None = None, transient_errors: int = 0) -> None:
-        from slidescore.model import load_model
-
-        self.cfg = cfg
-        self.model = load_model(cfg.model.name, **{**cfg.model.runtime_options(), "device": device})
-        self.recipe = BlockRecipe.for_job(self.model, cfg)
-        self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
-        self.tasks = 0
-        self._crash_on = crash_on_task
-        self._transient = transient_errors
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(self.model.device), "checksum": self.model.checksum,
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-
-    def score(self, plan: SamplePlan, block_indices: list[int]) -> TaskResult:
-        """Score some blocks of one sample (each writes its own chunks and completion marker)."""
-        t0 = time.perf_counter()
-        self.tasks += 1
-        if self.tasks == self._crash_on:
-            os._exit(1)  # test hook: die like a killed process, mid-run
-        if self.tasks <= self._transient:
-            raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
-        reader = self._reader(plan)
-        bytes_before = reader.bytes_read
-        try:
-            depth = self.cfg.model.prefetch_depth(self.model.device.type, not is_local(plan.uri))
-            records = list(score_blocks(plan, [plan.blocks[i] for i in block_indices], reader, self.recipe, depth))
-            return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
-        except TransientStorageError:
-            self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
-            raise
-
-    def _reader(self, plan: SamplePlan) -> _CountingReader:
-        uri = plan.uri
-        if uri in self.readers:
-            self.readers.move_to_end(uri)
-            return self.readers[uri]
-        reader = _CountingReader(open_for_plan(plan))  # converted/resampled as planned (io.adapt)
-        self.readers[uri] = reader
-        while len(self.readers) > self.MAX_OPEN_READERS:
-            self._drop_reader(next(iter(self.readers)))
-        return reader
-
-    def _drop_reader(self, uri: str) -> None:
-        reader = self.readers.pop(uri, None)
-        if reader is not None:
-            reader.close()
 
 
 # -- driver state -----------------------------------------------------------------------------
@@ -263,43 +125,7 @@ class _Slot:
         return f"a{self.index}" if self.gen == 0 else f"a{self.index}.{self.gen}"
 
 
-def actor_device(cfg: JobConfig) -> str:
-    """The torch device actors load the model on: the GPU Ray assigned them, or the CPU."""
-    gpus = cfg.cluster.num_gpus_per_actor
-    if gpus == 0:
-        if cfg.model.device.startswith("cuda"):
-            raise ConfigError(
-                f"model.device: {cfg.model.device!r} needs GPUs, but cluster.num_gpus_per_actor is 0; "
-                "reserve GPUs for the actors (e.g. 1 or 0.5) or use model.device auto/cpu"
-            )
-        return "cpu"
-    if cfg.model.device == "cpu":
-        raise ConfigError(
-            f"cluster.num_gpus_per_actor: {gpus} GPUs reserved per actor but model.device is 'cpu'; "
-            "set num_gpus_per_actor to 0 or model.device to auto"
-        )
-    if cfg.model.device == "auto":
-        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU(s), so cuda:0 there is its own GPU; "auto" also
-        # lets a cluster of logical GPUs without CUDA (tests, CPU nodes advertising GPUs) run on the CPU.
-        return "auto"
-    return "cuda"
-
-
-def connect(cluster: ClusterConfig) -> bool:
-    """``ray.init`` unless already connected; returns whether this call connected."""
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=cluster.address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(
-            f"cluster.address: cannot connect to Ray at {cluster.address or 'auto/local'} ({type(e).__name__}: {e}); "
-            "check the address, that the head is running, and RAY_AUTH_MODE / the auth token"
-        ) from None
-    return True
-
-
-class _Driver:
+class Driver:
     """The scheduling loop of one :func:`score_samples_ray` call."""
 
     def __init__(self, uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
@@ -591,7 +417,6 @@ class _Driver:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> list[SampleResult]:
-        make_dirs(self.out_root)
         try:
             while True:
                 self._maybe_plan()
@@ -658,41 +483,3 @@ class _Driver:
                    else round(self.t_pool_ready - self.t_pool, 3)}
         record = RunRecord(self.cfg.to_dict(), info, "ray", rows, cluster=cluster, seconds=round(time.perf_counter() - self.t0, 3))
         lifecycle.write_run_record(self.out_root, record, self.cfg)
-
-
-def score_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
-                      progress: bool = True, fault: FaultInjection | None = None, wait_for_pool: bool = False) -> list[SampleResult]:
-    """Score many samples on a Ray cluster; the distributed counterpart of ``slidescore.run.local.score_samples``.
-
-    Connects with ``ray.init(address=cfg.cluster.address)`` unless Ray is already initialised
-    (and then leaves the connection open). ``n_actors`` defaults to ``cfg.cluster.n_actors``.
-    Returns one result per URI, in order (``ok``, ``skipped`` or ``failed``); failures are also
-    appended to ``<out_root>/failures.jsonl`` and the run record is ``<out_root>/run.json``.
-    Raises ``ConfigError`` / ``ModelLoadError`` / :class:`ClusterError` when nothing can run.
-    ``wait_for_pool``: dispatch no block until every actor of the pool has started (benchmarks: so
-    that the scoring time measures the pool, not the actors' staggered start); off in production,
-    where the first ready actor starts at once.
-    """
-    n = cfg.cluster.n_actors if n_actors is None else n_actors
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"cluster.n_actors: expected a positive integer, got {n!r}")
-    connected = connect(cfg.cluster)
-    try:
-        return _Driver(list(uris), cfg, out_root, n, progress, fault, wait_for_pool).run()
-    finally:
-        if connected:
-            ray.shutdown()
-
-
-def dry_run_samples(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str) -> list[dict[str, Any]]:
-    """Plan every sample without writing anything and say what a run would do (no Ray needed).
-
-    Raises ``ConfigError`` / ``ModelLoadError`` like a real run; per-sample problems are reported
-    in the returned rows (``status: failed``; :func:`~slidescore.stages.plan.dry_run_rows`).
-    """
-    from slidescore.model import load_model
-
-    actor_device(cfg)
-    model = load_model(cfg.model.name, device="cpu")
-    check_config_for_model(cfg, model.card)
-    return dry_run_rows(resolve_samples(uris), cfg, model.card, model.checksum, out_root)

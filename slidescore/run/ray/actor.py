@@ -1,0 +1,120 @@
+"""The scoring actor: one process holding the model, scoring blocks of planned images.
+
+Each task scores some blocks of one image with the job's :class:`~slidescore.stages.recipe.BlockRecipe`
+through the block stage (:func:`~slidescore.stages.block.score_blocks`, the loop the local runner
+runs too) and returns their small records; the blocks write their own chunks and markers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from slidescore.config import JobConfig
+from slidescore.core.types import Box
+from slidescore.errors import TransientStorageError
+from slidescore.io import SlideReader
+from slidescore.io.base import expect_reads
+from slidescore.io.storage import is_local
+from slidescore.stages.block import score_blocks
+from slidescore.stages.plan import SamplePlan, open_for_plan
+from slidescore.stages.recipe import BlockRecipe
+from slidescore.stages.records import BlockRecord
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one actor task returns: its block records and what it cost."""
+
+    records: list[BlockRecord]
+    seconds: float  # wall time of the task in the actor (reader open, read, score, blend, write)
+    bytes_read: int  # decoded pixel bytes the task read from the image (blocks with foreground only)
+
+
+class _CountingReader:
+    """A :class:`~slidescore.io.SlideReader` that counts the decoded bytes it hands out."""
+
+    def __init__(self, inner: SlideReader) -> None:
+        self.inner = inner
+        self.uri, self.levels, self.mpp, self.mpp_source = inner.uri, inner.levels, inner.mpp, inner.mpp_source
+        self.n_channels, self.dtype = inner.n_channels, inner.dtype
+        self.bytes_read = 0
+        self._lock = threading.Lock()  # read-ahead threads read concurrently
+
+    def read(self, level: int, box: Box) -> np.ndarray:
+        data = self.inner.read(level, box)
+        with self._lock:
+            self.bytes_read += int(data.nbytes)
+        return data
+
+    def expect(self, level: int, boxes: list[Box]) -> None:
+        expect_reads(self.inner, level, boxes)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# -- the actor --------------------------------------------------------------------------------
+@ray.remote
+class ScoringActor:
+    """One scoring process: the model loaded once, readers kept open per image URI."""
+
+    MAX_OPEN_READERS = 4
+
+    def __init__(self, cfg: JobConfig, device: str, crash_on_task: int | None = None, transient_errors: int = 0) -> None:
+        from slidescore.model import load_model
+
+        self.cfg = cfg
+        self.model = load_model(cfg.model.name, **{**cfg.model.runtime_options(), "device": device})
+        self.recipe = BlockRecipe.for_job(self.model, cfg)
+        self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
+        self.tasks = 0
+        self._crash_on = crash_on_task
+        self._transient = transient_errors
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.model.device), "checksum": self.model.checksum,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def score(self, plan: SamplePlan, block_indices: list[int]) -> TaskResult:
+        """Score some blocks of one sample (each writes its own chunks and completion marker)."""
+        t0 = time.perf_counter()
+        self.tasks += 1
+        if self.tasks == self._crash_on:
+            os._exit(1)  # test hook: die like a killed process, mid-run
+        if self.tasks <= self._transient:
+            raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
+        reader = self._reader(plan)
+        bytes_before = reader.bytes_read
+        try:
+            depth = self.cfg.model.prefetch_depth(self.model.device.type, not is_local(plan.uri))
+            records = list(score_blocks(plan, [plan.blocks[i] for i in block_indices], reader, self.recipe, depth))
+            return TaskResult(records, time.perf_counter() - t0, reader.bytes_read - bytes_before)
+        except TransientStorageError:
+            self._drop_reader(plan.uri)  # the retry reopens it: the handle may be what went wrong
+            raise
+
+    def _reader(self, plan: SamplePlan) -> _CountingReader:
+        uri = plan.uri
+        if uri in self.readers:
+            self.readers.move_to_end(uri)
+            return self.readers[uri]
+        reader = _CountingReader(open_for_plan(plan))  # converted/resampled as planned (io.adapt)
+        self.readers[uri] = reader
+        while len(self.readers) > self.MAX_OPEN_READERS:
+            self._drop_reader(next(iter(self.readers)))
+        return reader
+
+    def _drop_reader(self, uri: str) -> None:
+        reader = self.readers.pop(uri, None)
+        if reader is not None:
+            reader.close()
