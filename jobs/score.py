@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -77,6 +78,25 @@ def print_summary(results: list[Any], run: dict[str, Any], out_root: str, second
     return EXIT_OK
 
 
+RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"  # where `ray job submit --working-dir` unpacks the job
+
+
+def refuse_relative_paths_in_ray_copy(entries: list[Any], out_root: str) -> None:
+    """Under ``ray job submit --working-dir``, the job runs in Ray's copy of that folder: a relative
+    local path would read inputs from the copy and write outputs into Ray's session folder, where
+    nobody finds them (and on several nodes each would write its own). Refuse them, with the fix."""
+    if RAY_WORKING_DIR_COPY not in os.getcwd().replace(os.sep, "/"):
+        return
+    from slidescore.io.storage import is_local
+
+    paths = [u for e in entries for u in (e.uris if hasattr(e, "uris") else (e,))] + [out_root]
+    relative = [p for p in paths if is_local(p) and not p.startswith("file://") and not os.path.isabs(p)]
+    if relative:
+        raise ConfigError(
+            f"relative local paths {relative[:3]} in a job run from Ray's copy of --working-dir ({os.getcwd()}): they would "
+            "resolve inside that copy; give absolute paths (e.g. --uri \"$PWD/image.tif\" --output \"$PWD/out\"), or s3:// URIs")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("samples: no samples to score; list image URIs in samples.uris, a file in samples.manifest, "
                               "or a folder / s3:// prefix holding images in samples.prefix")
         out_root = cfg.output.uri
+        refuse_relative_paths_in_ray_copy(uris, out_root)
         if args.dry_run:
             return print_dry_run(dry_run_samples(uris, cfg, out_root))
         t0 = time.perf_counter()

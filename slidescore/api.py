@@ -118,7 +118,8 @@ def score_array(
     -------
     (K, ceil(H / stride_px), ceil(W / stride_px)) float32, NaN where nothing was scored.
     """
-    from slidescore.model.scoring import PatchClassifier, classifier_from_module
+    from slidescore.model.loading import classifier_from_module
+    from slidescore.model.scoring import PatchClassifier
 
     img = _as_image(image)
     if isinstance(model, PatchClassifier):

@@ -1,7 +1,7 @@
 """Blending overlapping patch scores into one value per output cell (pure numpy).
 
 With ``patch_px = k · stride_px`` the blended map is a normalized convolution on the patch-score
-grid (ARCHITECTURE invariant 4)::
+grid (docs/architecture.md, invariant 4)::
 
     map = conv(scores · valid, W) / conv(valid, W)
 

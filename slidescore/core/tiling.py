@@ -1,12 +1,12 @@
 """Geometry of the global patch grid and the plan of output-chunk-aligned blocks (pure numpy).
 
-One grid per image level (ARCHITECTURE invariant 1): patch ``a`` along an axis has its origin at
+One grid per image level (docs/architecture.md, invariant 1): patch ``a`` along an axis has its origin at
 ``a · stride_px`` and covers output cells ``a … a + k − 1`` where ``k = patch_px / stride_px``.
 Output cell ``i`` covers level pixels ``[i·s, (i+1)·s)``.
 
 Border policy: patch origins run from 0 while the previous patch has not yet reached the image
-edge, so the last patch may extend past the bottom/right edge (at most ``patch_px − stride_px``
-pixels); readers fill that part with the model's ``pad_value`` (background). Every image pixel is
+edge, so the last patch may extend past the bottom/right edge (by at most ``stride_px − 1``
+pixels: ``ceil((H − P) / s) · s − (H − P)``); readers fill that part with the model's ``pad_value`` (background). Every image pixel is
 covered by at least one patch, cells near the top/left edge by fewer patches than interior ones,
 and the grid never depends on blocks, workers or order. Images smaller than one patch are refused.
 """

@@ -4,9 +4,8 @@ Numpy only, so the pipeline can apply a :class:`~slidescore.decide.policy.Decisi
 torch. :mod:`calibration` fits temperature / isotonic maps and computes ROC, PR, ECE and operating
 points; :mod:`policy` applies a card's calibration, prior shift and thresholds to patch
 probabilities; :mod:`sample_call` turns per-unit sensitivity and specificity into sample-level
-figures (and back) and calls each sample; :mod:`plots` draws the PNG figures;
-:mod:`calibrate` is the ``slidescore calibrate`` command (it scores a validation set, so it
-imports torch lazily through :mod:`slidescore.offline.train`).
+figures (and back) and calls each sample; :mod:`region_points` fits operating points on regions.
+Fitting is offline: ``slidescore calibrate`` and its figures live in :mod:`slidescore.offline`.
 """
 
 from slidescore.decide.policy import DecisionPolicy

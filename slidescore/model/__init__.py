@@ -14,8 +14,12 @@ __all__ = ["ModelCard", "PatchClassifier", "classifier_from_module", "load_model
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the card must not import torch
-    if name in ("PatchClassifier", "classifier_from_module", "load_model"):
+    if name == "PatchClassifier":
         from slidescore.model import scoring
 
-        return getattr(scoring, name)
+        return scoring.PatchClassifier
+    if name in ("classifier_from_module", "load_model"):
+        from slidescore.model import loading
+
+        return getattr(loading, name)
     raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 Every built-in network uses only unpadded ("valid") convolutions and poolings aligned to its total
 stride. Run on one ``patch_px`` patch it returns a 1 × 1 logit map; run on a larger block it
-returns the logits of every patch on the stride grid at once (ARCHITECTURE invariant 5). The
+returns the logits of every patch on the stride grid at once (docs/architecture.md, invariant 5). The
 returned tensor is always logits of shape (N, n_outputs, H', W').
 """
 

@@ -34,7 +34,7 @@ from slidescore.offline.datasets import PatchSet, load_patches
 
 def _package_dir(model_ref: str) -> Path:
     if model_ref.startswith("builtin:"):
-        from slidescore.model.scoring import builtin_dir
+        from slidescore.model.loading import builtin_dir
 
         return builtin_dir(model_ref.split(":", 1)[1])
     p = Path(model_ref)

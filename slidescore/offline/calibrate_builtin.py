@@ -36,7 +36,8 @@ import numpy as np
 
 from slidescore.decide import calibration as cal
 from slidescore.decide import region_points as rp
-from slidescore.model.scoring import PatchClassifier, builtin_dir, load_model
+from slidescore.model.loading import builtin_dir, load_model
+from slidescore.model.scoring import PatchClassifier
 from slidescore.offline import synthetic as syn
 from slidescore.offline.calibrate import calibrate_patchset, summary_lines
 from slidescore.offline.datasets import PatchSet

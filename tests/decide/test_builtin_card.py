@@ -11,7 +11,7 @@ import pytest
 from slidescore.config import DecisionConfig
 from slidescore.decide import DecisionPolicy
 from slidescore.model import load_model
-from slidescore.model.scoring import builtin_dir
+from slidescore.model.loading import builtin_dir
 
 
 def test_builtin_card_has_operating_points_that_meet_their_targets() -> None:

@@ -14,7 +14,7 @@ import pytest
 from slidescore.errors import ConfigError, InputError, ModelLoadError
 from slidescore.model import load_model
 from slidescore.model.card import ModelCard
-from slidescore.model.scoring import builtin_dir, builtin_names
+from slidescore.model.loading import builtin_dir, builtin_names
 from tests.conftest import make_model_package
 
 DELETE = object()

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from slidescore.errors import InputError, ModelLoadError, ModelOutputError
-from slidescore.model.scoring import PROBABILITY_TOLERANCE, classifier_from_module
+from slidescore.model.loading import classifier_from_module
+from slidescore.model.scoring import PROBABILITY_TOLERANCE
 
 P, S = 16, 8  # patch edge and scoring stride (px)
 GRID = (9, 10)  # patch grid of the test block
