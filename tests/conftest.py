@@ -79,6 +79,16 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calibrated_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A card with temperature calibration and a training prevalence (so a prior shift can apply)."""
+    folder = make_model_package(tmp_path_factory.mktemp("models") / "calibrated", seed=5)
+    card = json.loads((folder / "card.json").read_text())
+    card.update(calibration={"method": "temperature", "temperature": 1.7}, training_prevalence=[0.5])
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def constant_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_package(tmp_path_factory.mktemp("models") / "const", constant=0.7)
 

@@ -21,7 +21,7 @@ from slidescore.model import load_model
 from slidescore.model.architectures import SmearNet
 from slidescore.run.local import score_samples
 from slidescore.stages.plan import plan_sample
-from tests.conftest import make_model_package, textured_image, write_tiff
+from tests.conftest import textured_image, write_tiff
 from tests.test_blend import full_res_reference
 
 
@@ -47,18 +47,6 @@ def test_equals_the_jobs_mosaic_level_0(tmp_path: Path, slide, random_model_dir:
     assert np.array_equal(np.isnan(mine), np.isnan(job))
     assert (mask == "none") == (not np.isnan(job).any())
     np.testing.assert_allclose(mine, job, atol=1e-6, equal_nan=True)
-
-
-@pytest.fixture(scope="module")
-def calibrated_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A card with temperature calibration and a training prevalence (so a prior shift can apply)."""
-    import json
-
-    folder = make_model_package(tmp_path_factory.mktemp("models") / "calibrated", seed=5)
-    card = json.loads((folder / "card.json").read_text())
-    card.update(calibration={"method": "temperature", "temperature": 1.7}, training_prevalence=[0.5])
-    (folder / "card.json").write_text(json.dumps(card))
-    return folder
 
 
 def test_calibrated_prior_shifted_card_equals_the_jobs_mosaic(tmp_path: Path, slide, calibrated_model_dir: Path) -> None:

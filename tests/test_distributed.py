@@ -102,6 +102,30 @@ def _run_record(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
+def test_calibrated_prior_shifted_card_equals_single_process_and_score_array(ray_cluster, tmp_path: Path, images,
+                                                                               calibrated_model_dir: Path) -> None:
+    """The Ray actors apply the card's calibration and the prior shift in the same block recipe as the
+    local runner and score_array: three entry points, one map."""
+    import slidescore
+    from slidescore.config import DecisionConfig
+    from slidescore.stages.plan import plan_sample
+
+    cfg = _cfg(tmp_path / "ray", calibrated_model_dir, 8).replace(decision={"target_prevalence": [0.2]}, report={"enabled": False})
+    (res,) = score_samples_ray([str(images["b"])], cfg, str(tmp_path / "ray"), n_actors=2, progress=False)
+    assert res.status == "ok", res.error
+    model = load_model(str(calibrated_model_dir), device="cpu")
+    local_cfg = cfg.replace(output={"uri": str(tmp_path / "local")})
+    (loc,) = score_samples([str(images["b"])], local_cfg, str(tmp_path / "local"), model=model)
+    _assert_same(_mosaic(res.out_dir), _mosaic(loc.out_dir))
+    plan = plan_sample(str(images["b"]), cfg, model.card, model.checksum, str(tmp_path / "dry"), dry_run=True)
+    assert plan is not None
+    pixels = tifffile.imread(images["b"])
+    mine = slidescore.score_array(pixels, model, stride_px=16, valid=plan.valid, chunk_cells=8,
+                                  decision=DecisionConfig(target_prevalence=(0.2,)))
+    _assert_same(mine, _mosaic(res.out_dir))
+    assert res.run["decision"]["calibration"] == {"method": "temperature", "temperature": 1.7}
+
+
 # Together with the tests below, which also compare with the single-process reference (1 actor ×
 # chunk 8: resume; 2 × 8: faults; 2 × 16: several samples), this covers 1, 2 and 4 actors × chunks
 # of 8 and 16 cells; each pool start costs seconds (a process importing torch), so no run is repeated.
