@@ -63,28 +63,58 @@ def sample_level(unit_sensitivity: float, unit_specificity: float, n_units: int,
 
 
 def unit_level(sample_sensitivity: float, sample_specificity: float, n_units: int, *, n_target_units: int = 1,
-               convention: str = "binomial") -> dict[str, float]:
-    """The unit-level sensitivity and specificity needed for a sample-level pair (rule: >= 1 unit).
+               min_positive: int = 1, convention: str = "binomial") -> dict[str, float]:
+    """The unit-level sensitivity and specificity needed for a sample-level pair under the rule
+    "positive when at least ``min_positive`` units are positive" (the inverse of :func:`sample_level`).
 
-    ``binomial``: ``c = Sp^(1/n)`` and ``s`` solves ``1 − (1 − s)^k · c^(n − k) = Se`` (0 when false
-    positives alone already reach ``Se``). ``reference``: ``c = Sp^(1/n)``,
-    ``s = (1 − Se)^(1/n)``.
+    ``binomial``, ``min_positive`` 1: ``c = Sp^(1/n)`` and ``s`` solves ``1 − (1 − s)^k · c^(n − k) = Se``
+    (0 when false positives alone already reach ``Se``); larger ``min_positive``: both solved numerically
+    (each figure is monotone in its unit-level counterpart). ``reference``: ``c = Sp^(1/n)``,
+    ``s = (1 − Se)^(1/n)`` (rule: >= 1 unit).
     """
     se, sp = float(sample_sensitivity), float(sample_specificity)
     _check("sample_sensitivity", se)
     _check("sample_specificity", sp, lo_open=True)
     if n_units < 1:
         raise ConfigError(f"n_units: expected a positive number of examined units, got {n_units}")
-    c = sp ** (1.0 / n_units)
+    if min_positive < 1 or min_positive > n_units:
+        raise ConfigError(f"min_positive: expected 1 … n_units={n_units}, got {min_positive}")
     if convention == "reference":
+        if min_positive != 1:
+            raise ConfigError("convention 'reference' is the rule '>= 1 unit'; use convention 'binomial' for min_positive > 1")
+        c = sp ** (1.0 / n_units)
         return {"sensitivity": (1.0 - se) ** (1.0 / n_units), "specificity": c}
     if convention != "binomial":
         raise ConfigError(f"convention: expected one of {list(CONVENTIONS)}, got {convention!r}")
     k = min(max(int(n_target_units), 1), n_units)
-    # 1 − (1 − s)^k · c^(n − k) = Se  ⇒  (1 − s) = ((1 − Se) / c^(n − k))^(1/k)
-    # (a miss above 1 means false positives alone reach Se: any unit sensitivity will do)
-    s = max(0.0, 1.0 - ((1.0 - se) / c ** (n_units - k)) ** (1.0 / k))
-    return {"sensitivity": float(s), "specificity": float(c)}
+    if min_positive == 1:
+        c = sp ** (1.0 / n_units)
+        # 1 − (1 − s)^k · c^(n − k) = Se  ⇒  (1 − s) = ((1 − Se) / c^(n − k))^(1/k)
+        # (a miss above 1 means false positives alone reach Se: any unit sensitivity will do)
+        s = max(0.0, 1.0 - ((1.0 - se) / c ** (n_units - k)) ** (1.0 / k))
+        return {"sensitivity": float(s), "specificity": float(c)}
+    from scipy.optimize import brentq
+
+    # specificity: P(Bin(n, 1 − c) < m) rises with c from 0 (c = 0, m <= n) to 1 (c = 1)
+    c = 1.0 if sp >= 1.0 else float(brentq(lambda x: binom.cdf(min_positive - 1, n_units, 1.0 - x) - sp, 0.0, 1.0, xtol=1e-15))
+    at_zero = _p_at_least(min_positive, n_units, k, 0.0, 1.0 - c)
+    if at_zero >= se:  # false positives alone reach Se
+        return {"sensitivity": 0.0, "specificity": c}
+    if _p_at_least(min_positive, n_units, k, 1.0, 1.0 - c) < se:
+        raise ConfigError(f"sample sensitivity {se} is out of reach for {k} target unit(s) among {n_units} under the rule "
+                          f">= {min_positive} positive units; lower it or the rule")
+    s = float(brentq(lambda x: _p_at_least(min_positive, n_units, k, x, 1.0 - c) - se, 0.0, 1.0, xtol=1e-15))
+    return {"sensitivity": s, "specificity": c}
+
+
+def effective_min_positive(n_examined: int, unit_specificity: float, *, alpha: float, min_positive: int = 1) -> int:
+    """The fewest positive units that :func:`call_sample` calls positive: at least ``min_positive`` and
+    few enough false positives that a negative sample reaches that count with probability <= ``alpha``
+    (``n_examined + 1``, never, when no count qualifies)."""
+    n, fpr = int(n_examined), 1.0 - float(unit_specificity)
+    counts = np.arange(max(1, int(min_positive)), n + 1)
+    ok = counts[binom.sf(counts - 1, n, fpr) <= alpha]
+    return int(ok[0]) if ok.size else n + 1
 
 
 def call_sample(n_examined: int, n_positive_units: int, unit_sensitivity: float, unit_specificity: float, *,
@@ -101,7 +131,10 @@ def call_sample(n_examined: int, n_positive_units: int, unit_sensitivity: float,
     if n < 0 or k < 0:
         raise ConfigError(f"call_sample: counts must be >= 0, got n_examined={n}, n_positive_units={k}")
     c = float(unit_specificity)
-    perf = sample_level(unit_sensitivity, c, n, min_positive=min_positive)
+    # the rule actually applied: positive from `needed` positive units on (>= min_positive, and p <= alpha);
+    # the sample-level figures are those of that rule, not of ">= min_positive"
+    needed = effective_min_positive(n, c, alpha=alpha, min_positive=min_positive)
+    perf = sample_level(unit_sensitivity, c, n, min_positive=needed) if needed <= n else {"sensitivity": 0.0, "specificity": 1.0}
     p_fp = float(binom.sf(k - 1, n, 1.0 - c)) if k > 0 else 1.0  # P(>= k false positives | negative)
     if n < min_examined:
         call, reason = "needs_review", f"only {n} {unit}s examined (< {min_examined})"
@@ -116,6 +149,9 @@ def call_sample(n_examined: int, n_positive_units: int, unit_sensitivity: float,
         "unit_sensitivity": float(unit_sensitivity), "unit_specificity": c,
         "expected_false_positives": n * (1.0 - c), "p_false_positives": p_fp,
         "sample_sensitivity": perf["sensitivity"], "sample_specificity": perf["specificity"],
-        "rule": f"positive if >= {min_positive} positive {unit}(s) and p(false positives) <= {alpha}",
+        "positive_from": needed,
+        "rule": f"positive if >= {min_positive} positive {unit}(s) and p(false positives) <= {alpha}, "
+                f"i.e. >= {needed} of {n} examined",
+        "figures_for": f"the rule applied: positive from {needed} positive {unit}(s) on (one target {unit} in a positive sample)",
         "model": "independent Bernoulli units; one target unit in a positive sample (binomial)",
     }
