@@ -80,12 +80,16 @@ def _summarise(results: list, out_root: str, seconds: float) -> int:
         if r.status == "failed":
             print(f"FAILED  {r.sample_id}: {r.error}", file=sys.stderr)
             continue
+        if r.status == "skipped":  # its outputs are those of an earlier run: say so, not this run's figures
+            total = (r.run.get("regions") or {}).get("total") if isinstance(r.run, dict) else None
+            print(f"skipped {r.sample_id}: already complete from an earlier run"
+                  f"{f' ({total} regions)' if total is not None else ''} → {r.out_dir}")
+            continue
         run = r.run
         pt = run["patches"]
-        top = r.regions[0].peak_probability if r.regions else float("nan")
-        note = " (already complete, skipped)" if r.status == "skipped" else ""
+        top = f" (top peak {r.regions[0].peak_probability:.3f})" if r.regions else ""
         print(f"ok      {r.sample_id}: {pt['scored']:,} patches scored, {pt['skipped_background']:,} skipped as background, "
-              f"{run['regions']['total']} regions (top peak {top:.3f}) → {r.out_dir}{note}")
+              f"{run['regions']['total']} regions{top} → {r.out_dir}")
     print(f"{len(results) - len(failed)}/{len(results)} samples ok in {seconds:.1f} s; outputs under {out_root}")
     if failed:
         print(f"{len(failed)} sample(s) failed; details in {join(out_root, 'failures.jsonl')}", file=sys.stderr)

@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from slidescore.core.types import Block, Box
 
 
@@ -76,6 +78,19 @@ class PatchGrid:
         a1 = min(py, cells.y1)
         b1 = min(px, cells.x1)
         return Box(a0, b0, a1 - a0, b1 - b0)
+
+    def covered_cells(self, valid: np.ndarray) -> np.ndarray:
+        """(cells_h, cells_w) bool: the cells at least one ``valid`` patch covers (patch (a, b) covers
+        cells [a, a + k) × [b, b + k)). With positive blending weights these, and only these, get a value."""
+        k = self.k
+        ch, cw = self.cells_shape
+        py, px = valid.shape
+        v = np.zeros((ch + k, cw + k), np.int64)
+        v[k : k + min(py, ch), k : k + min(px, cw)] = valid[:ch, :cw]
+        c = v.cumsum(0).cumsum(1)
+        # number of valid origins in [i − k + 1, i] × [j − k + 1, j]: a box sum of the padded integral image
+        box = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+        return box > 0
 
     def read_box(self, patches: Box) -> Box:
         """Level-pixel box containing every patch of a patch-index range."""

@@ -319,6 +319,15 @@ def max_2x2(a: np.ndarray) -> np.ndarray:
     return pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).max(axis=(1, 3))
 
 
+def read_box(path: str | Path, level: int, cells: Box) -> np.ndarray:
+    """A box of one level as float32 probabilities (c, h, w), the labels of level 0 read too (both decode)."""
+    root = zarr.open_group(_store(path, read_only=True), mode="r")
+    out = decode(np.asarray(_arr(root, str(level))[:, cells.y : cells.y1, cells.x : cells.x1]))
+    if level == 0:
+        np.asarray(_arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1])
+    return out
+
+
 def read_level(path: str | Path, level: int = 0) -> np.ndarray:
     """Whole level as float32 probabilities (c, y, x), NaN = not scored."""
     root = zarr.open_group(_store(path, read_only=True), mode="r")

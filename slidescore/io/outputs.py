@@ -21,9 +21,10 @@ Conditional writes, for the lease that lets one run at a time write a sample fol
 :func:`replace_if_unchanged` overwrites one only if it is still the version that was read
 (:func:`read_versioned`). Local: a complete temporary file hard-linked into place (``os.link`` fails
 when the name exists; ``O_CREAT | O_EXCL`` where hard links are not supported), and a swap that
-renames the old file away and checks it is the one that was read. S3: ``If-None-Match: *`` and
-``If-Match: <ETag>`` PUTs (conditional writes: AWS S3 since 2024, MinIO, moto); any other fsspec store
-gets its own ``pipe_file(mode="create")`` and a read-compare-write, which are best effort.
+reads, compares and replaces under an exclusive ``flock`` of a lock file beside it. S3:
+``If-None-Match: *`` and ``If-Match: <ETag>`` PUTs (conditional writes: AWS S3 since 2024, MinIO,
+moto); any other fsspec store gets its own ``pipe_file(mode="create")`` and a read-compare-write,
+which are best effort.
 
 Remote calls go through :func:`~slidescore.io.storage.with_retries` (transient errors are retried,
 the others mapped onto the error tree).
@@ -40,6 +41,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +118,20 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     if isinstance(path, Path) or is_local(str(path)):
         p = Path(local_path(path))
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as f:
-            f.write(line)
+        with open(p, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:  # a line torn by a crash has no newline: start ours on a line of its own
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+                f.seek(0, os.SEEK_END)
+                if torn:
+                    line = "\n" + line
+            f.write(line.encode())
         return
     # no append on object stores: read, extend, PUT (one writer, the driver; see the module docstring)
     old = read_text(path) if exists(path) else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
     write_text(path, old + line)
 
 
@@ -252,27 +263,23 @@ def read_versioned(uri: str | Path) -> tuple[bytes, str] | None:
 def replace_if_unchanged(uri: str | Path, version: str, data: bytes) -> bool:
     """Overwrite a file only if it is still at ``version`` (from :func:`read_versioned`): compare and swap.
 
-    ``False`` when it changed or vanished since it was read (nothing is written then). Local: the
-    file is renamed away (atomic: only one of several swappers gets it), checked, and the new bytes
-    created in its place with :func:`create_exclusive`; a file that changed meanwhile is put back.
-    S3: one PUT with ``If-Match: <ETag>``.
+    ``False`` when it changed or vanished since it was read (nothing is written then). Local: read,
+    compare and replace (temporary file + ``os.replace``: the name never disappears, so a concurrent
+    :func:`create_exclusive` cannot slip in) under an exclusive ``flock`` of ``.<name>.lock`` beside
+    it, which serialises the swappers of every process and thread on this machine (and on NFS,
+    where Linux maps ``flock`` onto its byte-range locks). S3: one PUT with ``If-Match: <ETag>``.
     """
     if isinstance(uri, Path) or is_local(str(uri)):
         path = Path(local_path(uri))
-        grabbed = _temp_name(path, "swap")
-        try:
-            os.rename(path, grabbed)
-        except FileNotFoundError:
-            return False
-        try:
-            old = grabbed.read_bytes()
-            if _digest(old) != version:  # changed since it was read: put it back unless a new one is there
-                create_exclusive(path, old)
+        with _flocked(path.with_name(f"{path.name}.lock" if path.name.startswith(".") else f".{path.name}.lock")):
+            try:
+                old = path.read_bytes()
+            except FileNotFoundError:
                 return False
-            return create_exclusive(path, data)
-        finally:
-            with contextlib.suppress(OSError):
-                grabbed.unlink()
+            if _digest(old) != version:
+                return False
+            write_bytes(path, data)
+            return True
     fs, path_s = filesystem(str(uri))
     if not _is_s3(str(uri), fs):  # no conditional write known for this store: best effort
         now = read_versioned(uri)
@@ -296,6 +303,22 @@ def replace_if_unchanged(uri: str | Path, version: str, data: bytes) -> bool:
         return bool(with_retries(put, str(uri), "replacing an output"))
     finally:
         fs.invalidate_cache(path_s)
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` of a lock file for the duration (no locking where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: best effort
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _temp_name(path: Path, what: str = "tmp") -> Path:

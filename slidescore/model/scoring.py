@@ -190,9 +190,10 @@ class PatchClassifier:
         except torch.OutOfMemoryError:
             raise  # a resource limit (batch_size, dense_tile_px), not a broken model: the caller decides
         except Exception as e:  # a user's network may raise anything; report it as this model's failure
+            kind, text = _error_line(e)
             raise ModelOutputError(
-                f"model {self.card.name!r} raised {type(e).__name__} while scoring {self._what(len(x), dense)}: {e}",
-                model=self.card.name, error=type(e).__name__,
+                f"model {self.card.name!r} raised {kind} while scoring {self._what(len(x), dense)}: {text}",
+                model=self.card.name, error=kind,
             ) from e
         return self._check_output(out, len(x), dense=dense)
 
@@ -368,10 +369,12 @@ class PatchClassifier:
         ys, xs = ys[pick], xs[pick]
         if dense is not None and self.amp != "off":  # the check is about the network, not precision
             dense = self.score_dense(pixels, stride_px, amp=False)
+        # per patch first: a model that is broken per patch too (NaN, an error) fails here with its own
+        # error, and the card's dense claim is not blamed for it
+        single = self._score_grid(pixels, ys, xs, stride_px, batch_size, amp=False)
         if dense is None:
             diff = float("inf")
         else:
-            single = self._score_grid(pixels, ys, xs, stride_px, batch_size, amp=False)
             diff = float(np.max(np.abs(dense[:, ys, xs].T - single)))
             if not np.isfinite(diff):
                 diff = float("inf")
@@ -436,3 +439,19 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:
     except Exception as e:  # symbolic tracing fails on data-dependent control flow: score as loaded
         log.debug("BatchNorm folding skipped for %s: %s: %s", type(module).__name__, type(e).__name__, e)
         return None
+
+
+def _error_line(err: BaseException) -> tuple[str, str]:
+    """The error's type and one line of text. TorchScript wraps a module's error in ``torch.jit.Error``
+    with the interpreter's traceback; its last line (``builtins.RuntimeError: boom``) is the error."""
+    text = str(err).strip()
+    kind = type(err).__name__
+    if isinstance(err, torch.jit.Error) and text:
+        last = text.splitlines()[-1].strip()
+        name, sep, rest = last.partition(": ")
+        if sep and name.replace(".", "").replace("_", "").isalnum():
+            kind, text = name.rsplit(".", 1)[-1], rest.strip()
+        else:
+            text = last
+    text = " ".join(text.split())
+    return kind, text[:300] + ("…" if len(text) > 300 else "")

@@ -2,7 +2,7 @@
 
 A report is one HTML file with every picture inlined as a base64 JPEG/PNG and its CSS inline: no
 CDN, no script, no side file, so it can be mailed or archived as is. It shows, top to bottom: the
-sample-level call and its numbers (``run["decision"]``, "not computed" while absent), the overview
+sample-level call and its numbers (``run.decision``, "not computed" while absent), the overview
 with the probability overlay, the outline of the thresholded area and numbered region boxes, the
 context (model and card, operating point and thresholds, patches scored/skipped, area discarded,
 regions), the data-quality checks, and the top-K regions as level-0 crops beside their overlay and
@@ -13,6 +13,10 @@ A sample of several images gets one such page per image (``images/<image_id>/rep
 sample page (:mod:`slidescore.report.sample_page`); :class:`SampleParts` hands the rendered regions
 over, so nothing is rendered twice. Grad-CAM uses the model that scored the sample when the caller
 passes it, else loads it again. The run's ``index.html`` is :mod:`slidescore.report.index`.
+
+The pages read the sample's run record by attribute (:class:`~slidescore.stages.records.SampleRecord`);
+the public functions also take a run.json's dict (an older one included) and read it with
+:meth:`~slidescore.stages.records.SampleRecord.from_dict`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import html
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,9 @@ from slidescore.core.types import Box
 from slidescore.io import SlideReader
 from slidescore.io.outputs import write_text
 from slidescore.report import images as im
-from slidescore.report.quality import QualityThresholds, sample_quality
+from slidescore.report.quality import QualityThresholds, check_quality
 from slidescore.report.qupath import tile_heatmap_geojson
+from slidescore.stages.records import ImageReport, QualityFlag, RegionCrop, SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +99,21 @@ def _kv(rows: list[tuple[str, Any]]) -> str:
     return "<table class='kv'>" + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 
-def call_of(run: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The sample-level call and the numbers behind it (``not computed`` without ``run['decision']``)."""
-    dec = run.get("decision")
-    if not isinstance(dec, dict) or not dec:
+def call_of(run: SampleRecord) -> tuple[str, dict[str, Any]]:
+    """The sample-level call and the numbers behind it (``not computed`` without ``run.decision``).
+
+    The call is ``decision.sample_call``'s; a hand-made or older decision may carry its own ``call``
+    or ``label`` instead (kept in ``decision.extra``)."""
+    dec = run.decision
+    if dec is None:
         return "not computed", {}
-    call = dec.get("call") or dec.get("sample_call") or dec.get("label") or "not computed"
-    if isinstance(call, dict):  # {"call": {"label": ..., ...}}
-        dec = {**dec, **call}
-        call = call.get("label") or call.get("call") or "not computed"
-    call = str(call).replace("_", " ")
-    return call, {k: v for k, v in dec.items() if k not in ("call", "sample_call", "label")}
+    numbers = dec.to_dict()
+    call: Any = dec.extra.get("call") or (dec.sample_call.to_dict() if dec.sample_call else None) or dec.extra.get("label")
+    if isinstance(call, dict):  # the sample call's numbers join the decision's ({"call": {"label": ...}} of older records too)
+        numbers.update(call)
+        call = call.get("label") or call.get("call")
+    call = str(call or "not computed").replace("_", " ")
+    return call, {k: v for k, v in numbers.items() if k not in ("call", "sample_call", "label")}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -142,7 +152,7 @@ class RegionView:
     rank: int
     figures: str  # the <figure> elements (inline pictures)
     rows: list[tuple[str, str]]  # measurements (name, HTML value)
-    info: dict[str, Any]
+    crop: RegionCrop  # what run.json records of the region's pictures
     image_id: str = ""
 
     def html(self, image_html: str = "") -> str:
@@ -152,7 +162,7 @@ class RegionView:
                 f"{self.figures}{_kv(rows)}</div>")
 
 
-def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: dict[str, Any],
+def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: SampleRecord,
                     cfg: ReportConfig, model: Any, cam_note: list[str], image_id: str = "") -> RegionView:
     lv0 = reader.levels[0]
     box = im.crop_box(r, (lv0.height, lv0.width), min_px=cfg.crop_px, max_px=cfg.max_crop_px)
@@ -163,11 +173,11 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
     ov = im.outline(ov, np.nan_to_num(p, nan=-1) >= r.threshold)
     ov = im.draw_boxes(ov, [r], 1.0, (box.y, box.x), labels=False)
     figs = [("crop", "level-0 pixels", crop), ("overlay", "probability overlay, outline at threshold", ov)]
-    info: dict[str, Any] = {"crop_box_px": [box.y, box.x, box.h, box.w]}
+    crop_rec = RegionCrop(rank=r.rank, crop_box_px=[box.y, box.x, box.h, box.w])
     if model is not None:
         from slidescore.report.gradcam import explain_crop
 
-        level = int(run["input"]["level"])
+        level = int(run.image_input.level)
         ds = reader.levels[level].downsample
         lv = reader.levels[level]
         lbox = Box(int(box.y / ds), int(box.x / ds), max(1, round(box.h / ds)), max(1, round(box.w / ds))).clip(lv.height, lv.width)
@@ -178,7 +188,7 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
         if res.cam is not None:
             cam = im.resize(res.cam, crop.shape[:2])
             figs.append(("gradcam", f"Grad-CAM ({res.layer})", im.heat_on(crop, cam)))
-            info["gradcam_peak_px"] = [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
+            crop_rec.gradcam_peak_px = [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
         if res.guided is not None:
             g = im.resize(res.guided, crop.shape[:2])
             figs.append(("guided", "guided Grad-CAM", im.heat_rgb(g)))
@@ -194,22 +204,22 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
         ("bounding box", "y {:.0f}, x {:.0f}, h {:.0f}, w {:.0f} px".format(*r.bbox_px)),
         ("threshold", _num(r.threshold)),
     ]
-    return RegionView(r.rank, figures, rows, info, image_id)
+    return RegionView(r.rank, figures, rows, crop_rec, image_id)
 
 
-def _load_model_for(run: dict[str, Any]) -> tuple[Any, str]:
+def _load_model_for(run: SampleRecord) -> tuple[Any, str]:
     """The scoring model again (for Grad-CAM), on CPU; refused if its checksum differs from run.json's."""
     from slidescore.errors import ConfigError, InputError
     from slidescore.model import load_model
 
-    src = run.get("model", {}).get("source")
+    src = run.model.source
     if not src:
         return None, "not computed: run.json names no model source"
     try:
         model = load_model(src, device="cpu")
     except (ConfigError, InputError, OSError) as e:
         return None, f"not computed: the model {src!r} could not be loaded again ({e})"
-    if run["model"].get("sha256") and model.checksum != run["model"]["sha256"]:
+    if run.model.sha256 and model.checksum != run.model.sha256:
         return None, f"not computed: the model at {src!r} changed since scoring (checksum differs)"
     return model, ""
 
@@ -224,23 +234,58 @@ class SampleParts:
     """
 
     views: dict[int, RegionView] = field(default_factory=dict)
-    images: list[dict[str, Any]] = field(default_factory=list)
+    images: list[ImagePart] = field(default_factory=list)
     cam_notes: list[str] = field(default_factory=list)
 
 
-def _usable_model(model: Any, run: dict[str, Any]) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class ImagePart:
+    """One image of a multi-image sample as its sample's page shows it."""
+
+    image_id: str
+    uri: str
+    n_regions: int
+    top: float | None  # its top score
+    raised: list[str]  # its raised quality checks
+    thumb: np.ndarray  # its overview, at most THUMB_PX a side
+
+
+@dataclass
+class ReportAdded:
+    """What one image's report adds to the sample's run record: every quality check and the page's summary."""
+
+    quality: list[QualityFlag]
+    report: ImageReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quality": [q.to_dict() for q in self.quality], "report": self.report.to_dict()}
+
+
+def _usable_model(model: Any, run: SampleRecord) -> tuple[Any, str]:
     """The scoring model handed in, unless its checksum differs from the one run.json records."""
-    want = run.get("model", {}).get("sha256")
+    want = run.model.sha256
     have = getattr(model, "checksum", "")
     if want and have and have != want:
         return None, f"not computed: the model passed for Grad-CAM is not the scoring model (sha256 {have[:12]}… ≠ {want[:12]}…)"
     return model, ""
 
 
-def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], reader: SlideReader, prob: np.ndarray,
-                 card: Any, *, cfg: ReportConfig | None = None, model: Any = None, image_id: str = "",
+def write_report(out_dir: str | Path, run: SampleRecord | Mapping[str, Any], regions: list[Region], reader: SlideReader,
+                 prob: np.ndarray, card: Any, *, cfg: ReportConfig | None = None, model: Any = None, image_id: str = "",
                  sample_href: str = "", parts: SampleParts | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``tiles.geojson`` of one sample; return what run.json should add.
+
+    :func:`render_report` with the result as run.json writes it: ``{"quality": [...], "report": {...}}``;
+    ``run`` may be the record or a run.json's dict (read with ``SampleRecord.from_dict``).
+    """
+    return render_report(out_dir, SampleRecord.of(run), regions, reader, prob, card, cfg=cfg, model=model,
+                         image_id=image_id, sample_href=sample_href, parts=parts).to_dict()
+
+
+def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region], reader: SlideReader, prob: np.ndarray,
+                  card: Any, *, cfg: ReportConfig | None = None, model: Any = None, image_id: str = "",
+                  sample_href: str = "", parts: SampleParts | None = None) -> ReportAdded:
+    """Write ``report.html`` and ``tiles.geojson`` of one sample; return what its run record should add.
 
     Parameters
     ----------
@@ -248,7 +293,7 @@ def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region]
         The sample's output folder (where run.json, regions.* and the mosaic are), or the image's
         folder of a multi-image sample.
     run
-        The sample's run record (as written to run.json; ``decision`` optional).
+        The sample's run record (``decision`` optional); one image's: :meth:`SampleRecord.for_image`.
     regions
         Ranked regions (rank 1 first); the first ``cfg.top_k`` get crops.
     reader
@@ -268,16 +313,19 @@ def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region]
 
     Returns
     -------
-    ``{"quality": [...], "report": {...}}`` — merge it into run.json (``run.update(...)``).
+    :class:`ReportAdded` — the record's ``quality`` and ``report``.
     """
     t0 = time.perf_counter()
     cfg = cfg or ReportConfig()
     out = Path(out_dir)
-    cell_px0 = float(run["grid"]["stride_px"]) * float(run["input"]["level_mpp"]) / float(run["input"]["mpp0"])
-    thresholds = [float(run["thresholds"][c]) for c in card.classes]
-    flags = sample_quality(reader, run, card, QualityThresholds(quality_mpp=cfg.quality_mpp))
+    inp = run.image_input
+    if inp.mpp0 is None or inp.level_mpp is None:
+        raise ValueError(f"run record of {run.sample_id!r} names no input.mpp0 / input.level_mpp: cannot place its cells")
+    cell_px0 = float(run.grid.stride_px) * float(inp.level_mpp) / float(inp.mpp0)
+    thresholds = [float(run.thresholds[c]) for c in card.classes]
+    flags = check_quality(reader, run, card, QualityThresholds(quality_mpp=cfg.quality_mpp))
 
-    tiles = tile_heatmap_geojson(prob, card.classes, cell_px0, run["sample_id"], max_tiles=cfg.qupath_max_tiles)
+    tiles = tile_heatmap_geojson(prob, card.classes, cell_px0, run.sample_id, max_tiles=cfg.qupath_max_tiles)
     # compact: tens of thousands of tiles; indented JSON goes through Python's slow encoder (seconds, 2× the bytes)
     write_text(out / TILES, json.dumps(tiles, separators=(",", ":")) + "\n")
 
@@ -308,15 +356,12 @@ def write_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region]
     if parts is not None:
         parts.views.update({v.rank: v for v in views})
         parts.cam_notes.extend(n for n in cam_note if n not in parts.cam_notes)
-        parts.images.append({"image_id": image_id, "uri": run["input"].get("uri"), "n_regions": len(regions),
-                             "top": top_peak, "raised": [f["flag"] for f in flags if f["raised"]],
-                             "thumb": im.resize(overview, _fit(overview.shape[:2], THUMB_PX))})
-    return {
-        "quality": flags,
-        "report": {"html": REPORT, "tiles_geojson": TILES, "top_k": len(top), "top_peak_probability": top_peak,
-                   "call": call, "gradcam": "; ".join(cam_note) or "guided Grad-CAM", "gradcam_model": model_used,
-                   "regions": [{"rank": v.rank, **v.info} for v in views], "seconds": round(time.perf_counter() - t0, 3)},
-    }
+        parts.images.append(ImagePart(image_id, inp.uri, len(regions), top_peak, [f.flag for f in flags if f.raised],
+                                      im.resize(overview, _fit(overview.shape[:2], THUMB_PX))))
+    return ReportAdded(flags, ImageReport(
+        html=REPORT, tiles_geojson=TILES, top_k=len(top), top_peak_probability=top_peak, call=call,
+        gradcam="; ".join(cam_note) or "guided Grad-CAM", gradcam_model=model_used, regions=[v.crop for v in views],
+        seconds=round(time.perf_counter() - t0, 3)))
 
 
 def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
@@ -325,58 +370,57 @@ def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, Any], flags: list[dict[str, Any]],
+def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any], flags: list[QualityFlag],
                 overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
                 cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "") -> str:
     """The page of one sample (or, with ``sample_href``, of one image of a multi-image sample)."""
-    sid = run["sample_id"]
-    pt, area, inp = run["patches"], run.get("area", {}), run["input"]
-    model = run.get("model", {})
-    dcfg = run.get("config", {}).get("decision", {})
-    op = (run.get("decision") or {}).get("operating_point") or dcfg.get("operating_point") or "card thresholds"
-    raised = [f for f in flags if f["raised"]]
+    sid = run.sample_id
+    pt, area, inp, model = run.patches, run.area, run.image_input, run.model
+    dcfg = run.config.get("decision") or {}  # the config's serialisation (typed in slidescore.config)
+    op = (run.decision.operating_point if run.decision else None) or dcfg.get("operating_point") or "card thresholds"
+    raised = [f for f in flags if f.raised]
     call_rows = [(k, _num(v)) for k, v in _flatten(numbers)] if numbers else \
         [("status", "not computed: this run has no sample-level decision (run.json has no <code>decision</code>)")]
     flag_rows = "".join(
-        f"<tr class='{'raised' if f['raised'] else 'ok'}'><td>{_e(f['flag'])}</td><td>{_num(f['value'])}</td>"
-        f"<td>{_num(f['threshold'])}</td><td>{'RAISED' if f['raised'] else 'ok'}</td><td>{_e(f['message'])}</td></tr>"
+        f"<tr class='{'raised' if f.raised else 'ok'}'><td>{_e(f.flag)}</td><td>{_num(f.value)}</td>"
+        f"<td>{_num(f.threshold)}</td><td>{'RAISED' if f.raised else 'ok'}</td><td>{_e(f.message)}</td></tr>"
         for f in flags
     )
-    outs = run.get("outputs", {})
+    outs = run.outputs
     if sample_href:  # one image of a multi-image sample: its own mosaic and GeoJSONs, the sample's tables and record
-        per = outs.get("per_image", {})
+        per = outs.per_image
         links = [(f"{sample_href}{REPORT}", "the sample's page (regions ranked across its images)"),
-                 (per.get("mosaic", "probabilities.ome.zarr"), "probability mosaic of this image (OME-Zarr; QuPath, napari)"),
+                 (per.mosaic if per else "probabilities.ome.zarr", "probability mosaic of this image (OME-Zarr; QuPath, napari)"),
                  ("regions.geojson", "regions of this image (GeoJSON, QuPath annotations)"),
                  (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
                  (f"{sample_href}regions.csv", "regions of the sample (CSV)"), (f"{sample_href}run.json", "run record (run.json)"),
-                 (per.get("mask", "mask.ome.zarr"), "foreground mask")]
+                 (per.mask if per else "mask.ome.zarr", "foreground mask")]
     else:
-        links = [(outs.get("mosaic", "probabilities.ome.zarr"), "probability mosaic (OME-Zarr; QuPath, napari)"),
+        links = [(outs.mosaic or "probabilities.ome.zarr", "probability mosaic (OME-Zarr; QuPath, napari)"),
                  ("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
-                 ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.get("mask", "mask.ome.zarr"), "foreground mask")]
+                 ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.mask or "mask.ome.zarr", "foreground mask")]
     legend = "".join(f"<span style='background:rgb{tuple(c) if card.n_classes > 1 else (0, 150, 255)}'></span>{_e(n)} "
                      for n, c in zip(card.classes, card.class_colors(), strict=True))
     context = _kv([
-        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.get('source', ''))}, sha256 "
-                  f"{_e(str(model.get('sha256', ''))[:12])}…, on {_e(model.get('device', ''))})</span>"),
+        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.source)}, sha256 "
+                  f"{_e(model.sha256[:12])}…, on {_e(model.device)})</span>"),
         ("model card", _e(card.description) or "<span class='muted'>no description</span>"),
         ("input", f"{card.patch_px}-px patches at {_num(card.mpp)} µm/px, {_e(card.color_space)}, head {_e(card.head)}, "
                   f"classes {_e(', '.join(card.classes))}"),
         ("operating point", _e(op)),
-        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run["thresholds"].items()))),
-        ("image", f"{_e(inp.get('uri'))} <span class='muted'>({_num(inp.get('mpp0'))} µm/px from {_e(inp.get('mpp_source'))}; "
-                  f"scored at level {_e(inp.get('level'))}, {_num(inp.get('level_mpp'))} µm/px, "
-                  f"{_e(' × '.join(str(v) for v in inp.get('level_shape', [])))} px)</span>"),
-        ("patches", f"{_num(pt['scored'])} scored, {_num(pt['skipped_background'])} skipped as background "
-                    f"of {_num(pt['total'])} ({pt['skipped_background'] / max(1, pt['total']):.1%} skipped)"),
-        ("area discarded", f"{area.get('discarded_fraction', float('nan')):.1%} of the image not scored (background)"),
+        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run.thresholds.items()))),
+        ("image", f"{_e(inp.uri)} <span class='muted'>({_num(inp.mpp0)} µm/px from {_e(inp.mpp_source)}; "
+                  f"scored at level {_e(inp.level)}, {_num(inp.level_mpp)} µm/px, "
+                  f"{_e(' × '.join(str(v) for v in inp.level_shape))} px)</span>"),
+        ("patches", f"{_num(pt.scored)} scored, {_num(pt.skipped_background)} skipped as background "
+                    f"of {_num(pt.total)} ({pt.skipped_background / max(1, pt.total):.1%} skipped)"),
+        ("area discarded", f"{area.discarded_fraction:.1%} of the image not scored (background)"),
         ("regions", f"{n_regions:,} above threshold; top {len(region_html)} shown below"),
         ("top score", _num(top_peak)),
-        ("run", f"key {_e(run.get('run_key'))}, slidescore {_e(run.get('slidescore_version'))}, code {_e(str(run.get('code_version'))[:12])}, "
-                f"{_num(run.get('timings_s', {}).get('total_s'))} s"),
+        ("run", f"key {_e(run.run_key)}, slidescore {_e(run.slidescore_version)}, code {_e(run.code_version[:12])}, "
+                f"{_num(run.timings_s.total_s)} s"),
     ])
-    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f["flag"] for f in raised))) if raised else "no check raised"
+    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f.flag for f in raised))) if raised else "no check raised"
     regions_block = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
     note = f"<p class='muted'>Explanations: {_e('; '.join(cam_note))}</p>" if cam_note else \
         "<p class='muted'>Grad-CAM: where the network looked (red/yellow = strongest); guided Grad-CAM: which pixels drove it.</p>"
@@ -397,7 +441,7 @@ def render_html(run: dict[str, Any], card: Any, call: str, numbers: dict[str, An
 <section id="quality"><h2>Data quality</h2><p>{flag_summary}</p><table class="flags"><tr><th>check</th><th>value</th>
 <th>threshold</th><th>status</th><th>detail</th></tr>{flag_rows}</table></section>
 <section id="regions"><h2>Top regions</h2>{note}{regions_block}</section>
-<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.get('slidescore_version'))} on
+<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.slidescore_version)} on
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: no network access needed.</footer>
 </main></body></html>
 """

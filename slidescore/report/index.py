@@ -14,6 +14,7 @@ from typing import Any
 
 from slidescore.io.outputs import join, list_children, read_json, read_text, write_text
 from slidescore.report.html import CALL_COLORS, CSS, REPORT, _e, _num, call_of
+from slidescore.stages.records import SampleRecord
 
 INDEX = "index.html"
 SUCCESS = "_SUCCESS"
@@ -23,16 +24,15 @@ def _sample_row(d: str, name: str) -> dict[str, Any] | None:
     files = {k: loc for k, (loc, _) in list_children(d).items()}
     if "run.json" not in files:
         return None
-    run = read_json(files["run.json"])
-    rep = run.get("report") or {}
+    run = SampleRecord.from_dict(read_json(files["run.json"]))  # an older run.json reads with defaults
     call, _ = call_of(run)
-    top = rep.get("top_peak_probability")
+    top = run.report.top_peak_probability if run.report else None
     if top is None and "regions.json" in files:
         regs = read_json(files["regions.json"]).get("regions") or []
         top = regs[0]["peak_probability"] if regs else None
-    return {"sample_id": run.get("sample_id", name), "status": "ok" if SUCCESS in files else "incomplete",
-            "call": call, "top": top, "regions": run.get("regions", {}).get("total"),
-            "raised": [f["flag"] for f in run.get("quality", []) if f.get("raised")],
+    return {"sample_id": run.sample_id or name, "status": "ok" if SUCCESS in files else "incomplete",
+            "call": call, "top": top, "regions": run.regions.total if run.regions else None,
+            "raised": [f.flag for f in run.quality or [] if f.raised],
             "report": f"{name}/{REPORT}" if REPORT in files else None, "error": ""}
 
 

@@ -13,12 +13,14 @@ Measured on tiles of ``tile_px`` pixels of one low-resolution level (the coarses
 * ``background_brightness`` — mean brightness of blank tiles (dim illumination, no white balance);
 * ``mpp_overridden`` — the resolution came from the config, not the image's metadata.
 
-Every check is returned, raised or not, as ``{flag, value, threshold, raised, message}``, so
-run.json and the report show what was checked and never hide a problem.
+Every check is returned, raised or not, as a :class:`~slidescore.stages.records.QualityFlag`
+(``{flag, value, threshold, raised, message}`` in run.json), so run.json and the report show what
+was checked and never hide a problem.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from scipy import ndimage
 from slidescore.core.mask import detect_foreground
 from slidescore.core.types import Box
 from slidescore.io import SlideReader
+from slidescore.stages.records import QualityFlag, SampleRecord
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _GENERIC_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -123,12 +126,13 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
     return TileStats.concat(parts, lvl, mpp0 * info.downsample)
 
 
-def _flag(flag: str, value: float | str | None, threshold: float | str | None, raised: bool, message: str) -> dict[str, Any]:
-    return {"flag": flag, "value": value, "threshold": threshold, "raised": bool(raised), "message": message}
+def _flag(flag: str, value: float | str | None, threshold: float | str | None, raised: bool, message: str) -> QualityFlag:
+    return QualityFlag(flag=flag, value=value, threshold=threshold, raised=bool(raised), message=message)
 
 
-def quality_flags(stats: TileStats, run: dict[str, Any], card: Any, th: QualityThresholds | None = None) -> list[dict[str, Any]]:
-    """Evaluate every check on measured tiles and the run record; one dict per check."""
+def quality_flags(stats: TileStats, run: SampleRecord | Mapping[str, Any], card: Any,
+                  th: QualityThresholds | None = None) -> list[QualityFlag]:
+    """Evaluate every check on measured tiles and the run record (of one image); one flag per check."""
     th = th or QualityThresholds()
     w = stats.n_px / max(1.0, float(stats.n_px.sum()))  # partial edge tiles weigh less
     blank = stats.fg_frac < th.blank_tile_fg
@@ -181,9 +185,10 @@ def quality_flags(stats: TileStats, run: dict[str, Any], card: Any, th: QualityT
     else:
         flags.append(_flag("background_brightness", None, th.min_background_gray, False, f"not measured: no blank tiles {where}"))
 
-    src = str(run.get("input", {}).get("mpp_source", ""))
+    inp = SampleRecord.of(run).image_input
+    src = str(inp.mpp_source)
     overridden = src.startswith("config")
-    mpp0 = run.get("input", {}).get("mpp0")
+    mpp0 = inp.mpp0
     flags.append(_flag("mpp_overridden", src, "config", overridden,
                        f"resolution {mpp0} µm/px taken from {src or 'unknown'}; "
                        + ("the image's own metadata was missing or overridden — verify the scanner's µm/px"
@@ -191,7 +196,13 @@ def quality_flags(stats: TileStats, run: dict[str, Any], card: Any, th: QualityT
     return flags
 
 
-def sample_quality(reader: SlideReader, run: dict[str, Any], card: Any, th: QualityThresholds | None = None) -> list[dict[str, Any]]:
+def check_quality(reader: SlideReader, run: SampleRecord, card: Any, th: QualityThresholds | None = None) -> list[QualityFlag]:
     """Measure the image behind ``reader`` and evaluate every check (see the module docstring)."""
-    mpp0 = float(run.get("input", {}).get("mpp0") or reader.mpp or 1.0)
+    mpp0 = float(run.image_input.mpp0 or reader.mpp or 1.0)
     return quality_flags(measure_tiles(reader, mpp0, th), run, card, th)
+
+
+def sample_quality(reader: SlideReader, run: SampleRecord | Mapping[str, Any], card: Any,
+                   th: QualityThresholds | None = None) -> list[dict[str, Any]]:
+    """:func:`check_quality` as run.json records it (one dict per check); ``run`` may be a run.json's dict."""
+    return [f.to_dict() for f in check_quality(reader, SampleRecord.of(run), card, th)]

@@ -13,6 +13,7 @@ Every link is relative, so the page works in a local folder and from an object s
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,27 @@ from slidescore.report.html import (
     _num,
     call_of,
 )
+from slidescore.stages.records import SampleRecord, SampleReport
 
 
-# A page template: one f-string document, longer than 80 lines by its markup, not its logic.
-def write_sample_report(out_dir: str | Path, run: dict[str, Any], regions: list[Region], parts: SampleParts, card: Any, *,
-                        cfg: ReportConfig | None = None, image_folder: str = "images") -> dict[str, Any]:
+# Long by its markup, not its logic: a page template, one f-string document.
+def write_sample_report(out_dir: str | Path, run: SampleRecord | Mapping[str, Any], regions: list[Region], parts: SampleParts,
+                        card: Any, *, cfg: ReportConfig | None = None, image_folder: str = "images") -> SampleReport:
     """Write the ``report.html`` of a multi-image sample, after :func:`write_report` ran for each image.
 
     The page shows the sample-level call, every image (overview thumbnail, regions, top score,
     raised quality flags, a link to its own report), and the top ``cfg.top_k`` regions ranked
     across the images, each saying which image it lies on and linking to it there. Every link is
     relative (``images/<image_id>/report.html``), so the page works in a local folder and from an
-    object store alike. Returns the sample-level ``report`` entry for run.json.
+    object store alike. Returns the sample-level ``report`` of the run record (its ``images``, each
+    image page's own entry, are the caller's to add). ``run`` may be a run.json's dict.
     """
     t0 = time.perf_counter()
     cfg = cfg or ReportConfig()
-    sid = run["sample_id"]
+    run = SampleRecord.of(run)
+    sid = run.sample_id
     call, numbers = call_of(run)
-    by_uri = {img["uri"]: img["image_id"] for img in parts.images}
+    by_uri = {img.uri: img.image_id for img in parts.images}
     top = regions[: cfg.top_k]
     top_peak = float(regions[0].peak_probability) if regions else None
 
@@ -67,30 +71,30 @@ def write_sample_report(out_dir: str | Path, run: dict[str, Any], regions: list[
                           f"{_kv([('image', link), ('peak probability', _num(r.peak_probability))])}</div>")
         else:
             blocks.append(view.html(link))
-    raised = sorted({f for img in parts.images for f in img["raised"]})
+    raised = sorted({f for img in parts.images for f in img.raised})
     flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(raised))) if raised else "no check raised"
     call_rows = [(k, _num(v)) for k, v in _flatten(numbers)] if numbers else \
         [("status", "not computed: this run has no sample-level decision (run.json has no <code>decision</code>)")]
     image_rows = "".join(
-        f"<tr class='image' data-image='{_e(img['image_id'])}'><td><a href='{_e(image_href(img['image_id']))}'>"
-        f"<img class='thumb' alt='overview of image {_e(img['image_id'])}' src='{im.data_uri(img['thumb'])}'></a></td>"
-        f"<td><a class='image-report' href='{_e(image_href(img['image_id']))}'>{_e(img['image_id'])}</a><br>"
-        f"<span class='muted'>{_e(img['uri'])}</span></td><td>{_num(img['n_regions'])}</td><td>{_num(img['top'])}</td>"
-        f"<td>{_e(', '.join(img['raised']) or '—')}</td></tr>"
+        f"<tr class='image' data-image='{_e(img.image_id)}'><td><a href='{_e(image_href(img.image_id))}'>"
+        f"<img class='thumb' alt='overview of image {_e(img.image_id)}' src='{im.data_uri(img.thumb)}'></a></td>"
+        f"<td><a class='image-report' href='{_e(image_href(img.image_id))}'>{_e(img.image_id)}</a><br>"
+        f"<span class='muted'>{_e(img.uri)}</span></td><td>{_num(img.n_regions)}</td><td>{_num(img.top)}</td>"
+        f"<td>{_e(', '.join(img.raised) or '—')}</td></tr>"
         for img in parts.images
     )
-    pt, area, model = run.get("patches", {}), run.get("area", {}), run.get("model", {})
-    dcfg = run.get("config", {}).get("decision", {})
-    op = (run.get("decision") or {}).get("operating_point") or dcfg.get("operating_point") or "card thresholds"
+    pt, area, model = run.patches, run.area, run.model
+    dcfg = run.config.get("decision") or {}  # the config's serialisation (typed in slidescore.config)
+    op = (run.decision.operating_point if run.decision else None) or dcfg.get("operating_point") or "card thresholds"
     context = _kv([
-        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.get('source', ''))}, sha256 "
-                  f"{_e(str(model.get('sha256', ''))[:12])}…)</span>"),
+        ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.source)}, sha256 "
+                  f"{_e(model.sha256[:12])}…)</span>"),
         ("operating point", _e(op)),
-        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run.get("thresholds", {}).items()))),
+        ("thresholds", _e(", ".join(f"{k} ≥ {v:g}" for k, v in run.thresholds.items()))),
         ("images", f"{len(parts.images)}"),
-        ("patches", f"{_num(pt.get('scored'))} scored, {_num(pt.get('skipped_background'))} skipped as background "
-                    f"of {_num(pt.get('total'))}"),
-        ("area discarded", f"{area.get('discarded_fraction', float('nan')):.1%} of the images not scored (background)"),
+        ("patches", f"{_num(pt.scored)} scored, {_num(pt.skipped_background)} skipped as background "
+                    f"of {_num(pt.total)}"),
+        ("area discarded", f"{area.discarded_fraction:.1%} of the images not scored (background)"),
         ("regions", f"{len(regions):,} written, ranked across the images; top {len(top)} shown below"),
     ])
     note = f"<p class='muted'>Explanations: {_e('; '.join(parts.cam_notes))}</p>" if parts.cam_notes else ""
@@ -109,11 +113,11 @@ def write_sample_report(out_dir: str | Path, run: dict[str, Any], regions: list[
 <th>top score</th><th>quality flags raised</th></tr>{image_rows}</table><h2>Files</h2>{_links(links)}</section>
 <section id="context"><h2>Context</h2>{context}</section>
 <section id="regions"><h2>Top regions across the images</h2>{note}{''.join(blocks) or "<p class='muted'>No region above threshold.</p>"}</section>
-<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.get('slidescore_version'))} on
+<footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.slidescore_version)} on
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: no network access needed.</footer>
 </main></body></html>
 """
     write_text(Path(out_dir) / REPORT, text)
-    return {"html": REPORT, "top_k": len(top), "top_peak_probability": top_peak, "call": call,
-            "image_pages": [image_href(img["image_id"]) for img in parts.images], "regions_without_crops": missing,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return SampleReport(html=REPORT, top_k=len(top), top_peak_probability=top_peak, call=call,
+                        image_pages=[image_href(img.image_id) for img in parts.images], regions_without_crops=missing,
+                        seconds=round(time.perf_counter() - t0, 3))

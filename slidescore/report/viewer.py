@@ -37,6 +37,7 @@ import numpy as np
 from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, open_image
+from slidescore.stages.records import SampleRecord
 
 LayerTuple = tuple[Any, dict[str, Any], str]
 UNITS = ("um", "um")  # world coordinates are micrometres (pint spelling; the scale bar shows µm)
@@ -154,23 +155,26 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
     readers the layers hold stay open for the viewer's lifetime.
     """
     d = Path(sample_dir)
-    run = json.loads((d / "run.json").read_text())
-    mpp0 = float(run["input"]["mpp0"])
-    card = run["model"]["card"]
+    run = SampleRecord.from_dict(json.loads((d / "run.json").read_text()))
+    inp = run.image_input
+    if inp.mpp0 is None or inp.level_mpp is None:
+        raise ValueError(f"{d / 'run.json'}: names no input.mpp0 / input.level_mpp; cannot place the layers")
+    mpp0 = float(inp.mpp0)
+    card = run.model.card  # the card's serialisation (typed in slidescore.model.card)
     classes = list(card["classes"])
     palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
     colors = [tuple(c) for c in card.get("colors") or []]
     if len(colors) != len(classes):
         colors = [palette[i % len(palette)] for i in range(len(classes))]
     layers: list[LayerTuple] = []
-    uri = image or run["input"]["uri"]
+    uri = image or inp.uri
     if open_source:
         src = open_image(uri)
         levels = [LazyLevel(src, i) for i in range(len(src.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],
-                       {"name": f"{run['sample_id']} (source)", "rgb": src.n_channels in (3, 4), "multiscale": len(levels) > 1,
+                       {"name": f"{run.sample_id} (source)", "rgb": src.n_channels in (3, 4), "multiscale": len(levels) > 1,
                         "scale": (mpp0, mpp0), "translate": (0.0, 0.0), "units": UNITS, "metadata": {"uri": uri}}, "image"))
-    mosaic_path = d / run.get("outputs", {}).get("mosaic", "probabilities.ome.zarr")
+    mosaic_path = d / (run.outputs.mosaic or "probabilities.ome.zarr")
     attrs = _zattrs(mosaic_path)
     scale, trans = yx_transform(attrs, 0)
     mos = open_image(str(mosaic_path))
@@ -180,7 +184,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
         layers.append((levels if len(levels) > 1 else levels[0],
                        {"name": f"probability: {name}", "multiscale": len(levels) > 1, "scale": scale, "translate": trans, "units": UNITS,
                         "colormap": _colormap(name, colors[ci]), "contrast_limits": (0.0, 1.0), "blending": "translucent",
-                        "opacity": 0.7, "metadata": {"class": name, "threshold": run.get("thresholds", {}).get(name)}}, "image"))
+                        "opacity": 0.7, "metadata": {"class": name, "threshold": run.thresholds.get(name)}}, "image"))
     labels_path = mosaic_path / "labels" / "suspect"
     if labels_path.exists():
         lscale, ltrans = yx_transform(_zattrs(labels_path), 0)
@@ -203,7 +207,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
                 edges.append([cr / 255, cg / 255, cb / 255, 1.0])
             layers.append((rects, {
                 "name": "regions", "units": UNITS, "shape_type": "rectangle", "edge_color": edges, "face_color": [0.0, 0.0, 0.0, 0.0],
-                "edge_width": run["grid"]["stride_px"] * run["input"]["level_mpp"] / 2,  # half a cell
+                "edge_width": run.grid.stride_px * inp.level_mpp / 2,  # half a cell
                 "features": {"rank": [r["rank"] for r in regions], "class": [r["class_name"] for r in regions],
                              "peak_probability": [r["peak_probability"] for r in regions],
                              "area_um2": [r["area_um2"] for r in regions]},

@@ -56,7 +56,11 @@ from slidescore.stages.plan import SamplePlan, open_for_plan
 from slidescore.stages.records import (
     BlockRecord,
     FailureRecord,
+    ImageRecord,
+    ImageReport,
+    QualityFlag,
     RunRecord,
+    SampleRecord,
     SampleResult,
     SampleRow,
     utc_now,
@@ -166,9 +170,10 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
     _check_finite(plans, done.probs)
     first = plans[0]
     out = first.sample_out
-    write_json(join(out, RUN_JSON), run)
+    write_json(join(out, RUN_JSON), run.to_dict())
     write_json(join(out, SUCCESS), {"run_key": first.run_key, "finished": utc_now()})
-    return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, done.regions, run, images=[p.uri for p in plans])
+    return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, done.regions, run.to_dict(),
+                        images=[p.uri for p in plans])
 
 
 def _check_finite(plans: list[SamplePlan], probs: list[np.ndarray]) -> None:
@@ -217,9 +222,10 @@ def write_run_index(out_root: str, cfg: JobConfig) -> None:
     write_index(out_root)
 
 
-def _write_reports(run: dict[str, Any], plans: list[SamplePlan], probs: list[np.ndarray], regions: list[Region],
-                   images: list[dict[str, Any]] | None, card: ModelCard, cfg: JobConfig, *, model: Any = None) -> None:
-    """``report.html`` + ``tiles.geojson`` per image folder (the sample folder for one image); updates ``run``.
+def _write_reports(run: SampleRecord, plans: list[SamplePlan], probs: list[np.ndarray], regions: list[Region],
+                   images: list[ImageRecord] | None, card: ModelCard, cfg: JobConfig, *, model: Any = None) -> None:
+    """``report.html`` + ``tiles.geojson`` per image folder (the sample folder for one image); fills ``run``'s
+    ``quality``, ``report`` and the report's ``outputs``.
 
     A sample of several images also gets ``<sample>/report.html``: the call, its images and the
     regions ranked across them (crops and Grad-CAM rendered once, for the image pages). ``model``
@@ -228,39 +234,41 @@ def _write_reports(run: dict[str, Any], plans: list[SamplePlan], probs: list[np.
     (a local folder or an object store), each in one write.
     """
     # lazy: the report imports torch only for Grad-CAM
-    from slidescore.report import SampleParts, write_report, write_sample_report
+    from slidescore.report import SampleParts, render_report, write_sample_report
 
     def publish(tmp: str, dest: str) -> None:
         for f in sorted(Path(tmp).iterdir()):
             if f.is_file():
                 write_bytes(join(dest, f.name), f.read_bytes())
 
-    quality: list[dict[str, Any]] = []
-    reports: list[dict[str, Any]] = []
+    multi = images is not None
+    quality: list[QualityFlag] = []
+    reports: list[ImageReport] = []
     parts = SampleParts()  # filled only for a sample of several images
     for i, (plan, prob) in enumerate(zip(plans, probs, strict=True)):
-        run_i = run if images is None else {**run, **images[i], "sample_id": f"{plan.sample_id}/{plan.image_id}"}
-        mine = regions if images is None else [r for r in regions if r.image == plan.uri]
+        mine = [r for r in regions if r.image == plan.uri] if multi else regions
         reader = open_for_plan(plan)
         try:
             with tempfile.TemporaryDirectory(prefix="slidescore-report-") as tmp:
-                added = write_report(tmp, run_i, mine, reader, prob, card, cfg=cfg.report, model=model,
-                                     image_id=plan.image_id if images is not None else "", sample_href="../../",
-                                     parts=parts if images is not None else None)
+                added = render_report(tmp, run.for_image(i), mine, reader, prob, card, cfg=cfg.report, model=model,
+                                      image_id=plan.image_id if multi else "", sample_href="../../",
+                                      parts=parts if multi else None)
                 publish(tmp, plan.out_dir)
         finally:
             reader.close()
-        quality += [{**q, "image": plan.image_id} if images is not None else q for q in added.get("quality", [])]
-        reports.append({**added.get("report", {}), **({"image_id": plan.image_id} if images is not None else {})})
-    run["quality"] = quality
-    if images is None:
-        run["report"] = reports[0]
-        run["outputs"]["report"] = "report.html"
-        run["outputs"]["tiles"] = "tiles.geojson"
+        if multi:  # say which image each check and page is of
+            for q in added.quality:
+                q.image = plan.image_id
+            added.report.image_id = plan.image_id
+        quality += added.quality
+        reports.append(added.report)
+    run.quality = quality
+    run.outputs.add_report("report.html", "tiles.geojson")
+    if not multi:
+        run.report = reports[0]
         return
     with tempfile.TemporaryDirectory(prefix="slidescore-report-") as tmp:
         page = write_sample_report(tmp, run, regions, parts, card, cfg=cfg.report, image_folder=IMAGES)
         publish(tmp, plans[0].sample_out)
-    run["report"] = {**page, "images": reports}
-    run["outputs"]["report"] = "report.html"
-    run["outputs"]["per_image"].update(report="report.html", tiles="tiles.geojson")
+    page.images = reports
+    run.report = page

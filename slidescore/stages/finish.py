@@ -14,7 +14,7 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,26 @@ from slidescore.model.card import ModelCard
 from slidescore.stages.layout import IMAGES, MASK, MOSAIC
 from slidescore.stages.overview import render_overview
 from slidescore.stages.plan import SamplePlan, open_for_plan
-from slidescore.stages.records import BlockRecord, code_version
+from slidescore.stages.records import (
+    AreaRecord,
+    BlockCounts,
+    BlockRecord,
+    DecisionRecord,
+    GridRecord,
+    ImageRecord,
+    InputRecord,
+    ModelRecord,
+    OutputsRecord,
+    PatchCounts,
+    PerImageOutputs,
+    RegionCounts,
+    SampleInput,
+    SampleRecord,
+    Throughput,
+    Timings,
+    code_version,
+)
+from slidescore.stages.verify import read_level0_verified
 from slidescore.version import __version__
 
 OVERVIEW_THREADS = 4  # at most this many overview PNGs drawn at once (samples of several images)
@@ -45,16 +64,17 @@ REGION_COLUMNS = [
     "centroid_y_um", "centroid_x_um", "threshold", "image",
     "centroid_map_x", "centroid_map_y",  # GeoTIFF inputs: the centroid in the image's map CRS (empty otherwise)
 ]
+BORDER_POLICY = "patches from origin 0; the last may extend past the bottom/right edge, filled with the card's pad_value"
 
 
 @dataclass
 class Finished:
     """What :func:`write_outputs` leaves for the lifecycle: the run record so far and what the report needs."""
 
-    run: dict[str, Any]  # the sample's run.json, without report and quality
+    run: SampleRecord  # the sample's run.json, without report and quality
     regions: list[Region]  # the written regions (top_k), ranked
     probs: list[np.ndarray]  # level 0 of each image's mosaic
-    images: list[dict[str, Any]] | None  # per-image records of a sample of several images (None: one image)
+    images: list[ImageRecord] | None  # per-image records of a sample of several images (None: one image)
     overviews: list[Future[None]]  # the overview PNGs being drawn
 
 
@@ -67,7 +87,7 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
     and completion marker (:func:`slidescore.run.lifecycle.finish_sample`)."""
     multi = len(plans) > 1
     t0 = time.perf_counter()
-    probs = [mz.read_level(plan.mosaic_path, 0) for plan in plans]
+    probs = [read_level0_verified(plan) for plan in plans]  # every block's values present and decodable
     # the overviews' thumbnails and overlays are made while the regions are found; their boxes wait for them
     outlined: Future[list[Region]] = Future()
     overviews = [pool.submit(_draw_overview, plan, prob, functools.partial(_image_regions, outlined, plan.uri if multi else None))
@@ -86,9 +106,9 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
     written = _georeferenced(regions[: cfg.regions.top_k], plans)  # GeoTIFF: map coordinates too
     _write_region_files(plans, written, len(regions), card)
     timings = {"pyramid_s": t_pyramid, "regions_s": time.perf_counter() - t0 - t_pyramid}
-    run, images = _sample_run(plans, per_image, probs, cfg, card, model_info, t_start, timings)
-    run.update(decision=decision, regions={"total": len(regions), "written": len(written)})
-    return Finished(run, written, probs, images if multi else None, overviews)
+    run = _sample_run(plans, per_image, probs, cfg, card, model_info, t_start, timings)
+    run.decision, run.regions = decision, RegionCounts(total=len(regions), written=len(written))
+    return Finished(run, written, probs, run.images, overviews)
 
 
 def _find_regions(plans: list[SamplePlan], probs: list[np.ndarray], cfg: JobConfig, card: ModelCard) -> list[Region]:
@@ -100,7 +120,7 @@ def _find_regions(plans: list[SamplePlan], probs: list[np.ndarray], cfg: JobConf
 
 
 def _decision(plans: list[SamplePlan], per_image: list[list[BlockRecord]], regions: list[Region], cfg: JobConfig,
-              card: ModelCard) -> dict[str, Any]:
+              card: ModelCard) -> DecisionRecord:
     """run.json ``decision``: thresholds, operating point, calibration, and the sample-level call."""
     policy = DecisionPolicy.from_card(card, cfg.decision)
     decision = policy.record()
@@ -111,7 +131,7 @@ def _decision(plans: list[SamplePlan], per_image: list[list[BlockRecord]], regio
         n_units = sum(r.patches_scored for recs in per_image for r in recs) // k2
         counts = {c: sum(1 for r in regions if r.class_name == c) for c in card.classes}
         decision["sample_call"] = policy.sample_call(n_units, counts, unit="patch field")
-    return decision
+    return DecisionRecord.from_dict(decision)  # the decide layer's record, typed here
 
 
 def _write_region_files(plans: list[SamplePlan], regions: list[Region], n_total: int, card: ModelCard) -> None:
@@ -141,9 +161,8 @@ def _write_region_files(plans: list[SamplePlan], regions: list[Region], n_total:
 
 
 def _sample_run(plans: list[SamplePlan], per_image: list[list[BlockRecord]], probs: list[np.ndarray], cfg: JobConfig,
-                card: ModelCard, model_info: dict[str, Any], t_start: float,
-                timings: dict[str, float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The sample's run record (without decision, regions and report) and its per-image records."""
+                card: ModelCard, model_info: dict[str, Any], t_start: float, timings: dict[str, float]) -> SampleRecord:
+    """The sample's run record (without decision, regions and report), with its per-image records if it has several."""
     multi = len(plans) > 1
     first = plans[0]
     all_records = [r for recs in per_image for r in recs]
@@ -151,44 +170,37 @@ def _sample_run(plans: list[SamplePlan], per_image: list[list[BlockRecord]], pro
     scored = sum(r.patches_scored for r in all_records)
     score_s = sum(r.seconds_score for r in all_records)
     megapixels = sum(p.level_shape[0] * p.level_shape[1] for p in plans) / 1e6
-    outputs: dict[str, Any] = {"mosaic": MOSAIC, "mask": MASK, "labels": f"{MOSAIC}/labels/suspect",
-                               "regions": ["regions.json", "regions.csv", "regions.geojson"], "overview": "overview.png"}
+    region_files = ["regions.json", "regions.csv", "regions.geojson"]
+    total_s = time.perf_counter() - t_start
     if multi:
-        images = [{"image_id": p.image_id, "folder": f"{IMAGES}/{p.image_id}", **img} for p, img in zip(plans, images, strict=True)]
-        outputs = {"regions": ["regions.json", "regions.csv", "regions.geojson"],
-                   "per_image": {"folder": f"{IMAGES}/<image_id>", "mosaic": MOSAIC, "mask": MASK,
-                                 "labels": f"{MOSAIC}/labels/suspect", "regions": "regions.geojson", "overview": "overview.png"}}
-    timings = {**timings, "total_s": time.perf_counter() - t_start}
-    timings_s = {**(_sum_dicts([img["timings_s"] for img in images]) if multi else images[0]["timings_s"]), **timings}
-    run: dict[str, Any] = {
-        "sample_id": first.sample_id,
-        "run_key": first.run_key,
-        "slidescore_version": __version__,
-        "code_version": code_version(),
-        "input": images[0]["input"] if not multi else {"images": [p.uri for p in plans], "n_images": len(plans)},
-        "model": model_info,
-        "config": cfg.to_dict(),
-    }
-    if multi:
-        run["images"] = images
-        run["grid"] = {k: v for k, v in images[0]["grid"].items() if k not in ("cells_shape", "patches_shape")}
-        run["patches"] = _sum_dicts([img["patches"] for img in images])
-        run["blocks"] = _sum_dicts([img["blocks"] for img in images])
+        for p, img in zip(plans, images, strict=True):
+            img.image_id, img.folder = p.image_id, f"{IMAGES}/{p.image_id}"
         cells = sum(int(np.prod(prob[0].shape)) for prob in probs)
-        run["area"] = {"scored_cells": sum(img["area"]["scored_cells"] for img in images),
-                       "discarded_fraction": 1 - sum(img["area"]["scored_cells"] for img in images) / max(1, cells)}
+        scored_cells = sum(img.area.scored_cells for img in images)
+        run = SampleRecord(
+            input=SampleInput(images=[p.uri for p in plans], n_images=len(plans)), images=images,
+            grid=replace(images[0].grid, cells_shape=None, patches_shape=None),
+            patches=PatchCounts.summed([img.patches for img in images]),
+            blocks=BlockCounts.summed([img.blocks for img in images]),
+            area=AreaRecord(scored_cells=scored_cells, discarded_fraction=1 - scored_cells / max(1, cells)),
+            timings_s=Timings.summed([img.timings_s for img in images]),
+            outputs=OutputsRecord(regions=region_files, per_image=PerImageOutputs(
+                folder=f"{IMAGES}/<image_id>", mosaic=MOSAIC, mask=MASK, labels=f"{MOSAIC}/labels/suspect",
+                regions="regions.geojson", overview="overview.png")))
     else:
-        run.update({k: images[0][k] for k in ("grid", "patches", "blocks", "area")})
-    run.update({
-        "thresholds": dict(zip(card.classes, first.mosaic.thresholds, strict=True)),
-        "decision": None,
-        "regions": None,
-        "timings_s": timings_s,
-        "throughput": {"patches_per_s": scored / score_s if score_s else None,
-                       "megapixels_per_s": megapixels / max(1e-9, time.perf_counter() - t_start)},
-        "outputs": outputs,
-    })
-    return run, images
+        one = images[0]
+        run = SampleRecord(input=one.input, grid=one.grid, patches=one.patches, blocks=one.blocks, area=one.area,
+                           timings_s=replace(one.timings_s),
+                           outputs=OutputsRecord(mosaic=MOSAIC, mask=MASK, labels=f"{MOSAIC}/labels/suspect",
+                                                 regions=region_files, overview="overview.png"))
+    run = replace(run, sample_id=first.sample_id, run_key=first.run_key, slidescore_version=__version__,
+                  code_version=code_version(), model=ModelRecord.from_dict(model_info), config=cfg.to_dict(),
+                  thresholds=dict(zip(card.classes, first.mosaic.thresholds, strict=True)))
+    run.timings_s.pyramid_s, run.timings_s.regions_s = timings["pyramid_s"], timings["regions_s"]
+    run.timings_s.total_s = total_s
+    run.throughput = Throughput(patches_per_s=scored / score_s if score_s else None,
+                                megapixels_per_s=megapixels / max(1e-9, time.perf_counter() - t_start))
+    return run
 
 
 def _image_regions(outlined: Future[list[Region]], uri: str | None) -> list[Region]:
@@ -205,29 +217,31 @@ def _draw_overview(plan: SamplePlan, prob: np.ndarray, regions: Callable[[], lis
         reader.close()
 
 
-def _image_run(plan: SamplePlan, records: list[BlockRecord], prob: np.ndarray) -> dict[str, Any]:
+def _image_run(plan: SamplePlan, records: list[BlockRecord], prob: np.ndarray) -> ImageRecord:
     """run.json entries of one image: input, grid, patches, blocks, area, its own timings."""
     scored_cells = int(np.isfinite(prob[0]).sum())
-    return {
-        "input": {**plan.input_fingerprint, "uri": plan.uri, "mpp0": plan.mpp0, "mpp_source": plan.mpp_source,
-                  "level": plan.level, "level_mpp": plan.level_mpp, "level_shape": list(plan.level_shape),
-                  **_input_record(plan)},
-        "grid": {"patch_px": plan.grid.patch_px, "stride_px": plan.grid.stride_px, "cells_shape": list(plan.grid.cells_shape),
-                 "patches_shape": list(plan.grid.patches_shape), "border_policy": "patches from origin 0; the last may extend past the bottom/right edge, filled with the card's pad_value"},
-        "patches": {"total": plan.grid.n_patches, "scored": sum(r.patches_scored for r in records),
-                    "skipped_background": sum(r.patches_skipped for r in records),
-                    "evaluated_with_halo": sum(r.patch_evaluations for r in records)},
-        "blocks": {"total": len(plan.blocks), "resumed": sum(r.resumed for r in records),
-                   "without_foreground": sum(1 for r in records if r.patches_scored == 0)},
-        "area": {"scored_cells": scored_cells, "cell_um": plan.mosaic.cell_um,
-                 "discarded_fraction": 1 - scored_cells / max(1, prob[0].size)},
-        "timings_s": {**plan.timings, "read_s": sum(r.seconds_read for r in records),
-                      "score_s": sum(r.seconds_score for r in records), "write_s": sum(r.seconds_write for r in records)},
-    }
-
-
-def _sum_dicts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: sum(p[k] for p in parts) for k in parts[0]}
+    fp, recipe = plan.input_fingerprint, plan.input_recipe  # fingerprint: slidescore.io.storage.fingerprint
+    return ImageRecord(
+        input=InputRecord(uri=plan.uri, size_bytes=fp.get("size_bytes", 0), etag=fp.get("etag"), mtime=fp.get("mtime"),
+                          mpp0=plan.mpp0, mpp_source=plan.mpp_source, level=plan.level, level_mpp=plan.level_mpp,
+                          level_shape=list(plan.level_shape),
+                          # pixel conversion, resampling, georeference (see io.adapt, io.tiff)
+                          conversion=recipe.to_dict() if recipe else None,
+                          resampled_from_level=recipe.resample_from_level if recipe else None,
+                          resample_scale=recipe.scale if recipe and recipe.resample_from_level is not None else 1.0,
+                          georeference=plan.georeference),
+        grid=GridRecord(patch_px=plan.grid.patch_px, stride_px=plan.grid.stride_px, cells_shape=list(plan.grid.cells_shape),
+                        patches_shape=list(plan.grid.patches_shape), border_policy=BORDER_POLICY),
+        patches=PatchCounts(total=plan.grid.n_patches, scored=sum(r.patches_scored for r in records),
+                            skipped_background=sum(r.patches_skipped for r in records),
+                            evaluated_with_halo=sum(r.patch_evaluations for r in records)),
+        blocks=BlockCounts(total=len(plan.blocks), resumed=sum(r.resumed for r in records),
+                           without_foreground=sum(1 for r in records if r.patches_scored == 0)),
+        area=AreaRecord(scored_cells=scored_cells, cell_um=plan.mosaic.cell_um,
+                        discarded_fraction=1 - scored_cells / max(1, prob[0].size)),
+        timings_s=Timings(**plan.timings, read_s=sum(r.seconds_read for r in records),
+                          score_s=sum(r.seconds_score for r in records), write_s=sum(r.seconds_write for r in records)),
+    )
 
 
 def _georeferenced(regions: list[Region], plans: list[SamplePlan]) -> list[Region]:
@@ -235,15 +249,6 @@ def _georeferenced(regions: list[Region], plans: list[SamplePlan]) -> list[Regio
     if not geo:
         return regions
     return [georeference_regions([r], geo[r.image])[0] if r.image in geo else r for r in regions]
-
-
-def _input_record(plan: SamplePlan) -> dict[str, Any]:
-    """run.json ``input`` entries: pixel conversion, resampling, georeference (see io.adapt, io.tiff)."""
-    r = plan.input_recipe
-    return {"conversion": r.to_dict() if r else None,
-            "resampled_from_level": r.resample_from_level if r else None,
-            "resample_scale": r.scale if r and r.resample_from_level is not None else 1.0,
-            "georeference": plan.georeference}
 
 
 def _region_row(r: Region) -> dict[str, Any]:

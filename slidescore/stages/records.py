@@ -4,6 +4,9 @@ Records are small dataclasses that cross process boundaries (Ray ships :class:`B
 the actors) and serialise to the JSON files users and tools read. Both runners build the run-level
 ``run.json`` from :class:`RunRecord` / :class:`SampleRow`, so it has one layout whichever runner
 wrote it (fields a runner does not measure are ``null``).
+
+A sample's own ``run.json`` is :class:`~slidescore.stages.sample_record.SampleRecord` (defined in
+:mod:`slidescore.stages.sample_record`, re-exported here with its parts).
 """
 
 from __future__ import annotations
@@ -14,7 +17,37 @@ from pathlib import Path
 from typing import Any
 
 from slidescore.core.regions import Region
+from slidescore.stages.sample_record import (
+    AreaRecord,
+    BlockCounts,
+    CalibrationRecord,
+    DecisionRecord,
+    GridRecord,
+    ImageRecord,
+    ImageReport,
+    InputRecord,
+    ModelRecord,
+    OutputsRecord,
+    PatchCounts,
+    PerImageOutputs,
+    QualityFlag,
+    RegionCounts,
+    RegionCrop,
+    SampleCall,
+    SampleInput,
+    SampleRecord,
+    SampleReport,
+    Throughput,
+    Timings,
+)
 from slidescore.version import __version__
+
+__all__ = [  # the per-sample record's types, with the run's
+    "AreaRecord", "BlockCounts", "BlockRecord", "CalibrationRecord", "DecisionRecord", "FailureRecord", "GridRecord",
+    "ImageRecord", "ImageReport", "InputRecord", "ModelRecord", "OutputsRecord", "PatchCounts", "PerImageOutputs",
+    "QualityFlag", "RegionCounts", "RegionCrop", "RunRecord", "SampleCall", "SampleInput", "SampleRecord", "SampleReport",
+    "SampleResult", "SampleRow", "Throughput", "Timings", "block_record_dict", "code_version", "model_info", "utc_now",
+]
 
 
 @dataclass(frozen=True)
