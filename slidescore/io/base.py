@@ -7,12 +7,24 @@ past the image edge with a fill value, which is how the patch grid's border poli
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from slidescore.core.types import Box, LevelInfo
 from slidescore.errors import UnsupportedImageError
+
+#: The largest decoded tile / chunk (bytes) a reader accepts, checked from the header when a file is
+#: opened, before any pixel is decoded: readers decode whole tiles, and a header of a few hundred
+#: bytes can declare one 60,000² tile (10 GB). 256 MiB is 4,096 × 4,096 RGBA float32 px, far above
+#: what scanners and the OME-Zarr writers use (256²–1024² px). Readers take ``max_tile_bytes``
+#: (``open_image(uri, max_tile_bytes=…)``); ``None`` means this value, read when the file is opened.
+#: A job's ``limits.max_tile_bytes`` reaches the reader through that argument
+#: (:mod:`slidescore.stages.limits`), and is also checked against :attr:`max_chunk_bytes` of an open
+#: reader while planning.
+MAX_TILE_BYTES = 256 * 2**20
 
 
 @runtime_checkable
@@ -80,3 +92,52 @@ def as_yxc(arr: np.ndarray, axes: str, uri: str) -> np.ndarray:
         arr = arr[..., None]
         axes += "C"
     return np.moveaxis(arr, [axes.index("Y"), axes.index("X"), axes.index("C")], [0, 1, 2])
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
+
+
+def check_chunk_bytes(uri: str, level: int, chunk_shape: Sequence[int], dtype: Any, limit: int | None,
+                      kind: str = "tile") -> int:
+    """The decoded size in bytes of one tile / chunk of ``chunk_shape`` and ``dtype``; refuses one
+    above ``limit`` (``None``: :data:`MAX_TILE_BYTES`) from the header alone, before it is decoded."""
+    limit = MAX_TILE_BYTES if limit is None else limit
+    nbytes = math.prod(int(n) for n in chunk_shape) * np.dtype(dtype).itemsize
+    if nbytes > limit:
+        dims = " × ".join(f"{int(n):,}" for n in chunk_shape)
+        raise UnsupportedImageError(
+            f"{uri}: level {level} is stored in {kind}s of {dims} ({np.dtype(dtype).name}), {_mib(nbytes)} decoded each, "
+            f"above limits.max_tile_bytes = {limit:,} ({_mib(limit)}); every read decodes whole {kind}s — re-export the "
+            f"image tiled (e.g. 512 × 512 px tiles), or raise limits.max_tile_bytes in the config if this image is real",
+            uri=uri, level=level, chunk_shape=tuple(int(n) for n in chunk_shape), chunk_bytes=nbytes, limit=limit,
+            key="limits.max_tile_bytes",
+        )
+    return nbytes
+
+
+def check_level_shapes(uri: str, shapes: Sequence[tuple[int, int, int]]) -> None:
+    """Refuse a pyramid with a level without pixels (a zero or negative size in the header) or whose
+    levels disagree on the number of channels."""
+    if not shapes:
+        raise UnsupportedImageError(f"{uri}: the image has no levels; re-export the image", uri=uri)
+    for i, (h, w, c) in enumerate(shapes):
+        if h < 1 or w < 1 or c < 1:
+            raise UnsupportedImageError(
+                f"{uri}: level {i} has no pixels (height {h}, width {w}, {c} channels in the header); "
+                "the file is corrupt or not an image — re-export it", uri=uri, level=i)
+        if c != shapes[0][2]:
+            raise UnsupportedImageError(
+                f"{uri}: level {i} has {c} channels, level 0 has {shapes[0][2]}; the pyramid is inconsistent — re-export it",
+                uri=uri, level=i)
+
+
+def read_failed(uri: str, level: int, box: Box, err: BaseException, where: str = "") -> UnsupportedImageError:
+    """The error of a read that failed in a library (a codec, tifffile, zarr): names the file, the
+    level and the box (and ``where``, e.g. the chunk), never lets the library's type escape."""
+    at = f" ({where})" if where else ""
+    return UnsupportedImageError(
+        f"{uri}: failed to decode level {level} box {box}{at} ({type(err).__name__}: {err}); "
+        "the file may be truncated or corrupt — re-export or re-upload it",
+        uri=uri, level=level,
+    )

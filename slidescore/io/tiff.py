@@ -28,8 +28,13 @@ import tifffile
 import zarr
 
 from slidescore.core.types import Box, LevelInfo
-from slidescore.errors import InputError, TransientStorageError, UnsupportedImageError
-from slidescore.io.base import as_yxc
+from slidescore.errors import (
+    InputError,
+    SlideScoreError,
+    TransientStorageError,
+    UnsupportedImageError,
+)
+from slidescore.io.base import as_yxc, check_chunk_bytes, check_level_shapes, read_failed
 from slidescore.io.storage import with_retries
 
 #: threads decoding the tiles of one read
@@ -119,42 +124,60 @@ _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1
 class TiffReader:
     """A pyramidal (or single-level) TIFF opened lazily."""
 
-    def __init__(self, uri: str, handle: Any = None) -> None:
+    def __init__(self, uri: str, handle: Any = None, *, max_tile_bytes: int | None = None) -> None:
+        """Open ``uri`` (or ``handle``, a seekable binary file of it) from its header alone.
+
+        Refused with :class:`UnsupportedImageError`: not a TIFF, a level without pixels, a pixel type
+        tifffile cannot decode, or a tile / strip that decodes to more than ``max_tile_bytes``
+        (``None``: :data:`~slidescore.io.base.MAX_TILE_BYTES`). Anything else a library raises on a
+        corrupt header is reported the same way, with the URI.
+        """
         self.uri = uri
         self._handle = handle
         try:
-            self._tif = tifffile.TiffFile(handle if handle is not None else uri)
-            series = self._tif.series[0]
-            self._levels = list(series.levels)
-        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
-            if hasattr(self, "_tif"):
-                self._tif.close()
-            if handle is not None:
-                handle.close()
+            self._open(max_tile_bytes)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, SlideScoreError) or not isinstance(e, Exception):
+                raise
+            # tifffile, numpy and the tag parsers raise many types on a corrupt or truncated header
             raise UnsupportedImageError(
-                f"{uri}: not a readable TIFF ({type(e).__name__}: {e}); expected a tiled or striped TIFF/SVS/OME-TIFF",
+                f"{uri}: not a readable TIFF ({type(e).__name__}: {e}); the file may be truncated or corrupt — expected a "
+                "tiled or striped TIFF/SVS/OME-TIFF",
                 uri=uri,
             ) from None
+
+    def _open(self, max_tile_bytes: int | None) -> None:
+        uri = self.uri
+        self._tif: tifffile.TiffFile = tifffile.TiffFile(self._handle if self._handle is not None else uri)
+        series = self._tif.series[0]
+        self._levels = list(series.levels)
         self._axes = series.axes
-        shape0 = self._shape(self._levels[0])
-        if shape0[0] < 1 or shape0[1] < 1:
-            self.close()
-            raise UnsupportedImageError(f"{uri}: image has no pixels (shape {series.shape})", uri=uri)
-        self.levels = tuple(
-            LevelInfo(i, *self._shape(lv)[:2], downsample=shape0[1] / self._shape(lv)[1]) for i, lv in enumerate(self._levels)
-        )
+        if series.dtype is None or any(lv.dtype is None for lv in self._levels):
+            raise UnsupportedImageError(
+                f"{uri}: pixel type not supported (SampleFormat/BitsPerSample of the first image); export 8/16/32-bit "
+                "integer or float pixels", uri=uri)
+        shapes = [self._shape(lv) for lv in self._levels]
+        check_level_shapes(uri, shapes)
+        for i, lv in enumerate(self._levels):
+            if any(int(n) < 1 for n in lv.keyframe.chunks):
+                raise UnsupportedImageError(
+                    f"{uri}: level {i} has tiles / strips of shape {lv.keyframe.chunks} (TileLength, TileWidth or "
+                    "RowsPerStrip is 0); the file is corrupt — re-export it", uri=uri, level=i)
+        # one decoded tile / strip of every level, from the header: a hostile one is refused before any allocation
+        self.max_chunk_bytes = max(check_chunk_bytes(uri, i, lv.keyframe.chunks, lv.dtype, max_tile_bytes,
+                                                     "tile" if lv.keyframe.is_tiled else "strip")
+                                   for i, lv in enumerate(self._levels))
+        shape0 = shapes[0]
+        self.levels = tuple(LevelInfo(i, h, w, downsample=shape0[1] / w) for i, (h, w, _) in enumerate(shapes))
         self.n_channels = shape0[2]
         self.dtype = np.dtype(series.dtype)
         self.georeference: dict[str, Any] | None = None
         geo = self._tif.geotiff_metadata if self._tif.is_geotiff else None
-        try:
-            if geo:
-                self.georeference, self.mpp, self.mpp_source = read_georeference(geo, uri)
-            else:
-                self.mpp, self.mpp_source = self._read_mpp()
-        except Exception:
-            self.close()
-            raise
+        if geo:
+            self.georeference, self.mpp, self.mpp_source = read_georeference(geo, uri)
+        else:
+            self.mpp, self.mpp_source = self._read_mpp()
         self._arrays: dict[int, zarr.Array] = {}
         self._direct: dict[int, Any] = {}
         self.tile_cache = TileCache()
@@ -174,6 +197,14 @@ class TiffReader:
         return self._arrays[level]
 
     def read(self, level: int, box: Box) -> np.ndarray:
+        try:
+            return self._read(level, box)
+        except (InputError, TransientStorageError):
+            raise
+        except Exception as e:  # tifffile, zarr and the codecs raise many types on a corrupt file
+            raise read_failed(self.uri, level, box, e) from None
+
+    def _read(self, level: int, box: Box) -> np.ndarray:
         arr = self._array(level)
         axes = self._levels[level].axes.upper()
         iy, ix = axes.find("Y"), axes.find("X")
@@ -248,7 +279,11 @@ class TiffReader:
 
     def expect(self, level: int, boxes: list[Box]) -> None:
         """Announce reads (exact boxes, any order): tiles shared by several are decoded only once."""
-        arr = self._array(level)
+        try:
+            arr = self._array(level)
+        except Exception as e:  # a level tifffile cannot present as a Zarr store (a corrupt file)
+            raise UnsupportedImageError(f"{self.uri}: cannot read level {level} ({type(e).__name__}: {e}); the file may be "
+                                        "truncated or corrupt — re-export or re-upload it", uri=self.uri, level=level) from None
         axes = self._levels[level].axes.upper()
         iy, ix = axes.find("Y"), axes.find("X")
         if iy < 0 or ix < 0:
@@ -365,7 +400,9 @@ class TiffReader:
         return None, "none"
 
     def close(self) -> None:
-        self._tif.close()
+        tif = getattr(self, "_tif", None)  # None: the file was never opened (a failed open)
+        if tif is not None:
+            tif.close()
         if self._handle is not None:
             self._handle.close()
 

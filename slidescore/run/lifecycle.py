@@ -52,6 +52,7 @@ from slidescore.io.outputs import (
 from slidescore.model.card import ModelCard
 from slidescore.stages.finish import OVERVIEW_THREADS, write_outputs
 from slidescore.stages.layout import FAILURES, IMAGES, RUN_JSON, SUCCESS, sample_label
+from slidescore.stages.lease import release_lease, renew_lease
 from slidescore.stages.plan import SamplePlan, open_for_plan
 from slidescore.stages.records import (
     BlockRecord,
@@ -170,8 +171,10 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
     _check_finite(plans, done.probs)
     first = plans[0]
     out = first.sample_out
+    renew_lease(out, first.run_key, sample_id=first.sample_id)  # refuses if another run took the folder over
     write_json(join(out, RUN_JSON), run.to_dict())
     write_json(join(out, SUCCESS), {"run_key": first.run_key, "finished": utc_now()})
+    release_lease(out, first.run_key)
     return SampleResult(first.sample_id, " ".join(p.uri for p in plans), "ok", out, done.regions, run.to_dict(),
                         images=[p.uri for p in plans])
 

@@ -20,6 +20,7 @@ from slidescore.io.storage import is_local
 from slidescore.run import lifecycle
 from slidescore.stages.block import score_blocks
 from slidescore.stages.layout import sample_id_for
+from slidescore.stages.lease import release_lease
 from slidescore.stages.plan import (
     SamplePlan,
     check_config_for_model,
@@ -50,20 +51,24 @@ def score_sample(uri: str | SampleSpec, model: Any, cfg: JobConfig, out_root: st
     plans = plan_images(spec, cfg, model.card, model.checksum, out_root)
     if plans is None:
         return lifecycle.skipped(out_root, spec)
-    where[0] = "scoring"
-    recipe = BlockRecipe.for_job(model, cfg)
-    records = []
-    for plan in plans:
-        try:
-            records.append(score_image(plan, model, recipe, cfg, progress))
-        except ConfigError:
-            raise
-        except Exception as e:
-            if not plan.image_id:
+    try:
+        where[0] = "scoring"
+        recipe = BlockRecipe.for_job(model, cfg)
+        records = []
+        for plan in plans:
+            try:
+                records.append(score_image(plan, model, recipe, cfg, progress))
+            except ConfigError:
                 raise
-            raise image_error(sid, plan.image_id, plan.uri, e) from e
-    where[0] = "finishing"
-    return lifecycle.finish_sample(plans, records, cfg, model_info(model), model.card, t_start, model=model)
+            except Exception as e:
+                if not plan.image_id:
+                    raise
+                raise image_error(sid, plan.image_id, plan.uri, e) from e
+        where[0] = "finishing"
+        return lifecycle.finish_sample(plans, records, cfg, model_info(model), model.card, t_start, model=model)
+    except BaseException:
+        release_lease(plans[0].sample_out, plans[0].run_key)  # this run writes nothing more there
+        raise
 
 
 def score_image(plan: SamplePlan, model: Any, recipe: BlockRecipe, cfg: JobConfig,

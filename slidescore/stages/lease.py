@@ -14,12 +14,15 @@ mosaic would end up holding chunks of both — and be marked complete.
   saying how to end the wait. ``--overwrite`` does not override it: it replaces finished results,
   never a folder another run is writing.
 - **Expired (or unreadable) lease: taken over**, with a compare-and-swap
-  (:func:`~slidescore.io.outputs.replace_if_unchanged`: an ``If-Match`` PUT on S3), so of several
-  runs that find one expired lease exactly one takes it. Logged at WARNING.
-- **A finished sample's lease is ignored.** The lease is not deleted when the sample finishes: a
-  ``_SUCCESS`` of the lease's own run key means its holder is done, so the next run (an
-  ``--overwrite``) takes it over at once. No release step can be forgotten or crash half-way.
-  :func:`release_lease` (a failed sample, whose folder nobody writes any more) marks it released.
+  (:func:`~slidescore.io.outputs.replace_if_unchanged`: an ``If-Match`` PUT on S3; locally a
+  read-compare-replace under an ``flock`` of ``.lease.lock``, an empty file left beside the lease),
+  so of several runs that find one expired lease exactly one takes it. Logged at WARNING.
+- **Released when done.** The run marks its lease released (:func:`release_lease`: a compare-and-
+  swap, never a delete) right after the sample's ``_SUCCESS``, and when the sample fails (nothing
+  more will be written there), so a run of another key may take the folder at once. A release is
+  never needed for correctness: a ``_SUCCESS`` of the lease's own run key already means its holder
+  is done (a crash between the marker and the release frees nothing late), and a lease nobody
+  releases expires. It only matters when the marker is later damaged, or the sample failed.
 
 Time to live: :data:`DEFAULT_TTL_S` (6 h), or ``SLIDESCORE_LEASE_TTL_S`` seconds. A lease is renewed
 when it is taken again (every resume) and by :func:`renew_lease` (when a sample finishes; a runner
@@ -44,6 +47,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -131,26 +135,26 @@ def acquire_lease(sample_dir: str, run_key: str, *, sample_id: str | None = None
     for _ in range(_ATTEMPTS):
         mine = _new_lease(run_key, ttl_s)
         if create_exclusive(path, mine.to_bytes()):
-            return mine
+            return _hold(sample_dir, mine)
         cur = read_versioned(path)
         if cur is None:
             continue  # taken over and released between our two calls: try again
         data, version = cur
         held = _parse(data, path)
         if held is not None and held.token == mine.token:
-            return mine  # our own create, retried after a timeout, found itself
+            return _hold(sample_dir, mine)  # our own create, retried after a timeout, found itself
         if held is not None and held.run_key == run_key and not held.released:
             mine = replace(mine, acquired=held.acquired)  # re-entrant: the same run renews it
         elif held is not None and not _free(held, sample_dir):
             raise _busy(sid, sample_dir, held, uri)
         elif held is not None:
-            log.warning("sample %s: taking over the %s lease of %s (%s, expired %s)", sid,
-                        "released" if held.released else "finished" if not held.expired() else "expired",
+            log.warning("sample %s: taking over the %s lease of %s (%s, expires %s)", sid,
+                        "released" if held.released else "expired" if held.expired() else "finished",
                         sample_dir, held.holder(), held.expires)
         else:
             log.warning("sample %s: the lease %s is unreadable; taking it over", sid, path)
         if replace_if_unchanged(path, version, mine.to_bytes()):
-            return mine
+            return _hold(sample_dir, mine)
         # it changed between our read and our write (another run took it, or its holder renewed it): look again
     raise InputError(f"sample {sid!r}: could not take the lease {path}: it changed {_ATTEMPTS} times while this "
                      "run tried; several runs are contending for this sample folder — run one at a time", uri=uri)
@@ -167,7 +171,7 @@ def check_lease(sample_dir: str, run_key: str, *, sample_id: str | None = None, 
 
 
 def renew_lease(sample_dir: str, run_key: str, *, sample_id: str | None = None, ttl_s: float | None = None) -> Lease:
-    """Extend this run's lease (when a sample finishes; while a long one scores).
+    """Extend this run's lease (before a sample's completion marker; while a long one scores).
 
     Raises :class:`~slidescore.errors.InputError` when another run key has taken the folder over
     (this run's lease had expired): this run must then write nothing more there, its completion
@@ -186,29 +190,52 @@ def renew_lease(sample_dir: str, run_key: str, *, sample_id: str | None = None, 
                              f"expired; the sample was left to that run — raise {TTL_ENV} for samples this long")
         mine = replace(_new_lease(run_key, ttl_s), acquired=held.acquired)
         if replace_if_unchanged(path, cur[1], mine.to_bytes()):
-            return mine
+            return _hold(sample_dir, mine)
     raise InputError(f"sample {sid!r}: could not renew the lease {path}: it changed {_ATTEMPTS} times while this run tried")
 
 
 def release_lease(sample_dir: str, run_key: str) -> bool:
-    """Mark this run key's lease released (nothing more will be written there); ``False`` when it is not ours.
+    """Mark the folder's lease released if it is ``run_key``'s and this process wrote it last;
+    ``False`` when there is nothing of ours to release.
 
-    Not needed after ``_SUCCESS`` (a finished sample's lease is ignored); meant for a sample that failed,
-    so that a run of another key may take the folder at once instead of after the TTL.
+    Call it when this run will write nothing more in the folder: after ``_SUCCESS`` (the marker alone
+    frees the lease too, but a marker damaged later would not), or when the sample failed after it
+    was planned, so that a run of another key may take the folder at once instead of after the TTL.
+    A lease that another process of the same run renewed since is left alone: that process still
+    writes there. Never raises for storage trouble (logged): a lease left behind only delays a run
+    of another key until it expires.
     """
     path = lease_path(sample_dir)
-    for _ in range(_ATTEMPTS):
-        cur = read_versioned(path)
-        if cur is None:
-            return False
-        held = _parse(cur[0], path)
-        if held is None or held.run_key != run_key or held.released:
-            return False
-        now = _iso(time.time())
-        gone = replace(held, token=uuid.uuid4().hex, renewed=now, expires=now, released=True)
-        if replace_if_unchanged(path, cur[1], gone.to_bytes()):
-            return True
+    try:
+        for _ in range(_ATTEMPTS):
+            with _held_lock:
+                token = _held.get(path)
+            cur = read_versioned(path) if token else None
+            if cur is None:
+                return False
+            held = _parse(cur[0], path)
+            if held is None or held.token != token or held.released or held.run_key != run_key:
+                return False
+            now = _iso(time.time())
+            gone = replace(held, token=uuid.uuid4().hex, renewed=now, expires=now, released=True)
+            if replace_if_unchanged(path, cur[1], gone.to_bytes()):
+                with _held_lock:
+                    _held.pop(path, None)
+                return True
+    except Exception as e:  # noqa: BLE001 — releasing early is a courtesy; the TTL (or _SUCCESS) frees it anyway
+        log.warning("could not release the lease %s (%s: %s); it frees itself when it expires", path, type(e).__name__, e)
     return False
+
+
+# the token of this process's last write of each lease it holds (what release_lease may release)
+_held: dict[str, str] = {}
+_held_lock = threading.Lock()
+
+
+def _hold(sample_dir: str, lease: Lease) -> Lease:
+    with _held_lock:
+        _held[lease_path(sample_dir)] = lease.token
+    return lease
 
 
 def finished_key(sample_dir: str) -> str | None:

@@ -57,7 +57,14 @@ from slidescore.stages.layout import (
     sample_id_for,
     sample_label,
 )
-from slidescore.stages.lease import acquire_lease, check_lease, finished_key, read_run_key_file
+from slidescore.stages.lease import (
+    acquire_lease,
+    check_lease,
+    finished_key,
+    read_run_key_file,
+    release_lease,
+)
+from slidescore.stages.limits import check_planned_image, reader_options
 from slidescore.version import __version__
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class SamplePlan:
     timings: dict[str, float] = field(default_factory=dict)
     input_recipe: InputRecipe | None = None  # dtype conversion, channels, resampled virtual level (io.adapt)
     georeference: dict[str, Any] | None = None  # GeoTIFF: epsg, affine (level-0 px → map), units
+    max_tile_bytes: int | None = None  # limits.max_tile_bytes, for every reader that opens this image
     image_id: str = ""  # set for the images of a sample of several images ("" for a one-image sample)
     sample_dir: str = ""  # where the sample's regions, run.json and _SUCCESS go ("" = out_dir)
 
@@ -150,6 +158,7 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
     # which samples are in the job and how the cluster runs it never change a sample's outputs
     d.pop("samples", None)
     d.pop("cluster", None)
+    d.pop("limits", None)  # limits refuse work; they never change what a finished sample holds
     payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -244,7 +253,10 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     """
     t0 = time.perf_counter()
     sample_id = sample_id or sample_id_for(uri)
-    reader = open_image(uri)
+    try:
+        reader = open_image(uri, **reader_options(cfg))
+    except InputError as e:  # name the sample: the reader knows only the file
+        raise type(e)(f"sample {sample_id!r}: {e}", **e.context) from None
     try:
         fp = fingerprint(uri) if fp is None else fp
         run_key = run_key or run_key_for(fp, model_checksum, card, cfg)
@@ -273,6 +285,7 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
                 "a sample must be at least one model patch in size",
                 uri=uri,
             ) from None
+        check_planned_image(reader, cfg, sample_id, mpp0=mpp0, recipe=recipe, level=level, grid=grid)  # limits.*
         t_open = time.perf_counter()
         cell_fg = compute_cell_foreground(reader, cfg, mpp0, grid, info.downsample)
         pf = patch_fractions(cell_fg, grid.k, grid.patches_shape)
@@ -299,7 +312,7 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
         level_shape=(info.height, info.width), level_downsample=info.downsample, mpp0=mpp0,
         mpp_source=mpp_source, grid=grid, blocks=blocks, valid=valid, mosaic=spec, input_fingerprint=fp,
         timings={"open_s": t_open - t0, "mask_s": t_mask - t_open},
-        image_id=image_id, sample_dir=sample_dir if image_id else "",
+        image_id=image_id, sample_dir=sample_dir if image_id else "", max_tile_bytes=cfg.limits.max_tile_bytes,
         input_recipe=recipe, georeference=getattr(reader, "georeference", None),
     )
     if not dry_run:
@@ -341,6 +354,8 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
             for stale in (SUCCESS, RUN_JSON, "regions.json", "regions.csv", "regions.geojson", IMAGES):
                 remove(join(sample_dir, stale))
             write_text(key_file, run_key + "\n")
+        else:
+            remove(join(sample_dir, SUCCESS))  # an unreadable marker a crash left: not complete until we say so
     plans = []
     for iid, uri, fp in zip(ids, spec.uris, fps, strict=True):
         try:
@@ -370,8 +385,9 @@ def image_error(sample_id: str, image_id: str, uri: str, err: BaseException) -> 
 
 
 def open_for_plan(plan: SamplePlan) -> SlideReader:
-    """Open a planned image as the plan reads it (converted to uint8, with its resampled level if any)."""
-    return open_adapted(plan.uri, plan.input_recipe)
+    """Open a planned image as the plan reads it (converted to uint8, with its resampled level if any,
+    under the same ``limits.max_tile_bytes``)."""
+    return open_adapted(plan.uri, plan.input_recipe, max_tile_bytes=plan.max_tile_bytes)
 
 
 def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
@@ -420,25 +436,19 @@ def thresholds_for(card: ModelCard, cfg: JobConfig) -> tuple[float, ...]:
 def _prepare_outputs(plan: SamplePlan, cfg: JobConfig, cell_fg: np.ndarray) -> None:
     """Create the mosaic unless a partial one of the same run exists (then resume into it).
 
-    A one-image sample takes its folder's lease first (:mod:`slidescore.stages.lease`); the images
-    of a sample of several images are planned under the lease :func:`plan_images` took.
+    A one-image sample takes its folder's lease first (:mod:`slidescore.stages.lease`), and releases
+    it when this fails (nothing more will be written there); the images of a sample of several images
+    are planned under the lease :func:`plan_images` took.
     """
-    if not plan.image_id:
-        acquire_lease(plan.sample_out, plan.run_key, sample_id=plan.sample_id, uri=plan.uri)
-    out = plan.out_dir
-    key_file = join(out, RUN_KEY_FILE)
-    same_run = read_run_key_file(key_file) == plan.run_key and exists(join(plan.mosaic_path, ".zgroup"))
-    if same_run and not cfg.output.overwrite:
-        return
-    for stale in (join(out, SUCCESS), join(out, layout.BLOCKS)):
-        remove(stale)
-    attrs = {"run_key": plan.run_key, "sample_id": plan.sample_id, "source": plan.uri, "version": __version__,
-             "config": cfg.to_dict()}
     if plan.image_id:
-        attrs["image_id"] = plan.image_id
-    mz.create_mosaic(plan.mosaic_path, plan.mosaic, attrs)
-    mz.write_fraction_image(join(out, MASK), cell_fg, plan.mosaic)
-    write_text(key_file, plan.run_key + "\n")
+        _create_or_resume(plan, cfg, cell_fg)
+        return
+    acquire_lease(plan.sample_out, plan.run_key, sample_id=plan.sample_id, uri=plan.uri)
+    try:
+        _create_or_resume(plan, cfg, cell_fg)
+    except BaseException:
+        release_lease(plan.sample_out, plan.run_key)
+        raise
 
 
 def dry_run_rows(specs: Sequence[SampleSpec], cfg: JobConfig, card: ModelCard, model_checksum: str,
@@ -474,3 +484,23 @@ def _dry_run_image(plan: SamplePlan, cfg: JobConfig) -> dict[str, Any]:
             "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
             "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,
             "patches_to_score": int(np.count_nonzero(plan.valid))}
+
+
+def _create_or_resume(plan: SamplePlan, cfg: JobConfig, cell_fg: np.ndarray) -> None:
+    """:func:`_prepare_outputs` under the sample's lease: resume into this run's mosaic, or write it afresh."""
+    out = plan.out_dir
+    key_file = join(out, RUN_KEY_FILE)
+    same_run = read_run_key_file(key_file) == plan.run_key and exists(join(plan.mosaic_path, ".zgroup"))
+    if same_run and not cfg.output.overwrite:
+        if not plan.image_id:
+            remove(join(out, SUCCESS))  # an unreadable marker a crash left: this sample is not complete until we say so
+        return
+    for stale in (join(out, SUCCESS), join(out, layout.BLOCKS)):
+        remove(stale)
+    attrs = {"run_key": plan.run_key, "sample_id": plan.sample_id, "source": plan.uri, "version": __version__,
+             "config": cfg.to_dict()}
+    if plan.image_id:
+        attrs["image_id"] = plan.image_id
+    mz.create_mosaic(plan.mosaic_path, plan.mosaic, attrs)
+    mz.write_fraction_image(join(out, MASK), cell_fg, plan.mosaic)
+    write_text(key_file, plan.run_key + "\n")

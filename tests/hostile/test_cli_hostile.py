@@ -353,9 +353,10 @@ def chunks_behind_markers(tmp_path_factory: pytest.TempPathFactory, good_images,
     chunk = out / "b" / "probabilities.ome.zarr" / "0" / "0" / "0" / "1"
     chunk.write_bytes(chunk.read_bytes()[:10])
     results = {r.sample_id: r for r in score_samples([str(imgs["a"]), str(imgs["b"])], cfg, str(out), model=model)}
+    complete = {k: _marked_complete(out / k) for k in ("a", "b")}  # after the second run, before the third
     # the operator's way out, whatever the second run said: run again
     healed = {r.sample_id: r for r in score_samples([str(imgs["a"]), str(imgs["b"])], cfg, str(out), model=model)}
-    return results, out, reference, healed
+    return results, complete, reference, healed, out
 
 
 def test_lost_chunk_behind_its_block_marker_is_not_marked_complete_with_holes(chunks_behind_markers) -> None:
@@ -363,10 +364,10 @@ def test_lost_chunk_behind_its_block_marker_is_not_marked_complete_with_holes(ch
     complete with NaN (= "not scored") where its patches were scored."""
     from slidescore.io import mosaic as mz
 
-    results, out, reference, healed = chunks_behind_markers
+    results, complete, reference, healed, out = chunks_behind_markers
     r = results["a"]
     if r.status == "failed":
-        assert not _marked_complete(out / "a")
+        assert not complete["a"]
         assert_one_line(r.error)
         assert "run again" in r.error and "0_1" in r.error, r.error  # names the block and the way out
         assert healed["a"].status == "ok", healed["a"].error
@@ -381,10 +382,10 @@ def test_truncated_chunk_behind_its_block_marker_is_rescored_or_named(chunks_beh
     the damaged chunk and the way out (--overwrite), not a bare codec error."""
     from slidescore.io import mosaic as mz
 
-    results, out, reference, healed = chunks_behind_markers
+    results, complete, reference, healed, out = chunks_behind_markers
     r = results["b"]
     if r.status != "ok":
-        assert r.status == "failed" and not _marked_complete(out / "b")
+        assert r.status == "failed" and not complete["b"]
         assert_one_line(r.error)
         # names the damaged mosaic and block, and the way out (run again: the block is rescored)
         assert "probabilities.ome.zarr" in r.error and "0_1" in r.error and "run again" in r.error, r.error

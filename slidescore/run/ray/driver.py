@@ -23,6 +23,7 @@ from slidescore.run import lifecycle
 from slidescore.run.ray.actor import ScoringActor, TaskResult
 from slidescore.run.ray.cluster import ClusterError, actor_device
 from slidescore.stages.layout import sample_label
+from slidescore.stages.lease import release_lease
 from slidescore.stages.plan import (
     SamplePlan,
     check_config_for_model,
@@ -451,6 +452,8 @@ class Driver:
                 ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=KILL_WAIT_S)
             for s in self.samples:
                 self._close_bar(s)
+                if s.status != "ok" and s.plans:  # no actor writes any more: free the folder for the next run
+                    release_lease(s.plans[0].sample_out, s.plans[0].run_key)
         results = [s.result for s in self.samples if s.result is not None]
         self._write_run_record()
         return results
