@@ -139,16 +139,20 @@ def _write_region_files(plans: list[SamplePlan], regions: list[Region], n_total:
     multi = len(plans) > 1
     first = plans[0]
     out = first.sample_out
+    # regions.json stays a small table (thousands of regions): of each outline only its counts
+    # (parts, holes, vertices); the polygons themselves are in regions.geojson
+    where = "outlines: level-0 pixel polygons in regions.geojson"
     doc: dict[str, Any] = {"sample_id": first.sample_id, "n_regions_total": n_total,
-                           "coordinates": "level-0 pixels (y, x, h, w) and µm", "regions": [r.to_dict() for r in regions]}
+                           "coordinates": f"level-0 pixels (y, x, h, w) and µm; {where}",
+                           "regions": [r.to_dict() for r in regions]}
     if multi:
-        doc["coordinates"] = "level-0 pixels (y, x, h, w) and µm of each region's image"
+        doc["coordinates"] = f"level-0 pixels (y, x, h, w) and µm of each region's image; {where}"
         doc["images"] = [{"image_id": p.image_id, "uri": p.uri} for p in plans]
     write_json(join(out, "regions.json"), doc)
     write_csv(join(out, "regions.csv"), [_region_row(r) for r in regions], REGION_COLUMNS)
     colors = dict(zip(card.classes, card.class_colors(), strict=True))
     geojson = regions_geojson(regions, colors, first.sample_id)
-    if multi:  # one collection for the whole sample: say which image each box lies on
+    if multi:  # one collection for the whole sample: say which image each outline lies on
         for feature, r in zip(geojson["features"], regions, strict=True):
             feature["properties"]["image"] = r.image
     write_json(join(out, "regions.geojson"), geojson)

@@ -26,11 +26,14 @@ def check_qupath_geojson(gj: dict[str, Any], regions: list[dict[str, Any]]) -> N
     for f, r in zip(gj["features"], regions, strict=True):
         assert f["type"] == "Feature"
         uuid.UUID(f["id"])
-        ring = f["geometry"]["coordinates"][0]
-        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        geom = f["geometry"]
+        assert geom["type"] in ("Polygon", "MultiPolygon")  # cells touching at a corner: one part each
+        polygons = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        outers = [poly[0] for poly in polygons]
+        assert all(ring[0] == ring[-1] and len(ring) >= 4 for poly in polygons for ring in poly)
         y, x, h, w = r["bbox_px"]
-        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
-        assert (min(xs), max(xs), min(ys), max(ys)) == (x, x + w, y, y + h)
+        xs, ys = [p[0] for ring in outers for p in ring], [p[1] for ring in outers for p in ring]
+        assert (min(xs), max(xs), min(ys), max(ys)) == (x, x + w, y, y + h)  # the outline spans the region's box
         props = f["properties"]
         assert props["objectType"] == "annotation" and props["classification"]["name"] == r["class_name"]
         assert props["measurements"]["rank"] == r["rank"]

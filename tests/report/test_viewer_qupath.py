@@ -1,20 +1,24 @@
-"""napari layers built headless match the OME-Zarr transforms; the QuPath tile heat map is bounded."""
+"""napari layers built headless match the OME-Zarr transforms; the QuPath region outlines follow its
+importer's rules and enclose exactly the thresholded cells; the QuPath tile heat map is bounded."""
 
 from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from scipy import ndimage
 
 from slidescore.cli import main
 from slidescore.errors import ConfigError
 from slidescore.io import mosaic as mz
 from slidescore.report.qupath import tile_heatmap_geojson
 from slidescore.report.viewer import build_layers, close_layers, open_viewer, resolve_sample_dir
+from tests.test_regions import check_outline, polygon_area, polygons
 
 
 def _ome_transforms(group: Path) -> list[tuple[list[float], list[float]]]:
@@ -101,6 +105,41 @@ def test_view_without_a_display_is_a_usage_error(scored_batch, monkeypatch: pyte
     _, results = scored_batch
     with pytest.raises(ConfigError, match="no display.*ssh -X"):
         open_viewer(results[0].out_dir)
+
+
+def test_region_outlines_follow_qupath_rules_and_enclose_the_thresholded_cells(scored_batch) -> None:
+    """regions.geojson as QuPath's importer reads it (PathIO: a FeatureCollection of Features with a
+    Polygon / MultiPolygon in level-0 pixels, objectType, classification {name, [r, g, b]}, numeric
+    measurements, strict JSON), each outline's area equal to ``area_um2`` (the issue's acceptance:
+    within a cell) and enclosing exactly the region's cells of the thresholded level-0 map."""
+    _, results = scored_batch
+    checked = 0
+    for res in results:
+        sample = Path(res.out_dir)
+        gj = json.loads((sample / "regions.geojson").read_text())
+        listed = json.loads((sample / "regions.json").read_text())["regions"]
+        assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(listed) == len(res.regions)
+        json.dumps(gj, allow_nan=False)
+        prob = mz.read_level(sample / "probabilities.ome.zarr", 0)[0]
+        mpp0, thr = res.run["input"]["mpp0"], res.run["thresholds"]["parasitized"]
+        structure = ndimage.generate_binary_structure(2, res.run["config"]["regions"]["connectivity"])
+        labels, _ = ndimage.label(np.nan_to_num(prob, nan=0.0) >= thr, structure=structure)
+        for f, r, row in zip(gj["features"], res.regions, listed, strict=True):
+            assert f["type"] == "Feature" and uuid.UUID(f["id"])
+            props = f["properties"]
+            assert props["objectType"] == "annotation" and props["classification"]["name"] == r.class_name
+            assert all(isinstance(c, int) for c in props["classification"]["color"])
+            assert all(isinstance(v, float) for v in props["measurements"].values())
+            assert props["bbox_px"] == row["bbox_px"] == list(r.bbox_px)  # the box stays, as a property
+            assert row["outline"] == r.outline.summary() and row["outline"]["vertices"] > 0
+            geom = f["geometry"]
+            assert all(isinstance(v, float) for poly in polygons(geom) for ring in poly for pt in ring for v in pt)
+            cell = r.outline.cell_px0
+            assert abs(polygon_area(geom) * mpp0**2 - row["area_um2"]) <= (cell * mpp0) ** 2  # within a cell
+            y, x = (int(v // cell) for v in r.peak_px)
+            check_outline(r, geom, labels == labels[y, x], cell=cell, mpp=mpp0)
+            checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("max_tiles", [20000, 40, 7])
