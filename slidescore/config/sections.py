@@ -197,14 +197,38 @@ def check_conversion(rules: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where and how results are written."""
+    """Where and how results are written.
+
+    ``dtype`` of the probability mosaic: ``float32`` stores p; ``uint8`` stores ``1 + round(p · 254)``
+    (1…255) and 0 for a cell not scored, so "not scored" sorts below every probability.
+    ``not_scored`` (float32 only): what a cell no patch scored holds, and the arrays' fill value:
+    ``nan`` (default), or a finite number outside [0, 1] such as ``-1`` for viewers that cannot handle
+    NaN (the ``omero`` window stays 0–1, so -1 falls below it: dark or transparent). slidescore's own
+    readers return NaN for it either way.
+    """
 
     uri: str = "slidescore-output"
     dtype: str = "float32"
     overwrite: bool = False
+    not_scored: Any = "nan"  # "nan" or a finite number outside [0, 1] (a float32 mosaic's no-data value)
+
+    def __post_init__(self) -> None:
+        v = self.not_scored
+        if (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip().lower() in ("nan", ".nan")):
+            object.__setattr__(self, "not_scored", "nan")  # YAML .nan, NaN and nan alike (NaN != NaN would break equality)
 
     def validate(self, prefix: str) -> None:
         _one_of(self.dtype, ("float32", "uint8"), f"{prefix}.dtype")
+        if self.not_scored != "nan":
+            _number(self.not_scored, f"{prefix}.not_scored", "nan or a finite number outside [0, 1] (e.g. -1)",
+                    lambda v: not 0 <= v <= 1)
+            if self.dtype != "float32":
+                raise ConfigError(f"{prefix}.not_scored: applies to float32 mosaics only; a {self.dtype} mosaic stores "
+                                  f"0 for a cell not scored (set output.dtype: float32, or remove not_scored)")
+
+    def not_scored_value(self) -> float | None:
+        """The no-data value a float32 mosaic stores (``None``: NaN)."""
+        return None if self.not_scored == "nan" else float(self.not_scored)
 
 
 @dataclass(frozen=True)

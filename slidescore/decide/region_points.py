@@ -55,7 +55,7 @@ def region_counts(prob: np.ndarray, points: np.ndarray, threshold: float, *, cel
                   min_area_um2: float = 0.0, connectivity: int = 2) -> dict[str, int]:
     """Regions of ``prob >= threshold`` (the job's rule) and the objects they hold."""
     regions = find_regions(np.asarray(prob)[None], ("object",), (float(threshold),), cell_px0=cell_px, mpp0=mpp,
-                           min_area_um2=min_area_um2, connectivity=connectivity)
+                           min_area_um2=min_area_um2, connectivity=connectivity, outlines=False)  # counts only
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     found = np.zeros(len(pts), bool)
     holding = merged = 0

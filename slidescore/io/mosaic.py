@@ -5,11 +5,20 @@ which Java readers (QuPath via Bio-Formats, OMERO) can open. Arrays are (c, y, x
 class, one pixel per stride cell; level ``l`` has pixel size ``mpp · stride · 2^l`` µm and a
 translation that puts each pixel's centre on the centre of the source pixels it covers. The
 thresholded map is an OME-Zarr labels image (``labels/suspect``), and ``OME/METADATA.ome.xml``
-carries the physical pixel size for Bio-Formats.
+carries the physical pixel size and the channel names and colours for Bio-Formats (QuPath); the mask
+gets the same.
+
+Encoding (:class:`Encoding`, recorded as ``slidescore.encoding`` in the mosaic's attributes, read
+back by :func:`read_level`, :func:`read_box` and the napari viewer): float32 stores p, and a cell
+not scored as NaN, or as ``output.not_scored`` (a finite number outside [0, 1], e.g. -1, for viewers
+that cannot handle NaN); uint8 stores ``1 + round(p · 254)`` (1…255) and 0 for not scored, so "not
+scored" sorts below every probability and viewers windowing 1…255 draw it dark. The no-data value is
+the arrays' fill value; :func:`decode` always returns NaN for it. uint8 mosaics written before the
+encoding was recorded (255 = not scored, p · 254) still decode.
 
 Block ownership: level-0 chunks are written only by the block that owns them, whole, and
 ``write_empty_chunks`` is off, so an all-background chunk is simply absent (reads give the fill
-value, NaN = not scored). Higher levels are built after all blocks, from level 0 in memory.
+value, "not scored"). Higher levels are built after all blocks, from level 0 in memory.
 """
 
 from __future__ import annotations
@@ -36,8 +45,67 @@ from slidescore.io.storage import is_local, storage_options, with_retries
 
 T = TypeVar("T")
 
-UINT8_NOT_SCORED = 255
-UINT8_SCALE = 254.0
+UINT8_NOT_SCORED = 0  # stored uint8 value of a cell not scored (the fill value: absent chunks read as it)
+UINT8_OFFSET = 1
+UINT8_SCALE = 254.0  # p ↦ UINT8_OFFSET + round(p · UINT8_SCALE): 1…255
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a mosaic stores probabilities: ``stored = offset + p · scale`` (rounded for uint8), and
+    ``not_scored`` (``None``: NaN) for a cell no patch scored, which is also the arrays' fill value.
+
+    Recorded as ``slidescore.encoding`` in the mosaic's attributes (:meth:`to_attrs`), e.g.
+    ``{"dtype": "uint8", "not_scored": 0, "scale": 254, "offset": 1}``.
+    """
+
+    dtype: str = "float32"
+    not_scored: float | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @classmethod
+    def for_output(cls, dtype: str, not_scored: float | None = None) -> Encoding:
+        """The encoding slidescore writes: float32 with ``not_scored`` (NaN by default), or uint8 1…255 with 0."""
+        if dtype == "uint8":
+            return cls("uint8", UINT8_NOT_SCORED, UINT8_SCALE, UINT8_OFFSET)
+        if dtype != "float32":
+            raise ValueError(f"mosaic dtype {dtype!r}: expected 'float32' or 'uint8'")
+        return cls("float32", None if not_scored is None or np.isnan(not_scored) else float(not_scored))
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, dtype: Any) -> Encoding:
+        """The encoding recorded in a mosaic's root attributes (``attrs``: the whole ``.zattrs``); a
+        mosaic without one is float32 with NaN, or uint8 of the old encoding (255 = not scored, p · 254)."""
+        rec = attrs.get("slidescore", {}).get("encoding") if isinstance(attrs, dict) else None
+        dt = np.dtype(dtype)
+        if not isinstance(rec, dict):
+            return cls("uint8", 255, UINT8_SCALE, 0) if dt == np.uint8 else cls(dt.name)
+        ns = rec.get("not_scored")
+        return cls(str(rec.get("dtype", dt.name)), None if ns is None or ns == "NaN" else float(ns),
+                   float(rec.get("scale", 1.0)), float(rec.get("offset", 0.0)))
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The JSON form (NaN spelled ``"NaN"``, as in ``.zarray``'s fill value; uint8 values as integers)."""
+        num = (lambda v: int(v)) if self.dtype == "uint8" else (lambda v: float(v))
+        ns = "NaN" if self.not_scored is None else num(self.not_scored)
+        return {"dtype": self.dtype, "not_scored": ns, "scale": num(self.scale), "offset": num(self.offset)}
+
+    @property
+    def fill(self) -> Any:
+        """The arrays' fill value: what a cell not scored (and an absent chunk) holds."""
+        if self.dtype == "uint8":
+            return int(self.not_scored if self.not_scored is not None else 0)
+        return float("nan") if self.not_scored is None else self.not_scored
+
+    def window(self) -> dict[str, float]:
+        """The ``omero`` window: start/end = the stored values of p = 0 and p = 1 (uint8: 1–255; float32:
+        0–1), min/max = the data range (uint8: 0–255; float32: 0–1, widened to a finite ``not_scored``)."""
+        if self.dtype == "uint8":
+            return {"start": int(self.offset), "end": int(self.offset + self.scale), "min": 0, "max": 255}
+        ns = self.not_scored
+        return {"start": float(self.offset), "end": float(self.offset + self.scale),
+                "min": min(0.0, ns) if ns is not None else 0.0, "max": max(1.0, ns) if ns is not None else 1.0}
 
 
 @dataclass(frozen=True)
@@ -54,6 +122,11 @@ class MosaicSpec:
     colors: tuple[tuple[int, int, int], ...]
     thresholds: tuple[float, ...]
     name: str = "probabilities"
+    not_scored: float | None = None  # float32 only: the stored value of a cell not scored (None: NaN)
+
+    @property
+    def encoding(self) -> Encoding:
+        return Encoding.for_output(self.dtype, self.not_scored)
 
 
 def _compressor() -> numcodecs.Blosc:
@@ -134,8 +207,7 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
     """Create (or re-create) the empty mosaic: metadata, all level arrays, labels, OME-XML."""
     remove(path)
     _level0_arrays.cache_clear()
-    fill: Any = float("nan") if spec.dtype == "float32" else UINT8_NOT_SCORED
-    end = 1.0 if spec.dtype == "float32" else UINT8_SCALE
+    enc = spec.encoding
     root_attrs = {
         "multiscales": _multiscales(spec, spec.name, True, "mean"),
         "omero": {
@@ -145,7 +217,7 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
                 {
                     "label": name,
                     "color": "".join(f"{v:02X}" for v in color),
-                    "window": {"start": 0.0, "end": end, "min": 0.0, "max": end},
+                    "window": enc.window(),
                     "active": True,
                     "coefficient": 1.0,
                     "family": "linear",
@@ -155,7 +227,7 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
             ],
             "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
         },
-        "slidescore": attrs,
+        "slidescore": {**attrs, "encoding": enc.to_attrs()},
     }
     label_attrs = {
         "multiscales": _multiscales(spec, "suspect", False, "max"),
@@ -175,18 +247,38 @@ def create_mosaic(path: str | Path, spec: MosaicSpec, attrs: dict[str, Any]) -> 
         "labels/suspect": GroupMetadata(attributes=label_attrs, zarr_format=2),
     }
     for lvl in range(spec.n_levels):
-        nodes[str(lvl)] = _v2_meta(level_shape(spec.shape, lvl), (1, spec.chunk, spec.chunk), spec.dtype, fill)
+        nodes[str(lvl)] = _v2_meta(level_shape(spec.shape, lvl), (1, spec.chunk, spec.chunk), spec.dtype, enc.fill)
         nodes[f"labels/suspect/{lvl}"] = _v2_meta(level_shape(spec.shape[1:], lvl), (spec.chunk, spec.chunk), "uint8", 0)
     _create(path, nodes)
     write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(spec))
 
 
+PIXEL_TYPES = {"float32": "float", "uint8": "uint8"}  # numpy dtype → OME-XML Pixels/@Type
+
+
+def ome_color(rgb: tuple[int, ...], alpha: int = 255) -> int:
+    """An RGB colour as OME-XML's ``Color``: the RGBA bytes as one signed 32-bit integer
+    ((r << 24 | g << 16 | b << 8 | a), two's complement), e.g. white → -1, red → -16776961."""
+    r, g, b = (int(v) & 0xFF for v in rgb[:3])
+    v = (r << 24) | (g << 16) | (b << 8) | (alpha & 0xFF)
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def ome_color_rgba(value: int) -> tuple[int, int, int, int]:
+    """The inverse of :func:`ome_color`: a signed 32-bit ``Color`` → (r, g, b, a)."""
+    v = int(value) & 0xFFFFFFFF
+    return (v >> 24) & 0xFF, (v >> 16) & 0xFF, (v >> 8) & 0xFF, v & 0xFF
+
+
 def ome_xml(spec: MosaicSpec) -> str:
-    """Minimal OME-XML with the physical pixel size of level 0 (read by Bio-Formats / QuPath)."""
+    """Minimal OME-XML (2016-06) for Bio-Formats / QuPath: the level-0 size, pixel type and physical
+    pixel size (µm), and one ``Channel`` per class with its ``Name`` and ``Color`` (QuPath takes the
+    channel colours from here; it ignores the ``omero`` colours)."""
     c, h, w = spec.shape
-    ptype = "float" if spec.dtype == "float32" else "uint8"
     channels = "".join(
-        f'<Channel ID="Channel:0:{i}" Name="{escape(n)}" SamplesPerPixel="1"/>' for i, n in enumerate(spec.channel_names)
+        f'<Channel ID="Channel:0:{i}" Name="{escape(n, {chr(34): "&quot;"})}" SamplesPerPixel="1" '
+        f'Color="{ome_color(color)}"/>'
+        for i, (n, color) in enumerate(zip(spec.channel_names, spec.colors, strict=True))
     )
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -194,31 +286,40 @@ def ome_xml(spec: MosaicSpec) -> str:
         'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
         'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
         'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">'
-        f'<Image ID="Image:0" Name="{escape(spec.name)}">'
-        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{ptype}" SizeX="{w}" SizeY="{h}" SizeC="{c}" '
-        f'SizeZ="1" SizeT="1" PhysicalSizeX="{spec.cell_um}" PhysicalSizeXUnit="µm" '
+        f'<Image ID="Image:0" Name="{escape(spec.name, {chr(34): "&quot;"})}">'
+        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{PIXEL_TYPES[spec.dtype]}" SizeX="{w}" SizeY="{h}" '
+        f'SizeC="{c}" SizeZ="1" SizeT="1" PhysicalSizeX="{spec.cell_um}" PhysicalSizeXUnit="µm" '
         f'PhysicalSizeY="{spec.cell_um}" PhysicalSizeYUnit="µm">'
         f"{channels}<MetadataOnly/></Pixels></Image></OME>\n"
     )
 
 
-def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
-    """Probabilities (NaN = not scored) → stored values."""
-    if dtype == "float32":
-        return prob.astype(np.float32)
-    out = np.full(prob.shape, UINT8_NOT_SCORED, np.uint8)
+def encode(prob: np.ndarray, enc: Encoding) -> np.ndarray:
+    """Probabilities (NaN = not scored) → stored values (see :class:`Encoding`)."""
+    if enc.dtype == "float32":
+        out = prob.astype(np.float32)
+        if enc.not_scored is not None:
+            out[np.isnan(out)] = enc.not_scored
+        return out
+    out = np.full(prob.shape, enc.fill, np.uint8)
     ok = ~np.isnan(prob)
-    out[ok] = np.rint(np.clip(prob[ok], 0, 1) * UINT8_SCALE).astype(np.uint8)
+    out[ok] = np.rint(enc.offset + np.clip(prob[ok], 0, 1) * enc.scale).astype(np.uint8)
     return out
 
 
-def decode(stored: np.ndarray) -> np.ndarray:
-    """Stored values → float32 probabilities with NaN for cells not scored."""
-    if stored.dtype == np.uint8:
-        out = stored.astype(np.float32) / UINT8_SCALE
-        out[stored == UINT8_NOT_SCORED] = np.nan
-        return out
-    return stored.astype(np.float32)
+def decode(stored: np.ndarray, enc: Encoding | None = None) -> np.ndarray:
+    """Stored values → float32 probabilities with NaN for cells not scored.
+
+    ``enc``: the mosaic's :class:`Encoding` (:func:`read_encoding`); ``None``: what slidescore
+    writes for the array's dtype by default (float32 with NaN, uint8 with 0 = not scored)."""
+    enc = enc or Encoding.for_output("uint8" if stored.dtype == np.uint8 else "float32")
+    if enc.dtype == "uint8" or stored.dtype == np.uint8:
+        out = (stored.astype(np.float32) - np.float32(enc.offset)) / np.float32(enc.scale)
+    else:
+        out = stored.astype(np.float32)
+    if enc.not_scored is not None:
+        out[stored == enc.not_scored] = np.nan
+    return out
 
 
 def threshold_labels(prob: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarray:
@@ -253,7 +354,7 @@ def _storage_guard(path: str | Path, what: str, fn: Callable[[], T]) -> T:
 
 def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray) -> None:
     """Write a block's level-0 chunks (probabilities and labels). ``cells`` must be chunk-aligned."""
-    stored, labels = encode(prob, spec.dtype), threshold_labels(prob, spec.thresholds)
+    stored, labels = encode(prob, spec.encoding), threshold_labels(prob, spec.thresholds)
 
     def write() -> None:
         a_probs, a_labels = _level0_arrays(str(path), spec)
@@ -267,21 +368,23 @@ def build_pyramid(path: str | Path, spec: MosaicSpec, prob0: np.ndarray | None =
     """Fill levels 1… from level 0 (probabilities and labels); return level 0 as probabilities.
 
     Level 0 is read once (or given as ``prob0``, as :func:`read_level` returns it) and each level is
-    computed from the stored values of the level below; then every level array is written with one
-    call each, the calls side by side (zarr splits each into whole chunks, written concurrently; an
-    all-NaN chunk is not written, ``write_empty_chunks`` off).
+    computed from the stored values of the level below (decoded: a cell not scored is NaN to
+    :func:`nanmean_2x2` whatever the mosaic stores for it); then every level array is written with one
+    call each, the calls side by side (zarr splits each into whole chunks, written concurrently; a
+    chunk holding only "not scored" is not written, ``write_empty_chunks`` off).
     """
     root = _storage_guard(path, "opening the mosaic", lambda: _open(path, "r+"))
+    enc = spec.encoding
     if prob0 is None:
-        prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])))
+        prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])), enc)
     cur = prob0
     labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
     levels: list[tuple[str, np.ndarray]] = []
     for lvl in range(1, spec.n_levels):
-        stored = encode(nanmean_2x2(cur), spec.dtype)
+        stored = encode(nanmean_2x2(cur), enc)  # cur is decoded: not scored = NaN, whatever is stored
         labels = max_2x2(labels)
         levels += [(str(lvl), stored), (f"labels/suspect/{lvl}", labels)]
-        cur = decode(stored)  # the next level averages what is stored, as a reader would
+        cur = decode(stored, enc)  # the next level averages what is stored, as a reader would
 
     def write(item: tuple[str, np.ndarray]) -> None:
         name, data = item
@@ -322,7 +425,8 @@ def max_2x2(a: np.ndarray) -> np.ndarray:
 def read_box(path: str | Path, level: int, cells: Box) -> np.ndarray:
     """A box of one level as float32 probabilities (c, h, w), the labels of level 0 read too (both decode)."""
     root = zarr.open_group(_store(path, read_only=True), mode="r")
-    out = decode(np.asarray(_arr(root, str(level))[:, cells.y : cells.y1, cells.x : cells.x1]))
+    arr = _arr(root, str(level))
+    out = decode(np.asarray(arr[:, cells.y : cells.y1, cells.x : cells.x1]), read_encoding(root, arr))
     if level == 0:
         np.asarray(_arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1])
     return out
@@ -331,15 +435,23 @@ def read_box(path: str | Path, level: int, cells: Box) -> np.ndarray:
 def read_level(path: str | Path, level: int = 0) -> np.ndarray:
     """Whole level as float32 probabilities (c, y, x), NaN = not scored."""
     root = zarr.open_group(_store(path, read_only=True), mode="r")
-    return decode(np.asarray(_arr(root, str(level))[...]))
+    arr = _arr(root, str(level))
+    return decode(np.asarray(arr[...]), read_encoding(root, arr))
+
+
+def read_encoding(root: zarr.Group, arr: zarr.Array | None = None) -> Encoding:
+    """The :class:`Encoding` a mosaic records (``slidescore.encoding``), or the one its dtype implies."""
+    arr = arr if arr is not None else _arr(root, "0")
+    return Encoding.from_attrs(dict(root.attrs), arr.dtype)
 
 
 def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -> None:
-    """Save the foreground mask (fraction per cell, uint8 0–255) as a single-channel OME-Zarr."""
+    """Save the foreground mask (fraction per cell, uint8 0–255) as a single-channel OME-Zarr, with
+    ``OME/METADATA.ome.xml`` (pixel size, channel name and colour) as the mosaic has."""
     remove(path)
     one = MosaicSpec(
         shape=(1, *frac.shape), chunk=spec.chunk, n_levels=1, dtype="uint8", cell_um=spec.cell_um,
-        source_mpp=spec.source_mpp, channel_names=("foreground",), colors=((255, 255, 255),), thresholds=(0.5,),
+        source_mpp=spec.source_mpp, channel_names=("foreground fraction",), colors=((255, 255, 255),), thresholds=(0.5,),
         name="foreground",
     )
     attrs = {
@@ -354,6 +466,7 @@ def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -
     }
     _create(path, {"": GroupMetadata(attributes=attrs, zarr_format=2), "0": _v2_meta(one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)})
     _arr(_open(path, "r+"), "0")[0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+    write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(one))
 
 
 def dumps(obj: Any) -> str:

@@ -6,13 +6,16 @@ sample-level call and its numbers (``run.decision``, "not computed" while absent
 with the probability overlay, the outline of the thresholded area and numbered region boxes, the
 context (model and card, operating point and thresholds, patches scored/skipped, area discarded,
 regions), the data-quality checks, and the top-K regions as level-0 crops beside their overlay and
-Grad-CAM maps, each with its measurements; links point at the mosaic, the GeoJSONs and run.json.
+explanation (integrated gradients: the pixels that raised the score, :mod:`slidescore.report.gradcam`),
+each with its measurements. Links point only at files the run wrote (GeoJSONs, CSV, run.json, the
+OME-Zarr metadata files): a link to a folder resolves on a local disk but to nothing on an object
+store or its website, so the OME-Zarr folders are shown as paths to copy into napari or QuPath.
 Elements carry stable ids/classes (``#call``, ``#overview``, ``.crop``) for tests and styling.
 
 A sample of several images gets one such page per image (``images/<image_id>/report.html``) and a
 sample page (:mod:`slidescore.report.sample_page`); :class:`SampleParts` hands the rendered regions
-over, so nothing is rendered twice. Grad-CAM uses the model that scored the sample when the caller
-passes it, else loads it again. The run's ``index.html`` is :mod:`slidescore.report.index`.
+over, so nothing is rendered twice. The explanations use the model that scored the sample when the
+caller passes it, else load it again. The run's ``index.html`` is :mod:`slidescore.report.index`.
 
 The pages read the sample's run record by attribute (:class:`~slidescore.stages.records.SampleRecord`);
 the public functions also take a run.json's dict (an older one included) and read it with
@@ -31,15 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from slidescore.config import ReportConfig
 from slidescore.core.regions import Region
 from slidescore.core.types import Box
-from slidescore.io import SlideReader
-from slidescore.io.outputs import write_text
+from slidescore.io import SlideReader, read_padded
+from slidescore.errors import ConfigError
+from slidescore.io.outputs import join, write_text
 from slidescore.report import images as im
 from slidescore.report.quality import QualityThresholds, check_quality
 from slidescore.report.qupath import tile_heatmap_geojson
+from slidescore.stages.layout import MASK, MOSAIC, image_dir
 from slidescore.stages.records import ImageReport, QualityFlag, RegionCrop, SampleRecord
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,10 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 TILES = "tiles.geojson"
 THUMB_PX = 360  # long side of an image's overview on its sample's page
+EXPLANATION = "integrated gradients"  # the method of slidescore.report.gradcam (run.json: report.gradcam)
+EXPLANATION_TEXT = ("integrated gradients from an empty background — each pixel's share of how far the class probability "
+                    "of the patches covering the crop rose above what empty background scores; red/yellow = raised it most. "
+                    "The overlay beside it is the score map itself, one cell per scoring stride.")
 CALL_COLORS = {"positive": "#c0392b", "negative": "#1e8449", "needs review": "#d68910", "not computed": "#7f8c8d",
                "failed": "#7b241c"}
 
@@ -76,6 +86,7 @@ img.thumb{max-width:240px;border:1px solid #ccc}
 .legend span{display:inline-block;width:14px;height:14px;vertical-align:middle;margin-right:4px;border:1px solid #999}
 a{color:#1a5fb4}
 .muted{color:#666}
+code.path{user-select:all;background:#eef1f4;padding:0 4px;border-radius:3px;word-break:break-all}
 """
 
 
@@ -175,23 +186,7 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
     figs = [("crop", "level-0 pixels", crop), ("overlay", "probability overlay, outline at threshold", ov)]
     crop_rec = RegionCrop(rank=r.rank, crop_box_px=[box.y, box.x, box.h, box.w])
     if model is not None:
-        from slidescore.report.gradcam import explain_crop
-
-        level = int(run.image_input.level)
-        ds = reader.levels[level].downsample
-        lv = reader.levels[level]
-        lbox = Box(int(box.y / ds), int(box.x / ds), max(1, round(box.h / ds)), max(1, round(box.w / ds))).clip(lv.height, lv.width)
-        pix = np.asarray(reader.read(level, lbox))
-        res = explain_crop(model, pix, r.class_index)
-        if res.note and res.note not in cam_note:
-            cam_note.append(res.note)
-        if res.cam is not None:
-            cam = im.resize(res.cam, crop.shape[:2])
-            figs.append(("gradcam", f"Grad-CAM ({res.layer})", im.heat_on(crop, cam)))
-            crop_rec.gradcam_peak_px = [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
-        if res.guided is not None:
-            g = im.resize(res.guided, crop.shape[:2])
-            figs.append(("guided", "guided Grad-CAM", im.heat_rgb(g)))
+        figs += _explanation_figure(reader, box, crop, r, card, run, model, cam_note, crop_rec)
     figures = "".join(
         f"<figure><img class='{cls}' alt='{_e(cls)} of region {r.rank}' src='{im.data_uri(pic)}'>"
         f"<figcaption>{_e(cap)}</figcaption></figure>"
@@ -207,9 +202,41 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
     return RegionView(r.rank, figures, rows, crop_rec, image_id)
 
 
+def _explanation_figure(reader: SlideReader, box: Box, crop: np.ndarray, r: Region, card: Any, run: SampleRecord, model: Any,
+                        cam_note: list[str], crop_rec: RegionCrop) -> list[tuple[str, str, np.ndarray]]:
+    """The region's explanation (:mod:`slidescore.report.gradcam`) as a heat map over its level-0 crop.
+
+    The crop is explained at the scoring level with every patch of the scoring grid that covers it
+    (read with their halo, padded past the edge as in scoring); the map goes back to the crop's
+    level-0 pixels by sampling it at their centres (no stretching), and its peak is recorded.
+    """
+    from slidescore.report.gradcam import explain_crop, patch_read_box
+
+    level = int(run.image_input.level)
+    lv = reader.levels[level]
+    ds = float(lv.downsample)
+    inner = Box(int(np.floor(box.y / ds)), int(np.floor(box.x / ds)), 0, 0)
+    inner = Box(inner.y, inner.x, max(1, int(np.ceil(box.y1 / ds)) - inner.y), max(1, int(np.ceil(box.x1 / ds)) - inner.x))
+    rbox = patch_read_box(inner, (lv.height, lv.width), card.patch_px, int(run.grid.stride_px))
+    pix = np.asarray(read_padded(reader, level, rbox, card.pad_value))
+    res = explain_crop(model, pix, r.class_index, inner=Box(inner.y - rbox.y, inner.x - rbox.x, inner.h, inner.w),
+                       stride_px=int(run.grid.stride_px))
+    if res.note and res.note not in cam_note:
+        cam_note.append(res.note)
+    if res.heat is None:
+        return []
+    # level pixel u spans level-0 [u·ds, (u + 1)·ds): a crop pixel's centre Y + ½ sits at level (Y + ½)/ds − ½ from u's centre
+    ly = (box.y + np.arange(crop.shape[0]) + 0.5) / ds - 0.5 - inner.y
+    lx = (box.x + np.arange(crop.shape[1]) + 0.5) / ds - 0.5 - inner.x
+    heat = ndimage.map_coordinates(res.heat, np.meshgrid(ly, lx, indexing="ij"), order=1, mode="nearest")
+    crop_rec.gradcam_peak_px = [int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape)]
+    return [("explanation", f"{res.method}: pixels that raised the score (red/yellow), level-0 crop",
+             im.heat_on(crop, heat))]
+
+
 def _load_model_for(run: SampleRecord) -> tuple[Any, str]:
-    """The scoring model again (for Grad-CAM), on CPU; refused if its checksum differs from run.json's."""
-    from slidescore.errors import ConfigError, InputError
+    """The scoring model again (for the explanations), on CPU; refused if its checksum differs from run.json's."""
+    from slidescore.errors import InputError
     from slidescore.model import load_model
 
     src = run.model.source
@@ -266,7 +293,7 @@ def _usable_model(model: Any, run: SampleRecord) -> tuple[Any, str]:
     want = run.model.sha256
     have = getattr(model, "checksum", "")
     if want and have and have != want:
-        return None, f"not computed: the model passed for Grad-CAM is not the scoring model (sha256 {have[:12]}… ≠ {want[:12]}…)"
+        return None, f"not computed: the model passed for the explanations is not the scoring model (sha256 {have[:12]}… ≠ {want[:12]}…)"
     return model, ""
 
 
@@ -297,13 +324,13 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
     regions
         Ranked regions (rank 1 first); the first ``cfg.top_k`` get crops.
     reader
-        An open reader of the source image (level 0 for crops, the scoring level for Grad-CAM).
+        An open reader of the source image (level 0 for crops, the scoring level for the explanations).
     prob
         The (C, H, W) level-0 probability map (NaN = not scored).
     card
         The :class:`~slidescore.model.ModelCard`.
     model
-        The :class:`~slidescore.model.PatchClassifier` that scored the sample, used for Grad-CAM
+        The :class:`~slidescore.model.PatchClassifier` that scored the sample, used for the explanations
         as it is (on its device); ``None`` loads the model named in run.json again, on CPU (if
         ``cfg.gradcam``).
     image_id, sample_href, parts
@@ -351,7 +378,7 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
     call, numbers = call_of(run)
     top_peak = float(regions[0].peak_probability) if regions else (float(np.nanmax(prob)) if np.isfinite(prob).any() else None)
     html_text = render_html(run, card, call, numbers, flags, overview, [v.html() for v in views], len(regions), top_peak,
-                            cam_note, cfg, sample_href=sample_href if image_id else "")
+                            cam_note, cfg, sample_href=sample_href if image_id else "", image_id=image_id)
     write_text(out / REPORT, html_text)
     if parts is not None:
         parts.views.update({v.rank: v for v in views})
@@ -360,7 +387,7 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
                                       im.resize(overview, _fit(overview.shape[:2], THUMB_PX))))
     return ReportAdded(flags, ImageReport(
         html=REPORT, tiles_geojson=TILES, top_k=len(top), top_peak_probability=top_peak, call=call,
-        gradcam="; ".join(cam_note) or "guided Grad-CAM", gradcam_model=model_used, regions=[v.crop for v in views],
+        gradcam="; ".join(([EXPLANATION] if model is not None else []) + cam_note) or EXPLANATION, gradcam_model=model_used, regions=[v.crop for v in views],
         seconds=round(time.perf_counter() - t0, 3)))
 
 
@@ -372,8 +399,8 @@ def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
 
 def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any], flags: list[QualityFlag],
                 overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
-                cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "") -> str:
-    """The page of one sample (or, with ``sample_href``, of one image of a multi-image sample)."""
+                cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "", image_id: str = "") -> str:
+    """The page of one sample (or, with ``sample_href`` and ``image_id``, of one image of a multi-image sample)."""
     sid = run.sample_id
     pt, area, inp, model = run.patches, run.area, run.image_input, run.model
     dcfg = run.config.get("decision") or {}  # the config's serialisation (typed in slidescore.config)
@@ -387,18 +414,20 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
         for f in flags
     )
     outs = run.outputs
+    per = outs.per_image if sample_href else None
+    mosaic, mask = (per.mosaic, per.mask) if per else (outs.mosaic, outs.mask)
     if sample_href:  # one image of a multi-image sample: its own mosaic and GeoJSONs, the sample's tables and record
-        per = outs.per_image
         links = [(f"{sample_href}{REPORT}", "the sample's page (regions ranked across its images)"),
-                 (per.mosaic if per else "probabilities.ome.zarr", "probability mosaic of this image (OME-Zarr; QuPath, napari)"),
                  ("regions.geojson", "regions of this image (GeoJSON, QuPath annotations)"),
                  (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
-                 (f"{sample_href}regions.csv", "regions of the sample (CSV)"), (f"{sample_href}run.json", "run record (run.json)"),
-                 (per.mask if per else "mask.ome.zarr", "foreground mask")]
+                 (f"{sample_href}regions.csv", "regions of the sample (CSV)"), (f"{sample_href}run.json", "run record (run.json)")]
     else:
-        links = [(outs.mosaic or "probabilities.ome.zarr", "probability mosaic (OME-Zarr; QuPath, napari)"),
-                 ("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
-                 ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)"), (outs.mask or "mask.ome.zarr", "foreground mask")]
+        links = [("regions.geojson", "regions (GeoJSON, QuPath annotations)"), (TILES, "tile heat map (GeoJSON, QuPath measurement maps)"),
+                 ("regions.csv", "regions (CSV)"), ("run.json", "run record (run.json)")]
+    where = _folder_location(run, image_id)
+    folders = [(mosaic or MOSAIC, "probability mosaic" + (" of this image" if sample_href else ""),
+                "OME-Zarr 0.4, one pixel per stride cell, levels 0…n; <code>labels/suspect</code> is the thresholded map"),
+               (mask or MASK, "foreground mask", "OME-Zarr 0.4, foreground fraction per cell")]
     legend = "".join(f"<span style='background:rgb{tuple(c) if card.n_classes > 1 else (0, 150, 255)}'></span>{_e(n)} "
                      for n, c in zip(card.classes, card.class_colors(), strict=True))
     context = _kv([
@@ -422,8 +451,9 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
     ])
     flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f.flag for f in raised))) if raised else "no check raised"
     regions_block = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
-    note = f"<p class='muted'>Explanations: {_e('; '.join(cam_note))}</p>" if cam_note else \
-        "<p class='muted'>Grad-CAM: where the network looked (red/yellow = strongest); guided Grad-CAM: which pixels drove it.</p>"
+    explained = not any(n.startswith("not computed") for n in cam_note)
+    note = ("<p class='muted'>Explanation: " + _e(EXPLANATION_TEXT) + "</p>" if explained else "") + \
+        (f"<p class='muted'>Explanations: {_e('; '.join(cam_note))}</p>" if cam_note else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>slidescore report — {_e(sid)}</title><style>{CSS}</style></head>
@@ -436,7 +466,7 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
 <section><h2>Overview</h2><div class="ovw"><img id="overview" alt="overview of {_e(sid)} with probability overlay and regions"
  src="{im.data_uri(overview)}"><div><p class="legend">overlay: {legend}<br><span style="background:rgb{im.OUTLINE_RGB}"></span>
  area at or above threshold; numbered boxes: top regions by rank</p>
-<h2>Files</h2>{_links(links)}</div></div></section>
+<h2>Files</h2>{_links(links)}{_folders(folders, where)}</div></div></section>
 <section id="context"><h2>Context</h2>{context}</section>
 <section id="quality"><h2>Data quality</h2><p>{flag_summary}</p><table class="flags"><tr><th>check</th><th>value</th>
 <th>threshold</th><th>status</th><th>detail</th></tr>{flag_rows}</table></section>
@@ -448,4 +478,41 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
 
 
 def _links(links: list[tuple[str, str]]) -> str:
+    """Links to files (relative to the page): a link resolves on a local disk and on an object store alike only
+    when it names an object, never a folder (a prefix), so folders go through :func:`_folders`."""
     return "<ul class='files'>" + "".join(f"<li><a href='{_e(href)}'>{_e(text)}</a></li>" for href, text in links) + "</ul>"
+
+
+# every OME-Zarr folder slidescore writes holds these files (slidescore.io.mosaic): linkable as objects
+ZARR_FILES = (("OME/METADATA.ome.xml", "OME-XML metadata"), (".zattrs", "multiscales (.zattrs)"))
+
+
+def _folders(folders: list[tuple[str, str, str]], where: str) -> str:
+    """Output folders (OME-Zarr) as copyable paths with how to open them, and links to the files they hold.
+
+    A link to a folder works only on a local disk (an object store, its static website or a presigned
+    URL has no object there), so the folder's path is text to copy into napari or QuPath; ``where`` is
+    the page's folder as the run wrote it (an absolute path or URL), shown with it when known.
+    """
+    items = []
+    for path, name, what in folders:
+        path = path.rstrip("/")
+        loc = f" <span class='muted'>written to</span> <code class='path'>{_e(join(where, path))}</code>" if where else ""
+        meta = ", ".join(f"<a href='{_e(f'{path}/{f}')}'>{_e(text)}</a>" for f, text in ZARR_FILES)
+        items.append(f"<li class='folder'>{_e(name)}: folder <code class='path'>{_e(path)}/</code>{loc}<br>"
+                     f"<span class='muted'>{what}; a folder, not a file: copy its path into napari (<code>slidescore view</code> "
+                     f"on the sample's folder) or QuPath (File ▸ Open, Bio-Formats). Files in it: {meta}</span></li>")
+    return "<ul class='folders'>" + "".join(items) + "</ul>"
+
+
+def _folder_location(run: SampleRecord, image_id: str) -> str:
+    """The page's folder as the run wrote it (``output.uri`` of the run's config), if that is absolute (a URL or an
+    absolute path); "" otherwise (a relative path names nothing once the report is opened elsewhere)."""
+    root = str((run.config.get("output") or {}).get("uri") or "")
+    if not root or not ("://" in root or Path(root).is_absolute()):
+        return ""
+    sid = run.sample_id.removesuffix(f"/{image_id}") if image_id else run.sample_id  # for_image names "<sample>/<image>"
+    try:
+        return image_dir(root, sid, image_id)
+    except ConfigError:  # an id that names no folder (a hand-made record): no location to show
+        return ""

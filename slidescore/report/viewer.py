@@ -37,6 +37,7 @@ import numpy as np
 from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, open_image
+from slidescore.io import mosaic as mz
 from slidescore.stages.records import SampleRecord
 
 LayerTuple = tuple[Any, dict[str, Any], str]
@@ -47,14 +48,16 @@ class LazyLevel:
     """An array-like view of one level of a reader: ``(h, w, c)``, or ``(h, w)`` for one channel.
 
     Supports the basic indexing napari uses (slices, with steps, integers and ``...``). With ``decode``
-    uint8 probability mosaics become float32 (255 = not scored → NaN, else value / 254).
+    (the mosaic's :class:`~slidescore.io.mosaic.Encoding`) stored probabilities become float32 with
+    NaN for cells not scored (uint8 1…255 → 0…1, 0 → NaN; a float32 ``output.not_scored`` → NaN).
     """
 
-    def __init__(self, reader: SlideReader, level: int, channel: int | None = None, *, decode: bool = False) -> None:
+    def __init__(self, reader: SlideReader, level: int, channel: int | None = None, *,
+                 decode: mz.Encoding | None = None) -> None:
         info = reader.levels[level]
         self.reader, self.level, self.channel, self.decode = reader, level, channel, decode
         self.shape: tuple[int, ...] = (info.height, info.width) if channel is not None else (info.height, info.width, reader.n_channels)
-        self.dtype = np.dtype(np.float32) if decode else np.dtype(reader.dtype)
+        self.dtype = np.dtype(np.float32) if decode is not None else np.dtype(reader.dtype)
 
     @property
     def ndim(self) -> int:
@@ -93,10 +96,8 @@ class LazyLevel:
         elif len(key) > 2:
             post.append(key[2])
         out = pix[tuple(post)]
-        if self.decode:
-            stored = out
-            out = stored.astype(np.float32) / 254.0
-            out[stored == 255] = np.nan
+        if self.decode is not None:
+            out = mz.decode(out, self.decode)
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -178,7 +179,8 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
     attrs = _zattrs(mosaic_path)
     scale, trans = yx_transform(attrs, 0)
     mos = open_image(str(mosaic_path))
-    decode = np.dtype(mos.dtype) == np.uint8
+    enc = mz.Encoding.from_attrs(attrs, mos.dtype)
+    decode = enc if enc.dtype == "uint8" or enc.not_scored is not None else None  # float32 NaN: read as stored
     for ci, name in enumerate(classes):
         levels = [LazyLevel(mos, i, ci, decode=decode) for i in range(len(mos.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from slidescore.config import JobConfig
+from slidescore.io import mosaic as mz
 from slidescore.model import load_model
 from slidescore.run.local import score_samples
 from tests.conftest import textured_image, write_tiff
@@ -92,3 +93,113 @@ def test_labels_are_the_thresholded_map(scored: Path) -> None:
     prob = np.asarray(root["0"])[0]
     lab = np.asarray(root["labels/suspect/0"])
     np.testing.assert_array_equal(lab == 1, np.nan_to_num(prob, nan=0) >= 0.5)
+
+
+# -- the stored encoding (float32 NaN or a finite no-data value; uint8 0 = not scored, 1…255) ------
+def _spec(dtype: str, not_scored: float | None = None, shape: tuple[int, int, int] = (2, 7, 5)) -> mz.MosaicSpec:
+    return mz.MosaicSpec(shape=shape, chunk=4, n_levels=3, dtype=dtype, cell_um=8.0, source_mpp=0.5,
+                         channel_names=("a", 'b "q" <&>'), colors=((230, 25, 75), (255, 255, 255)), thresholds=(0.5, 0.5),
+                         not_scored=not_scored)
+
+
+def test_uint8_not_scored_sorts_below_every_probability_and_round_trips() -> None:
+    enc = mz.Encoding.for_output("uint8")
+    p = np.concatenate([[np.nan], np.linspace(0, 1, 10001)]).astype(np.float32)
+    stored = mz.encode(p, enc)
+    assert stored[0] == 0 == enc.fill and stored[1:].min() == 1 and stored[-1] == 255
+    assert np.all(np.diff(stored[1:].astype(int)) >= 0)  # monotone: "not scored" (0) below p = 0 (1)
+    back = mz.decode(stored, enc)
+    assert np.isnan(back[0]) and not np.isnan(back[1:]).any()
+    assert np.abs(back[1:] - p[1:]).max() <= 1 / 254 / 2 + 1e-7
+    np.testing.assert_array_equal(mz.decode(stored), back)  # without an encoding: what slidescore writes
+    assert enc.to_attrs() == {"dtype": "uint8", "not_scored": 0, "scale": 254, "offset": 1}
+    assert enc.window() == {"start": 1, "end": 255, "min": 0, "max": 255}
+
+
+def test_float32_no_data_value_and_nan_default() -> None:
+    p = np.array([[np.nan, 0.0, 0.25, 1.0]], np.float32)
+    default = mz.Encoding.for_output("float32")
+    np.testing.assert_array_equal(mz.encode(p, default).view(np.uint32), p.view(np.uint32))  # stored as is, bit for bit
+    assert default.to_attrs()["not_scored"] == "NaN" and default.window() == {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}
+    minus1 = mz.Encoding.for_output("float32", -1.0)
+    stored = mz.encode(p, minus1)
+    np.testing.assert_array_equal(stored, [[-1.0, 0.0, 0.25, 1.0]])
+    np.testing.assert_array_equal(mz.decode(stored, minus1), p)
+    assert minus1.fill == -1.0 and minus1.window() == {"start": 0.0, "end": 1.0, "min": -1.0, "max": 1.0}
+    assert mz.Encoding.from_attrs({"slidescore": {"encoding": minus1.to_attrs()}}, "float32") == minus1
+    assert mz.Encoding.for_output("float32", float("nan")) == default
+
+
+def test_old_uint8_mosaics_without_a_recorded_encoding_still_decode() -> None:
+    old = mz.Encoding.from_attrs({"slidescore": {"run_key": "k"}}, np.uint8)  # 255 = not scored, p · 254
+    out = mz.decode(np.array([255, 0, 127, 254], np.uint8), old)
+    assert np.isnan(out[0]) and out[1:] == pytest.approx([0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize(("dtype", "not_scored"), [("float32", None), ("float32", -1.0), ("uint8", None)])
+def test_pyramid_and_readers_treat_the_no_data_value_as_not_scored(tmp_path: Path, dtype: str, not_scored: float | None) -> None:
+    from slidescore.core.types import Box
+
+    spec = _spec(dtype, not_scored)
+    path = tmp_path / "m.ome.zarr"
+    mz.create_mosaic(path, spec, {"run_key": "k"})
+    prob = np.full(spec.shape, np.nan, np.float32)
+    prob[:, :3, :3] = [[[0.2, 0.4, np.nan], [0.6, 0.8, 0.1], [1.0, np.nan, 0.0]]]
+    mz.write_block(path, spec, Box(0, 0, 4, 4), prob[:, :4, :4])  # chunk (0, 0); the others stay absent
+    mz.build_pyramid(path, spec)
+    tol = 1 / 254 / 2 + 1e-6 if dtype == "uint8" else 1e-7
+    np.testing.assert_allclose(mz.read_level(path, 0), prob, atol=tol)
+    lvl1 = mz.read_level(path, 1)
+    assert lvl1[0, 0, 0] == pytest.approx(np.mean([0.2, 0.4, 0.6, 0.8]), abs=tol)
+    assert lvl1[0, 0, 1] == pytest.approx(0.1, abs=tol)  # the not-scored neighbour is left out of the mean
+    assert lvl1[0, 1, 0] == pytest.approx(1.0, abs=tol)
+    assert np.isnan(lvl1[:, 2:, :]).all() and np.isnan(lvl1[:, :, 2:]).all()  # absent chunks = not scored
+    assert np.isnan(mz.read_level(path, 2)[:, 1:, :]).all()
+    np.testing.assert_allclose(mz.read_box(path, 0, Box(0, 0, 4, 4)), prob[:, :4, :4], atol=tol)
+    assert zarr.open_group(str(path), mode="r").attrs["slidescore"] == {"run_key": "k", "encoding": spec.encoding.to_attrs()}
+
+
+def test_ome_xml_names_and_colours_every_channel() -> None:
+    import xml.etree.ElementTree as ET
+
+    ns = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
+    root = ET.fromstring(mz.ome_xml(_spec("uint8")).encode())
+    channels = root.findall("ome:Image/ome:Pixels/ome:Channel", ns)
+    assert [c.get("Name") for c in channels] == ["a", 'b "q" <&>']
+    assert [int(c.get("Color")) for c in channels] == [mz.ome_color((230, 25, 75)), -1]
+    assert root.find("ome:Image/ome:Pixels", ns).get("Type") == "uint8"
+    assert root.find("ome:Image/ome:Pixels", ns).get("PhysicalSizeX") == "8.0"
+
+
+@pytest.mark.parametrize("rgb", [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (230, 25, 75), (128, 1, 254)])
+def test_ome_colour_is_signed_rgba_and_round_trips(rgb: tuple[int, int, int]) -> None:
+    v = mz.ome_color(rgb)
+    assert -(2**31) <= v < 2**31
+    assert v == int(np.array([(rgb[0] << 24) | (rgb[1] << 16) | (rgb[2] << 8) | 255], np.uint32).view(np.int32)[0])
+    assert mz.ome_color_rgba(v) == (*rgb, 255)
+    assert mz.ome_color((255, 0, 0)) == -16776961 and mz.ome_color((0, 0, 255)) == 0xFFFF  # red, blue; alpha 255
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ({"not_scored": 0.5}, "output.not_scored: expected nan or a finite number outside [0, 1]"),
+        ({"not_scored": 1}, "output.not_scored: expected nan or a finite number outside [0, 1]"),
+        ({"not_scored": float("inf")}, "output.not_scored: expected nan or a finite number outside [0, 1]"),
+        ({"not_scored": "none"}, "output.not_scored: expected nan or a finite number outside [0, 1]"),
+        ({"not_scored": [1]}, "output.not_scored: expected nan or a finite number outside [0, 1]"),
+        ({"not_scored": -1, "dtype": "uint8"}, "output.not_scored: applies to float32 mosaics only"),
+    ],
+)
+def test_output_not_scored_is_validated(output: dict, message: str) -> None:
+    from slidescore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        JobConfig.from_dict({"output": output})
+
+
+@pytest.mark.parametrize(("value", "stored"), [("nan", None), (".nan", None), (float("nan"), None), (-1, -1.0), (2.5, 2.5)])
+def test_output_not_scored_values(value: object, stored: float | None) -> None:
+    cfg = JobConfig.from_dict({"output": {"not_scored": value}})
+    assert cfg.output.not_scored_value() == stored
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg  # NaN spelled "nan": equal to itself, JSON-safe in run.json
