@@ -77,7 +77,8 @@ class Encoding:
     def from_attrs(cls, attrs: Any, dtype: Any) -> Encoding:
         """The encoding recorded in a mosaic's root attributes (``attrs``: the whole ``.zattrs``); a
         mosaic without one is float32 with NaN, or uint8 of the old encoding (255 = not scored, p · 254)."""
-        rec = attrs.get("slidescore", {}).get("encoding") if isinstance(attrs, dict) else None
+        ours = attrs.get("slidescore") if isinstance(attrs, dict) else None
+        rec = ours.get("encoding") if isinstance(ours, dict) else None
         dt = np.dtype(dtype)
         if not isinstance(rec, dict):
             return cls("uint8", 255, UINT8_SCALE, 0) if dt == np.uint8 else cls(dt.name)
