@@ -263,7 +263,7 @@ class ReportConfig:
     """The per-sample report for the specialist (issue #8).
 
     ``top_k`` regions get level-0 crops (``crop_px`` to ``max_crop_px`` level-0 pixels a side) and,
-    with ``gradcam``, Grad-CAM maps. The overview is at most ``overview_px`` on its long side.
+    with ``gradcam``, explanation maps (integrated gradients; the key keeps its historical name). The overview is at most ``overview_px`` on its long side.
     Data-quality checks run at the coarsest level at or finer than ``quality_mpp`` µm/px. The QuPath
     tile heat map has at most ``qupath_max_tiles`` tiles.
     """

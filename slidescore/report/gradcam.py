@@ -14,19 +14,22 @@ shown is the positive part (what raised the score) after a Gaussian smoothing of
 pixels (2 px = 1 µm for the built-in SmearNet), divided by its maximum over the crop.
 
 Why not Grad-CAM, as before: on the built-in SmearNet, Grad-CAM at the last convolution with a
-spatial output (``features.8``: 40-px receptive fields every 8 px) put its peak 10–15 px from a
-planted parasite with the parasite itself colder than a ring 8–16 px around it, in every crop. Two
-causes, measured on planted targets: (1) the map was stretched onto the crop by a plain resize,
-while cell ``j`` of a valid-convolution network is centred on input pixel ``8j + 20`` (the valid
-margins, 20 px a side, are not in the map), which moved a cell's heat by up to ±14 px towards the
-crop's border; (2) even mapped to receptive-field centres the ring stays (peak 11 px off, heat at
-the parasite 0.6–0.9 × the ring's): the network carries "a parasite somewhere in this patch" in
-cells that see the dot off-centre (the 2 × 2 max-pool and 2 × 2 head convolution combine the
-corners of a 4 × 4 window), and one weight per channel averaged over the crop cannot undo that.
-Layers before a max-pool get gradient at one cell of four, quantising their maps to 8 px; guided
-backpropagation on black showed edges, not evidence. Integrated gradients need no layer, no
-upsampling and no hooks (TorchScript modules work too) and put the peak within 1–4 px of planted
-parasites (``tests/report/test_gradcam.py``).
+spatial output (``features.8``: 40-px receptive fields every 8 px) put its peak 12–26 px (6–13 µm)
+from the parasite in all 12 top regions of a generated smear, the parasite colder than a ring around
+it (heat at the parasite 0.3–0.9 × the ring's 8–16 px out). Two causes, measured on planted
+parasites: (1) the map was stretched onto the crop by a plain resize, while cell ``j`` of this
+valid-convolution network is centred on input pixel ``8j + 20`` (the valid margins, 20 px a side,
+are not in the map), which moved a cell's heat by up to ±14 px on a 96-px crop; (2) mapped to
+receptive-field centres the ring stays (peak 11 px off, median, at most 12.5, in 12 of 12 crops;
+heat at the parasite 0.6–1.1 ×, median 0.85 ×, the ring's; per-cell gradient × activation there:
+15 px, 0.2–0.6 ×): the network carries "a parasite somewhere in this patch" in cells that see the
+dot off-centre (its 2 × 2 max-pool and 2 × 2 head convolution combine the corners of a 4 × 4
+window), and one weight per channel averaged over the crop cannot undo that. Layers before a
+max-pool get gradient at one cell of four, which quantises their maps to 8 px. Guided Grad-CAM,
+drawn on black, left the reader no cells to place it on; it is gone. Integrated gradients need no
+layer, no upsampling and no hooks (TorchScript modules work too) and put the peak within 1–4 px of
+planted parasites at any offset in the crop
+(``tests/report/test_gradcam.py``).
 
 A dense model (its card says so) runs once per batch of steps over the whole read box, its outputs
 kept on the scoring grid; other models run every patch of the grid, batched. torch is imported

@@ -39,8 +39,8 @@ from scipy import ndimage
 from slidescore.config import ReportConfig
 from slidescore.core.regions import Region
 from slidescore.core.types import Box
-from slidescore.io import SlideReader, read_padded
 from slidescore.errors import ConfigError
+from slidescore.io import SlideReader, read_padded
 from slidescore.io.outputs import join, write_text
 from slidescore.report import images as im
 from slidescore.report.quality import QualityThresholds, check_quality
@@ -484,7 +484,7 @@ def _links(links: list[tuple[str, str]]) -> str:
 
 
 # every OME-Zarr folder slidescore writes holds these files (slidescore.io.mosaic): linkable as objects
-ZARR_FILES = (("OME/METADATA.ome.xml", "OME-XML metadata"), (".zattrs", "multiscales (.zattrs)"))
+ZARR_FILES = (("OME/METADATA.ome.xml", "OME-XML metadata"), (".zattrs", "Zarr attributes (.zattrs)"))
 
 
 def _folders(folders: list[tuple[str, str, str]], where: str) -> str:
@@ -500,8 +500,9 @@ def _folders(folders: list[tuple[str, str, str]], where: str) -> str:
         loc = f" <span class='muted'>written to</span> <code class='path'>{_e(join(where, path))}</code>" if where else ""
         meta = ", ".join(f"<a href='{_e(f'{path}/{f}')}'>{_e(text)}</a>" for f, text in ZARR_FILES)
         items.append(f"<li class='folder'>{_e(name)}: folder <code class='path'>{_e(path)}/</code>{loc}<br>"
-                     f"<span class='muted'>{what}; a folder, not a file: copy its path into napari (<code>slidescore view</code> "
-                     f"on the sample's folder) or QuPath (File ▸ Open, Bio-Formats). Files in it: {meta}</span></li>")
+                     f"<span class='muted'>{what}; a folder, not a file: copy its path into QuPath (File ▸ Open, Bio-Formats) "
+                     f"or napari (<code>slidescore view</code> on the sample's folder, or <code>napari --plugin "
+                     f"napari-ome-zarr</code>); other viewers: README, “Open it in …”. Files in it: {meta}</span></li>")
     return "<ul class='folders'>" + "".join(items) + "</ul>"
 
 

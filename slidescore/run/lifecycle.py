@@ -151,7 +151,7 @@ def finish_sample(plans: SamplePlan | Sequence[SamplePlan], records: Sequence[Bl
 
     Takes one plan and its block records, or, for a sample of several images, the plans of all its
     images and one list of block records per image: their regions are ranked together and written
-    once, at the sample level. ``model`` is the classifier that scored the sample (Grad-CAM reuses it).
+    once, at the sample level. ``model`` is the classifier that scored the sample (the explanation maps reuse it).
     """
     per_image: list[list[BlockRecord]]
     if isinstance(plans, SamplePlan):
@@ -231,12 +231,12 @@ def _write_reports(run: SampleRecord, plans: list[SamplePlan], probs: list[np.nd
     ``quality``, ``report`` and the report's ``outputs``.
 
     A sample of several images also gets ``<sample>/report.html``: the call, its images and the
-    regions ranked across them (crops and Grad-CAM rendered once, for the image pages). ``model``
-    is the classifier that scored the sample, reused for Grad-CAM (``None``: the report loads it
+    regions ranked across them (crops and explanation maps rendered once, for the image pages). ``model``
+    is the classifier that scored the sample, reused for the explanation maps (``None``: the report loads it
     again). The report is rendered into a local temporary folder and its files copied to the output
     (a local folder or an object store), each in one write.
     """
-    # lazy: the report imports torch only for Grad-CAM
+    # lazy: the report imports torch only for the explanation maps
     from slidescore.report import SampleParts, render_report, write_sample_report
 
     def publish(tmp: str, dest: str) -> None:

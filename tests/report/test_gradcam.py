@@ -73,6 +73,7 @@ def test_peak_lies_inside_the_red_square(dense: bool, square: tuple[int, int, in
     assert res.method == METHOD == EXPLANATION == "integrated gradients"
     assert res.heat is not None and res.heat.shape == crop.shape[:2] and res.heat.max() == pytest.approx(1.0)
     y, x, s = square
+    assert res.peak_px is not None
     py, px = res.peak_px
     assert (py, px) == np.unravel_index(int(np.argmax(res.heat)), res.heat.shape)
     assert y <= py < y + s and x <= px < x + s, (py, px)
@@ -103,7 +104,7 @@ def test_torchscript_models_are_explained_too() -> None:
     model = _model(False)
     model.module = torch.jit.script(RedSquareNet())  # no hooks needed: only the input's gradient
     res = explain_crop(model, _crop((100, 30, 16)), 0)
-    assert res.heat is not None and not res.note
+    assert res.heat is not None and not res.note and res.peak_px is not None
     assert 100 <= res.peak_px[0] < 116 and 30 <= res.peak_px[1] < 46
 
 

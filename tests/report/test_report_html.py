@@ -101,7 +101,7 @@ def test_report_renders_overview_crops_and_call_in_chromium(reports, tmp_path: P
     n = adds[0]["report"]["top_k"]
     assert n == 4
     assert kinds.count("overview") == 1 and kinds.count("crop") == n and kinds.count("overlay") == n
-    assert kinds.count("gradcam") == n and kinds.count("guided") == n
+    assert kinds.count("explanation") == n and "guided" not in kinds and "gradcam" not in kinds
     assert probe["call"]["text"].strip().lower() == "not computed"
 
     shot_path = tmp_path / "report.png"
@@ -130,7 +130,7 @@ def test_a_computed_call_is_shown_with_its_numbers(reports, tmp_path: Path) -> N
     text = html_path.read_text()
     assert "specificity" in text and "0.85" in text and "350" in text
     # without a model at hand the report reloads the scoring model named in run.json
-    assert "class='gradcam'" in text
+    assert "class='explanation'" in text
 
 
 def test_run_record_gets_quality_flags_and_report_summary(reports) -> None:

@@ -108,7 +108,7 @@ def test_multi_image_sample_page_ranks_regions_across_images(multi) -> None:
         assert block, r["rank"]
         href = f"images/{iid[r['image']]}/report.html#region-{r['rank']}"
         assert f"href='{href}'" in block.group(0) and block.group(0).count("class='crop'") == 1
-        assert "class='gradcam'" in block.group(0)
+        assert "class='explanation'" in block.group(0)
     # the image pages show the same regions under the same ranks
     for image_id in ("field1", "field2"):
         ranks = [rank for rank, img in _Page((sample / "images" / image_id / "report.html").read_text()).regions]
@@ -119,7 +119,7 @@ def test_multi_image_sample_page_ranks_regions_across_images(multi) -> None:
     assert {sample / n for n in ("regions.json", "regions.csv", "regions.geojson", "run.json")} <= set(targets)
     for image_id in ("field1", "field2"):
         back = _check_local_links(sample / "images" / image_id / "report.html")
-        assert page in back and sample / "images" / image_id / MOSAIC in back
+        assert page in back and sample / "images" / image_id / MOSAIC / "OME" / "METADATA.ome.xml" in back
     # run.json names the sample page; the index at the output root links to it
     run = json.loads((sample / "run.json").read_text())
     assert run["outputs"]["report"] == "report.html" and run["report"]["html"] == "report.html"
@@ -172,7 +172,7 @@ def test_gradcam_uses_the_scoring_model_passed_through(tmp_path: Path, random_mo
     n = run["report"]["top_k"]
     assert n > 0 and run["report"]["gradcam_model"] == "passed in" and "not computed" not in run["report"]["gradcam"]
     text = (Path(res.out_dir) / "report.html").read_text()
-    assert text.count("class='gradcam'") == n and text.count("class='guided'") == n
+    assert text.count("class='explanation'") == n and "class='guided'" not in text
     # the control: without the object, the report has to load the (now deleted) model and cannot
     before = net.grad_forwards
     reader = open_image(f1)
@@ -200,7 +200,7 @@ def test_a_model_that_did_not_score_the_sample_is_refused(tmp_path: Path, random
     finally:
         reader.close()
     assert "not the scoring model" in added["report"]["gradcam"]
-    assert "class='gradcam'" not in (tmp_path / "again" / "report.html").read_text()
+    assert "class='explanation'" not in (tmp_path / "again" / "report.html").read_text()
 
 
 @pytest.mark.s3
@@ -239,5 +239,5 @@ def test_index_and_sample_pages_on_s3_link_to_existing_objects(tmp_path: Path, s
     assert {f"{bucket}/run/smear/images/{i}/report.html" for i in ("field1", "field2")} <= set(sample_targets)
     for image_id in ("field1", "field2"):
         back = check_links(f"{bucket}/run/smear/images/{image_id}/report.html")
-        assert f"{bucket}/run/smear/report.html" in back and f"{bucket}/run/smear/images/{image_id}/{MOSAIC}" in back
+        assert f"{bucket}/run/smear/report.html" in back and f"{bucket}/run/smear/images/{image_id}/{MOSAIC}/OME/METADATA.ome.xml" in back
     check_links(f"{bucket}/run/field2/report.html")

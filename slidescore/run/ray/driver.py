@@ -292,7 +292,7 @@ class Driver:
         records = [[s.records[k, b.index] for b in plan.blocks] for k, plan in enumerate(s.plans)]
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
-        # the driver's CPU copy of the scoring model (same checksum as the actors') serves Grad-CAM: no reload
+        # the driver's CPU copy of the scoring model (same checksum as the actors') serves the explanation maps: no reload
         fut = self.pool.submit(lifecycle.finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start, model=self.model)
         self.jobs[fut] = ("finish", s)
 
