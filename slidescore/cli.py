@@ -120,6 +120,20 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from slidescore.report.webview import serve
+
+    try:
+        serve(args.output, args.sample, host=args.host, port=args.port, image=args.image)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the address is taken or cannot be bound
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from slidescore.offline.train import Augmentation, TrainOptions, run_train
 
@@ -232,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", help="sample id under the output root (default: the first)")
     v.add_argument("--image", help="source image URI, if it moved since scoring (default: the one in run.json)")
     v.set_defaults(func=cmd_view)
+
+    w = sub.add_parser("serve", help="show a sample's slide, probability overlay and regions in the browser (zoomable web viewer)")
+    w.add_argument("output", help="a sample's output folder, or the output root of a run (then --sample picks one)")
+    w.add_argument("--sample", help="sample id under the output root (default: the first)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=0, help="port (default 0: any free port; the URL is printed)")
+    w.add_argument("--image", help="source image URI, if it moved since scoring (default: the one in run.json)")
+    w.set_defaults(func=cmd_serve)
     return p
 
 
