@@ -1,16 +1,22 @@
 """``report.html`` per sample and ``index.html`` per run: self-contained pages for the specialist.
 
-A report is one HTML file with every picture inlined as a base64 JPEG/PNG and its CSS inline: no
-CDN, no script, no side file, so it can be mailed or archived as is. It shows, top to bottom: the
-sample-level call and its numbers (``run.decision``, "not computed" while absent), the overview
-with the probability overlay, the outline of the thresholded area and numbered region boxes, the
-context (model and card, operating point and thresholds, patches scored/skipped, area discarded,
-regions), the data-quality checks, and the top-K regions as level-0 crops beside their overlay and
-explanation (integrated gradients: the pixels that raised the score, :mod:`slidescore.report.gradcam`),
-each with its measurements. Links point only at files the run wrote (GeoJSONs, CSV, run.json, the
-OME-Zarr metadata files): a link to a folder resolves on a local disk but to nothing on an object
-store or its website, so the OME-Zarr folders are shown as paths to copy into napari or QuPath.
-Elements carry stable ids/classes (``#call``, ``#overview``, ``.crop``) for tests and styling.
+A report is one HTML file with every picture inlined as a base64 JPEG and its CSS and one small
+script inline: no CDN, no side file, no server, so it can be mailed or archived as is. It shows, top
+to bottom: a plain summary (the call in words, what it rests on in examined fields of the model's
+patch size, the rule applied — "positive from K suspected fields on" — with that rule's sample-level
+sensitivity and specificity, and the caution for demonstration models right beside the call); the
+overview with the overlay in the card's class colour (as the mosaic, napari and QuPath show it), the
+outline of the thresholded area, numbered region boxes and a scale bar; the regions to review: the
+top-K enlarged 2–3× (crop with one ring on the region's peak and a scale bar, overlay, explanation:
+integrated gradients, :mod:`slidescore.report.gradcam`), a gallery of every written region (up to
+``GALLERY_MAX`` thumbnails), and accept / reject marks that the script exports as CSV and as a
+QuPath GeoJSON (the regions' outlines are embedded as JSON; ``#selftest-export`` fills
+``<pre id='export-preview'>`` with the CSV for tests); then data quality, files, and the technical
+details (decision record, thresholds, calibration, model, run) folded in ``<details>``. Links point
+only at files the run wrote (GeoJSONs, CSV, run.json, the OME-Zarr metadata files): a link to a
+folder resolves on a local disk but to nothing on an object store or its website, so the OME-Zarr
+folders are shown as paths to copy into napari or QuPath. Elements carry stable ids/classes
+(``#call``, ``#caution``, ``#overview``, ``.crop``, ``.gallery-thumb``) for tests and styling.
 
 A sample of several images gets one such page per image (``images/<image_id>/report.html``) and a
 sample page (:mod:`slidescore.report.sample_page`); :class:`SampleParts` hands the rendered regions
@@ -37,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from slidescore.config import ReportConfig
-from slidescore.core.regions import Region
+from slidescore.core.regions import Region, regions_geojson
 from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, read_padded
@@ -57,6 +63,9 @@ EXPLANATION = "integrated gradients"  # the method of slidescore.report.gradcam 
 EXPLANATION_TEXT = ("integrated gradients from an empty background — each pixel's share of how far the class probability "
                     "of the patches covering the crop rose above what empty background scores; red/yellow = raised it most. "
                     "The overlay beside it is the score map itself, one cell per scoring stride.")
+DEMO_MARKERS = ("demonstration model", "not for diagnosis")  # a card whose description says so is a demonstration model
+GALLERY_MAX = 500  # regions with a thumbnail on a page (the rest are in regions.csv / .geojson)
+GALLERY_PX = 96  # long side of a gallery thumbnail
 CALL_COLORS = {"positive": "#c0392b", "negative": "#1e8449", "needs review": "#d68910", "not computed": "#7f8c8d",
                "failed": "#7b241c"}
 
@@ -77,9 +86,12 @@ th{font-weight:600;color:#444}
 .flags tr.raised td:first-child{font-weight:700;color:#a04000}
 .ovw{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
 .ovw img{max-width:min(100%,900px);border:1px solid #ccc;image-rendering:auto}
-.region{display:flex;gap:10px;align-items:flex-start;border-top:1px solid #eee;padding:10px 0;flex-wrap:wrap}
+.region{display:grid;grid-template-columns:50px minmax(0,600px) 250px 250px;gap:10px;align-items:start;border-top:1px solid #eee;padding:10px 0}
+.region .kv{grid-column:2 / -1}
 .region figure{margin:0;text-align:center}
-.region img{width:220px;height:auto;border:1px solid #ccc;display:block}
+.region img{height:auto;border:1px solid #ccc;display:block}
+.region img.crop{max-width:min(100%,600px)}
+.region img.overlay,.region img.explanation{width:250px;max-width:100%}
 img.thumb{max-width:240px;border:1px solid #ccc}
 .region figcaption{font-size:12px;color:#555}
 .rank{font-size:22px;font-weight:700;width:40px}
@@ -87,6 +99,22 @@ img.thumb{max-width:240px;border:1px solid #ccc}
 a{color:#1a5fb4}
 .muted{color:#666}
 code.path{user-select:all;background:#eef1f4;padding:0 4px;border-radius:3px;word-break:break-all}
+h2 .call{font-size:20px;vertical-align:middle;margin-right:10px}
+.call-words{font-size:18px;vertical-align:middle}
+.caution{border-left:6px solid #d68910;background:#fef5e7;padding:8px 12px;margin:10px 0;font-size:15px}
+.caution.demo{border-color:#c0392b;background:#fdedec}
+.basis-list{font-size:15px;margin:6px 0;padding-left:20px}
+h3{font-size:14px;margin:14px 0 6px}
+.gallery{display:flex;flex-wrap:wrap;gap:6px}
+.tile{margin:0;text-align:center;font-size:12px;width:100px}
+.tile img{width:96px;height:96px;object-fit:contain;border:1px solid #ccc;display:block;background:#eee}
+.review button{font-size:13px;padding:0 6px;margin:2px 1px;border:1px solid #aaa;background:#fff;border-radius:3px;cursor:pointer}
+.review[data-mark=accepted] .accept{background:#1e8449;color:#fff;border-color:#1e8449}
+.review[data-mark=rejected] .reject{background:#c0392b;color:#fff;border-color:#c0392b}
+.rank .review{display:block;margin-top:4px}
+details#technical{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:10px 16px;margin:0 0 16px}
+details#technical summary{cursor:pointer;font-weight:600}
+details#technical section{border:0;padding:8px 0;margin:0}
 """
 
 
@@ -95,8 +123,11 @@ def _e(v: Any) -> str:
 
 
 def _num(v: Any, digits: int = 4) -> str:
-    if isinstance(v, bool) or v is None:
-        return _e(v)
+    """A value for the page: numbers with thousands separators, ``None`` as "—", booleans as yes / no."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
@@ -143,17 +174,109 @@ def _call_badge(call: str) -> str:
     return f"<span id='call' class='call' data-call='{_e(call)}' style='background:{color}'>{_e(call)}</span>"
 
 
+def is_demonstration(card: Any, run: SampleRecord | None = None) -> bool:
+    """Whether the model is a demonstration model (its card says "demonstration model" or "not for
+    diagnosis" in its description, as the built-in SmearNet's does, or it is a ``builtin:`` model)."""
+    text = str(getattr(card, "description", "") or "").lower()
+    src = str(run.model.source if run is not None else "")
+    return any(m in text for m in DEMO_MARKERS) or src.startswith("builtin:")
+
+
+def caution_html(card: Any, run: SampleRecord | None = None) -> str:
+    """The caution shown right beside the call: a demonstration model's, or decision support's."""
+    if is_demonstration(card, run):
+        return ("<p id='caution' class='caution demo'><b>Demonstration model — not for diagnosis.</b> "
+                f"{_e(card.name)} was trained only on synthetic smears; this call shows what the software does and "
+                "must not be used for patient care.</p>")
+    return ("<p id='caution' class='caution'><b>Decision support only.</b> The call is the model's; a specialist "
+            "reviews the regions below before any result is reported.</p>")
+
+
+def _pct(v: Any) -> str:
+    """A probability as a percentage with enough decimals not to round to 0 % or 100 %."""
+    if v is None or not np.isfinite(float(v)):
+        return "—"
+    x = 100.0 * float(v)
+    for d in (1, 2, 3):
+        t = f"{x:.{d}f}"
+        if 0 < x < 100 and float(t) in (0.0, 100.0):
+            continue
+        return f"{t}%"
+    return f"{x:.3f}%"
+
+
+def _p_text(p: float) -> str:
+    return "< 0.001" if p < 1e-3 else f"{p:.2g}"
+
+
+def field_um(card: Any) -> float:
+    """The side of one examined field (a model patch) in µm."""
+    return float(card.patch_px) * float(card.mpp)
+
+
+def _class_summary(cls: str, f: Mapping[str, Any], card: Any) -> str:
+    """One class's call in clinical units: suspected fields, the rule applied and what its figures mean."""
+    unit = str(f.get("unit") or "field")
+    side = field_um(card)
+    n, k = f.get("n_examined"), f.get("n_positive")
+    what = "fields" if "field" in unit else f"{unit}s"
+    lines = [f"<li class='basis' data-class='{_e(cls)}'>Suspected <b>{_e(cls)}</b> in <b class='n-positive'>{_num(k)}</b> of "
+             f"<b class='n-examined'>{_num(n)}</b> examined {what} (patch fields of {side:g} × {side:g} µm).</li>"]
+    if "positive_from" not in f:  # no validation figures for this class: the reason says so
+        lines.append(f"<li class='reason'>{_e(f.get('reason', ''))}</li>")
+        return "".join(lines)
+    need, se, sp = int(f["positive_from"]), f.get("sample_sensitivity"), f.get("sample_specificity")
+    if need > int(n or 0):
+        lines.append(f"<li class='rule'>Rule applied: with only {_num(n)} {what} examined no count of suspected {what} "
+                     "is beyond what false positives explain; the sample cannot be called positive.</li>")
+    else:
+        lines.append(f"<li class='rule' data-positive-from='{need}'>Rule applied: <b>positive from {need} suspected "
+                     f"{'field' if need == 1 and 'field' in unit else what} on</b> (fewer are explained by the model's false "
+                     f"positives too often). A parasite-free sample shows {_num(k)} or more with probability "
+                     f"{_e(_p_text(float(f.get('p_false_positives', 1.0))))}.</li>")
+    lines.append(
+        f"<li class='figures'>For this rule, sample-level sensitivity <b class='sample-sensitivity' data-value='{float(se):.9g}'>"
+        f"{_pct(se)}</b> and specificity <b class='sample-specificity' data-value='{float(sp):.9g}'>{_pct(sp)}</b>: a sample "
+        f"with a single infected field among the {_num(n)} examined is called positive {_pct(se)} of the time, and a "
+        f"parasite-free sample is called positive {_pct(1 - float(sp))} of the time (from the model's validation figures "
+        f"per field, sensitivity {_pct(f.get('unit_sensitivity'))} and specificity {_pct(f.get('unit_specificity'))}, "
+        "fields taken as independent).</li>")
+    return "".join(lines)
+
+
+def summary_html(run: SampleRecord, card: Any, call: str, n_regions: int) -> str:
+    """The first section of a page: the call in words, what it rests on, and the caution beside it."""
+    dec = run.decision
+    sc = dec.sample_call if dec is not None else None
+    if sc is not None and sc.per_class:
+        basis = "".join(_class_summary(c, f, card) for c, f in sc.per_class.items())
+    elif dec is None:
+        basis = ("<li>No sample-level call was computed for this run (its record has no decision); review the regions "
+                 "below.</li>")
+    else:
+        basis = "<li>The call was recorded without its basis in fields; its numbers are under Technical details.</li>"
+    regions = f"{n_regions:,} suspected region{'s' if n_regions != 1 else ''} found, listed below for review."
+    words = {"positive": "Parasites suspected", "negative": "No parasites suspected", "needs review": "Needs review by a specialist",
+             "not computed": "No call computed"}.get(call.lower(), call)
+    return (f"<section id='summary'><h2>Result: {_call_badge(call)} <span class='call-words'>{_e(words)}</span></h2>"
+            f"{caution_html(card, run)}<ul class='basis-list'>{basis}<li>{_e(regions)}</li></ul></section>")
+
+
 def render_overview(reader: SlideReader, prob: np.ndarray, cell_px0: float, regions: list[Region], card: Any,
-                    thresholds: list[float], max_px: int) -> np.ndarray:
-    """Thumbnail with every class's overlay, the thresholded-area outline and numbered region boxes."""
+                    thresholds: list[float], max_px: int, mpp0: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Thumbnail with every class's overlay (in the card's class colour), the thresholded-area outline,
+    numbered region boxes and, with ``mpp0``, a scale bar; returns the picture and the bar (``{}`` without)."""
     rgb, px0 = im.thumbnail(reader, max_px)
     above = np.zeros(rgb.shape[:2], bool)
     for ci, color in enumerate(card.class_colors()):
         p = im.cells_at(prob[ci], rgb.shape[:2], px0, cell_px0)
-        rgb = im.overlay(rgb, p, (0, 150, 255) if card.n_classes == 1 else color)
+        rgb = im.overlay(rgb, p, color)
         above |= np.nan_to_num(p, nan=-1) >= thresholds[ci]
     rgb = im.outline(rgb, above)
-    return im.draw_boxes(rgb, regions, px0)
+    rgb = im.draw_boxes(rgb, regions, px0)
+    if mpp0:
+        return im.scale_bar(rgb, px0 * float(mpp0))
+    return rgb, {}
 
 
 @dataclass(frozen=True)
@@ -169,8 +292,55 @@ class RegionView:
     def html(self, image_html: str = "") -> str:
         """The region's block; ``image_html`` (a label or a link) names its image on a multi-image page."""
         rows = ([("image", image_html)] if image_html else []) + self.rows
-        return (f"<div class='region' id='region-{self.rank}' data-image='{_e(self.image_id)}'><div class='rank'>#{self.rank}</div>"
-                f"{self.figures}{_kv(rows)}</div>")
+        return (f"<div class='region' id='region-{self.rank}' data-image='{_e(self.image_id)}'><div class='rank'>#{self.rank}"
+                f"{review_buttons(self.rank)}</div>{self.figures}{_kv(rows)}</div>")
+
+
+def magnification(box: Box) -> int:
+    """How many times a region's level-0 crop is enlarged: 3× up to 256 px a side, else 2× (chromatin dots of a
+    few level-0 pixels become visible)."""
+    return 3 if max(box.h, box.w) <= 256 else 2
+
+
+def review_buttons(rank: int) -> str:
+    """Accept / reject marks of one region (the page's script keeps them and exports them)."""
+    return (f"<span class='review' data-review-rank='{rank}' data-mark=''>"
+            f"<button type='button' class='accept' data-rank='{rank}' data-set='accepted' title='accept region {rank}'>✓</button>"
+            f"<button type='button' class='reject' data-rank='{rank}' data-set='rejected' title='reject region {rank}'>✗</button></span>")
+
+
+def gallery_tile(reader: SlideReader, r: Region, cfg: ReportConfig, image_id: str = "", href: str = "") -> str:
+    """A small thumbnail of one region (at most GALLERY_PX a side, peak marked) with its accept / reject marks."""
+    lv0 = reader.levels[0]
+    box = im.crop_box(r, (lv0.height, lv0.width), min_px=min(cfg.crop_px, 128), max_px=cfg.max_crop_px)
+    crop = im.to_rgb(np.asarray(reader.read(0, box)))
+    shape = _fit(crop.shape[:2], GALLERY_PX)
+    small = im.resize(crop, shape)
+    fy, fx = shape[0] / crop.shape[0], shape[1] / crop.shape[1]
+    small = im.peak_marker(small, ((r.peak_px[0] - box.y) * fy, (r.peak_px[1] - box.x) * fx), radius=7)
+    label = f"#{r.rank}" if not href else f"<a href='{_e(href)}'>#{r.rank}</a>"
+    return (f"<figure class='tile' id='tile-{r.rank}' data-rank='{r.rank}' data-image='{_e(image_id)}'>"
+            f"<img class='gallery-thumb' alt='region {r.rank}' decoding='async' src='{im.data_uri(small, quality=75)}'>"
+            f"<figcaption>{label} <span class='muted'>{r.peak_probability:.2f}</span>{review_buttons(r.rank)}</figcaption></figure>")
+
+
+def _round_coords(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return [_round_coords(x) for x in v]
+    if isinstance(v, float | np.floating):
+        return round(float(v), 1)
+    return v
+
+
+def review_features(regions: list[Region], card: Any, sample_id: str) -> list[dict[str, Any]]:
+    """The regions' QuPath features (their outlines, level-0 px) for the page's GeoJSON export."""
+    colors = dict(zip(card.classes, card.class_colors(), strict=True))
+    feats = regions_geojson(regions, colors, sample_id)["features"]
+    for f, r in zip(feats, regions, strict=True):
+        f["geometry"]["coordinates"] = _round_coords(f["geometry"]["coordinates"])
+        f["properties"].update({"rank": r.rank, "image": r.image, "class": r.class_name,
+                                "centroid_px": [round(float(v), 1) for v in r.centroid_px]})
+    return feats
 
 
 def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: SampleRecord,
@@ -179,17 +349,26 @@ def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: R
     box = im.crop_box(r, (lv0.height, lv0.width), min_px=cfg.crop_px, max_px=cfg.max_crop_px)
     crop = im.to_rgb(np.asarray(reader.read(0, box)))
     p = im.cells_at(prob[r.class_index], crop.shape[:2], 1.0, cell_px0, (box.y, box.x))
-    color = (0, 150, 255) if card.n_classes == 1 else card.class_colors()[r.class_index]
-    ov = im.overlay(crop, p, color)
+    ov = im.overlay(crop, p, card.class_colors()[r.class_index])
     ov = im.outline(ov, np.nan_to_num(p, nan=-1) >= r.threshold)
-    ov = im.draw_boxes(ov, [r], 1.0, (box.y, box.x), labels=False)
-    figs = [("crop", "level-0 pixels", crop), ("overlay", "probability overlay, outline at threshold", ov)]
     crop_rec = RegionCrop(rank=r.rank, crop_box_px=[box.y, box.x, box.h, box.w])
+    raw = [("crop", "level-0 pixels, ring on the score's peak cell", crop), ("overlay", "score overlay (class colour), outline at threshold", ov)]
     if model is not None:
-        figs += _explanation_figure(reader, box, crop, r, card, run, model, cam_note, crop_rec)
+        raw += _explanation_figure(reader, box, crop, r, card, run, model, cam_note, crop_rec)
+    f = magnification(box)
+    peak = ((r.peak_px[0] - box.y) * f, (r.peak_px[1] - box.x) * f)  # peak_px: the peak cell's centre
+    mpp0 = run.image_input.mpp0
+    figs = []
+    for cls, cap, pic in raw:
+        big = im.magnify(pic, f)
+        if cls == "crop":
+            big = im.peak_marker(big, peak, radius=max(10, 4 * f))
+            if mpp0:
+                big, _ = im.scale_bar(big, float(mpp0) / f, frac=0.25)
+        figs.append((cls, f"{cap} ({f}×)", big))
     figures = "".join(
-        f"<figure><img class='{cls}' alt='{_e(cls)} of region {r.rank}' src='{im.data_uri(pic)}'>"
-        f"<figcaption>{_e(cap)}</figcaption></figure>"
+        f"<figure><img class='{cls}' alt='{_e(cls)} of region {r.rank}' data-box='{box.y} {box.x} {box.h} {box.w}' "
+        f"data-magnification='{f}' src='{im.data_uri(pic)}'><figcaption>{_e(cap)}</figcaption></figure>"
         for cls, cap, pic in figs
     )
     rows = [
@@ -263,6 +442,8 @@ class SampleParts:
     views: dict[int, RegionView] = field(default_factory=dict)
     images: list[ImagePart] = field(default_factory=list)
     cam_notes: list[str] = field(default_factory=list)
+    tiles: dict[int, str] = field(default_factory=dict)  # rank → its gallery thumbnail (HTML)
+    features: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank → its outline for the GeoJSON export
 
 
 @dataclass(frozen=True)
@@ -374,15 +555,21 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
             cam_note.append(note)
     views = [_region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note, image_id) for r in top]
 
-    overview = render_overview(reader, prob, cell_px0, top, card, thresholds, cfg.overview_px)
+    overview, bar = render_overview(reader, prob, cell_px0, top, card, thresholds, cfg.overview_px, inp.mpp0)
     call, numbers = call_of(run)
     top_peak = float(regions[0].peak_probability) if regions else (float(np.nanmax(prob)) if np.isfinite(prob).any() else None)
+    shown = regions[:GALLERY_MAX]
+    tiles = {r.rank: gallery_tile(reader, r, cfg, image_id) for r in shown}
+    features = dict(zip([r.rank for r in shown], review_features(shown, card, run.sample_id), strict=True))
     html_text = render_html(run, card, call, numbers, flags, overview, [v.html() for v in views], len(regions), top_peak,
-                            cam_note, cfg, sample_href=sample_href if image_id else "", image_id=image_id)
+                            cam_note, cfg, sample_href=sample_href if image_id else "", image_id=image_id,
+                            gallery=list(tiles.values()), features=list(features.values()), bar=bar)
     write_text(out / REPORT, html_text)
     if parts is not None:
         parts.views.update({v.rank: v for v in views})
         parts.cam_notes.extend(n for n in cam_note if n not in parts.cam_notes)
+        parts.tiles.update(tiles)
+        parts.features.update(features)
         parts.images.append(ImagePart(image_id, inp.uri, len(regions), top_peak, [f.flag for f in flags if f.raised],
                                       im.resize(overview, _fit(overview.shape[:2], THUMB_PX))))
     return ReportAdded(flags, ImageReport(
@@ -397,10 +584,98 @@ def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
+def review_section(region_html: list[str], gallery: list[str], features: list[dict[str, Any]], n_regions: int,
+                   sample_id: str, note: str = "", title: str = "Regions to review") -> str:
+    """The top regions large, a gallery of every written region (thumbnails), accept / reject marks and their export."""
+    n_top = len(region_html)
+    capped = (f"<p class='muted'>Thumbnails of the first {len(gallery):,} of {n_regions:,} regions; the others are in "
+              "regions.csv and regions.geojson.</p>") if len(gallery) < n_regions else ""
+    data = json.dumps({"sample_id": sample_id, "features": features}, separators=(",", ":")).replace("</", "<\\/")
+    top = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
+    return f"""<section id="regions"><h2>{_e(title)}</h2>
+<p>Mark each region <b>✓ accept</b> (a parasite) or <b>✗ reject</b> (not one); the marks stay in this page (this browser)
+and export as a table or as QuPath annotations. <span id="review-count" class="muted"></span></p>
+<p class="export"><button type="button" id="export-csv">Download marks (CSV)</button>
+<button type="button" id="export-geojson">Download QuPath annotations (GeoJSON)</button>
+<button type="button" id="export-clear">Clear marks</button></p>
+<h3>Top {n_top} region{'s' if n_top != 1 else ''}, enlarged</h3>{note}{top}
+<h3 id="gallery-title">All {n_regions:,} region{'s' if n_regions != 1 else ''}</h3>{capped}
+<div id="gallery" class="gallery">{''.join(gallery)}</div>
+<pre id="export-preview" hidden></pre><pre id="export-geojson-preview" hidden></pre>
+<script type="application/json" id="review-data">{data}</script>
+<script>{REVIEW_JS}</script></section>"""
+
+
+REVIEW_JS = r"""
+(function () {
+  var data = JSON.parse(document.getElementById('review-data').textContent);
+  var key = 'slidescore-review:' + data.sample_id, marks = {};
+  var selftest = location.hash.indexOf('#selftest-export') === 0;
+  try { if (!selftest) marks = JSON.parse(localStorage.getItem(key) || '{}'); } catch (e) { marks = {}; }
+  function show() {
+    document.querySelectorAll('.review').forEach(function (el) { el.dataset.mark = marks[el.dataset.reviewRank] || ''; });
+    var a = 0, r = 0; Object.keys(marks).forEach(function (k) { if (marks[k] === 'accepted') a++; else r++; });
+    document.getElementById('review-count').textContent = a + ' accepted, ' + r + ' rejected of ' + data.features.length + '.';
+    try { localStorage.setItem(key, JSON.stringify(marks)); } catch (e) {}
+  }
+  function mark(rank, m) { if (marks[rank] === m) delete marks[rank]; else marks[rank] = m; show(); }
+  function q(v) { v = String(v); return /[",\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
+  function csv() {
+    var rows = [['rank', 'image', 'class', 'peak_probability', 'area_um2', 'centroid_y_px', 'centroid_x_px', 'mark']];
+    data.features.forEach(function (f) {
+      var p = f.properties, m = p.measurements;
+      rows.push([p.rank, p.image, p['class'], m.peak_probability, m.area_um2, p.centroid_px[0], p.centroid_px[1],
+                 marks[p.rank] || 'unreviewed']);
+    });
+    return rows.map(function (r) { return r.map(q).join(','); }).join('\n') + '\n';
+  }
+  function geojson() {
+    var feats = data.features.map(function (f) {
+      var g = JSON.parse(JSON.stringify(f)), p = g.properties, m = marks[p.rank] || 'unreviewed';
+      p.review = m;
+      if (m === 'rejected') p.classification = {name: 'Rejected', color: [128, 128, 128]};
+      else if (m === 'unreviewed') p.classification = {name: 'Unreviewed', color: [200, 200, 200]};
+      p.name = p['class'] + ' #' + p.rank + ' (' + m + ')';
+      return g;
+    });
+    return {type: 'FeatureCollection', features: feats};
+  }
+  function download(name, text, type) {
+    var a = document.createElement('a');
+    a.href = URL.createObjectURL(new Blob([text], {type: type})); a.download = name;
+    document.body.appendChild(a); a.click(); a.remove();
+  }
+  document.addEventListener('click', function (ev) {
+    var b = ev.target.closest && ev.target.closest('button[data-set]');
+    if (b) mark(b.dataset.rank, b.dataset.set);
+  });
+  document.getElementById('export-csv').onclick = function () { download(data.sample_id.replace(/\W+/g, '_') + '.review.csv', csv(), 'text/csv'); };
+  document.getElementById('export-geojson').onclick = function () {
+    download(data.sample_id.replace(/\W+/g, '_') + '.review.geojson', JSON.stringify(geojson()), 'application/geo+json');
+  };
+  document.getElementById('export-clear').onclick = function () { marks = {}; show(); };
+  if (selftest) {  // for tests: mark the first region accepted and the second rejected, show what would download
+    marks = {};
+    if (data.features[0]) marks[data.features[0].properties.rank] = 'accepted';
+    if (data.features[1]) marks[data.features[1].properties.rank] = 'rejected';
+    document.getElementById('export-preview').textContent = csv();
+    document.getElementById('export-geojson-preview').textContent = JSON.stringify(geojson());
+  }
+  show();
+})();
+"""
+
+
 def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any], flags: list[QualityFlag],
                 overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
-                cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "", image_id: str = "") -> str:
-    """The page of one sample (or, with ``sample_href`` and ``image_id``, of one image of a multi-image sample)."""
+                cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "", image_id: str = "",
+                gallery: list[str] | None = None, features: list[dict[str, Any]] | None = None,
+                bar: dict[str, float] | None = None) -> str:
+    """The page of one sample (or, with ``sample_href`` and ``image_id``, of one image of a multi-image sample).
+
+    Top to bottom: the summary (call in words, its basis in fields, the caution), the overview, the
+    regions to review (top ones enlarged, a gallery of all, accept / reject and their export), data
+    quality, files, and the technical details folded in ``<details>``."""
     sid = run.sample_id
     pt, area, inp, model = run.patches, run.area, run.image_input, run.model
     dcfg = run.config.get("decision") or {}  # the config's serialisation (typed in slidescore.config)
@@ -409,7 +684,7 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
     call_rows = [(k, _num(v)) for k, v in _flatten(numbers)] if numbers else \
         [("status", "not computed: this run has no sample-level decision (run.json has no <code>decision</code>)")]
     flag_rows = "".join(
-        f"<tr class='{'raised' if f.raised else 'ok'}'><td>{_e(f.flag)}</td><td>{_num(f.value)}</td>"
+        f"<tr class='{'raised' if f.raised else 'ok'}'><td>{_e(f.flag.replace('_', ' '))}</td><td>{_num(f.value)}</td>"
         f"<td>{_num(f.threshold)}</td><td>{'RAISED' if f.raised else 'ok'}</td><td>{_e(f.message)}</td></tr>"
         for f in flags
     )
@@ -428,7 +703,7 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
     folders = [(mosaic or MOSAIC, "probability mosaic" + (" of this image" if sample_href else ""),
                 "OME-Zarr 0.4, one pixel per stride cell, levels 0…n; <code>labels/suspect</code> is the thresholded map"),
                (mask or MASK, "foreground mask", "OME-Zarr 0.4, foreground fraction per cell")]
-    legend = "".join(f"<span style='background:rgb{tuple(c) if card.n_classes > 1 else (0, 150, 255)}'></span>{_e(n)} "
+    legend = "".join(f"<span style='background:rgb{tuple(c)}'></span>{_e(n)} "
                      for n, c in zip(card.classes, card.class_colors(), strict=True))
     context = _kv([
         ("model", f"{_e(card.name)} v{_e(card.version)} <span class='muted'>({_e(model.source)}, sha256 "
@@ -444,33 +719,36 @@ def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any]
         ("patches", f"{_num(pt.scored)} scored, {_num(pt.skipped_background)} skipped as background "
                     f"of {_num(pt.total)} ({pt.skipped_background / max(1, pt.total):.1%} skipped)"),
         ("area discarded", f"{area.discarded_fraction:.1%} of the image not scored (background)"),
-        ("regions", f"{n_regions:,} above threshold; top {len(region_html)} shown below"),
-        ("top score", _num(top_peak)),
+        ("regions", f"{n_regions:,} above threshold; top {len(region_html)} enlarged"),
+        ("highest region probability", f"<b id='top-score'>{_num(top_peak)}</b>"),
         ("run", f"key {_e(run.run_key)}, slidescore {_e(run.slidescore_version)}, code {_e(run.code_version[:12])}, "
                 f"{_num(run.timings_s.total_s)} s"),
     ])
-    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f.flag for f in raised))) if raised else "no check raised"
-    regions_block = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
+    flag_summary = (f"<b>{len(raised)} raised:</b> " + _e(", ".join(f.flag.replace('_', ' ') for f in raised))) if raised \
+        else "no check raised"
     explained = not any(n.startswith("not computed") for n in cam_note)
     note = ("<p class='muted'>Explanation: " + _e(EXPLANATION_TEXT) + "</p>" if explained else "") + \
         (f"<p class='muted'>Explanations: {_e('; '.join(cam_note))}</p>" if cam_note else "")
+    scale = (f"; scale bar {bar['um']:g} µm" if bar else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>slidescore report — {_e(sid)}</title><style>{CSS}</style></head>
 <body>
-<header><h1>{_e(sid)}</h1>{_call_badge(call)}
-<span>top score <b id="top-score">{_num(top_peak)}</b></span><span>{n_regions:,} regions</span>
+<header><h1>{_e(sid)}</h1><span>{n_regions:,} suspected region{'s' if n_regions != 1 else ''}</span>
 <span>data quality: {flag_summary}</span></header>
 <main>
-<section id="decision"><h2>Sample-level call: {_e(call)}</h2>{_kv(call_rows)}</section>
-<section><h2>Overview</h2><div class="ovw"><img id="overview" alt="overview of {_e(sid)} with probability overlay and regions"
- src="{im.data_uri(overview)}"><div><p class="legend">overlay: {legend}<br><span style="background:rgb{im.OUTLINE_RGB}"></span>
- area at or above threshold; numbered boxes: top regions by rank</p>
-<h2>Files</h2>{_links(links)}{_folders(folders, where)}</div></div></section>
-<section id="context"><h2>Context</h2>{context}</section>
+{summary_html(run, card, call, n_regions)}
+<section id="overview-section"><h2>Overview</h2><div class="ovw"><img id="overview" alt="overview of {_e(sid)} with score overlay and regions"
+ data-scalebar-um="{bar.get('um', '') if bar else ''}" data-scalebar-px="{bar.get('px', '') if bar else ''}"
+ data-scalebar-row="{bar.get('row', '') if bar else ''}" src="{im.data_uri(overview, quality=90)}"><div><p class="legend">overlay: {legend}<br>
+ <span style="background:rgb{im.OUTLINE_RGB}"></span> area at or above threshold; numbered boxes: the top regions by rank{scale}</p></div></div></section>
+{review_section(region_html, gallery or [], features or [], n_regions, sid, note)}
 <section id="quality"><h2>Data quality</h2><p>{flag_summary}</p><table class="flags"><tr><th>check</th><th>value</th>
 <th>threshold</th><th>status</th><th>detail</th></tr>{flag_rows}</table></section>
-<section id="regions"><h2>Top regions</h2>{note}{regions_block}</section>
+<section id="files"><h2>Files</h2>{_links(links)}{_folders(folders, where)}</section>
+<details id="technical"><summary>Technical details (decision record, thresholds, calibration, model, run)</summary>
+<section id="decision"><h2>Decision record</h2>{_kv(call_rows)}</section>
+<section id="context"><h2>Context</h2>{context}</section></details>
 <footer class="muted" style="padding:0 24px 24px">Generated by slidescore {_e(run.slidescore_version)} on
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: no network access needed.</footer>
 </main></body></html>

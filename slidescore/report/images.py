@@ -13,14 +13,14 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from slidescore.core.regions import Region
 from slidescore.core.types import Box
 from slidescore.io import SlideReader
 
-OUTLINE_RGB = (255, 200, 0)  # thresholded-area outline and region boxes: amber reads on pink and azure
+OUTLINE_RGB = (255, 200, 0)  # thresholded-area outline, region boxes and peak markers: amber reads on pink and on the class colours
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -76,11 +76,32 @@ def outline(rgb: np.ndarray, above: np.ndarray, color: tuple[int, int, int] = OU
     return out
 
 
+FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "DejaVuSans-Bold.ttf", "/Library/Fonts/Arial Bold.ttf")
+LABEL_PX = 16  # rank numbers and scale-bar labels: text height in picture pixels (>= 14 px, outlined)
+
+
+def font(size: int = LABEL_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans Bold at ``size`` px where installed (it has µ), else Pillow's bundled scalable font (the 11-px
+    bitmap font where FreeType is missing)."""
+    for path in FONTS:
+        try:
+            return ImageFont.truetype(path, size)
+        except (OSError, ImportError):
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
 def draw_boxes(rgb: np.ndarray, regions: list[Region], px0: float, origin_px0: tuple[float, float] = (0, 0),
-               color: tuple[int, int, int] = OUTLINE_RGB, labels: bool = True) -> np.ndarray:
-    """Numbered region boxes (level-0 ``bbox_px``) drawn on a picture at ``px0`` level-0 px per px."""
+               color: tuple[int, int, int] = OUTLINE_RGB, labels: bool = True, label_px: int = LABEL_PX) -> np.ndarray:
+    """Numbered region boxes (level-0 ``bbox_px``) drawn on a picture at ``px0`` level-0 px per px.
+
+    Rank numbers are ``label_px`` high, black with a white outline, so they read on any background."""
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
+    f = font(label_px)
     for r in regions:
         y, x, h, w = r.bbox_px
         y0, x0 = (y - origin_px0[0]) / px0, (x - origin_px0[1]) / px0
@@ -88,10 +109,62 @@ def draw_boxes(rgb: np.ndarray, regions: list[Region], px0: float, origin_px0: t
         pad = 2
         draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], outline=color, width=2)
         if labels:
-            tx, ty = x1 + pad + 2, max(0.0, y0 - pad)
-            draw.rectangle([tx - 1, ty, tx + 7 * len(str(r.rank)) + 1, ty + 11], fill=(255, 255, 255))
-            draw.text((tx, ty), str(r.rank), fill=(0, 0, 0))
+            text = str(r.rank)
+            tw = draw.textlength(text, font=f)
+            tx = x1 + pad + 3 if x1 + pad + 3 + tw < img.width else max(0.0, x0 - pad - 3 - tw)
+            ty = min(max(0.0, y0 - pad), max(0.0, img.height - label_px - 4))
+            draw.text((tx, ty), text, fill=(0, 0, 0), font=f, stroke_width=2, stroke_fill=(255, 255, 255))
     return np.asarray(img)
+
+
+def nice_length(target: float) -> float:
+    """The round number (1, 2 or 5 × 10^k) at or below ``target`` (> 0)."""
+    k = np.floor(np.log10(target))
+    for m in (5.0, 2.0, 1.0):
+        if m * 10**k <= target:
+            return float(m * 10**k)
+    return float(10**k)
+
+
+def scale_bar(rgb: np.ndarray, um_per_px: float, *, frac: float = 0.2, label_px: int = LABEL_PX,
+              margin: int = 10) -> tuple[np.ndarray, dict[str, float]]:
+    """A scale bar (a round number of µm, about ``frac`` of the width) in the bottom-left corner.
+
+    The bar is black, 4 px thick, on a white backing with its label above it. Returns the picture
+    and the bar: ``{"um", "px", "row", "x0"}`` (``row``: a pixel row through the bar)."""
+    h, w = rgb.shape[:2]
+    um = nice_length(max(um_per_px, frac * w * um_per_px))
+    px = max(1, int(round(um / um_per_px)))
+    label = f"{um:g} µm" if um < 1000 else f"{um / 1000:g} mm"
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    f = font(label_px)
+    tw = draw.textlength(label, font=f)
+    x0, y1 = margin, h - margin
+    y0 = y1 - 4
+    draw.rectangle([x0 - 4, y0 - label_px - 10, x0 + max(px, tw) + 4, y1 + 4], fill=(255, 255, 255))
+    draw.rectangle([x0, y0, x0 + px - 1, y1 - 1], fill=(0, 0, 0))
+    draw.text((x0, y0 - label_px - 5), label, fill=(0, 0, 0), font=f)
+    return np.asarray(img), {"um": um, "px": float(px), "row": float(y0 + 2), "x0": float(x0)}
+
+
+def peak_marker(rgb: np.ndarray, yx: tuple[float, float], *, radius: int = 14, color: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
+    """One marker on a point: an open ring (amber inside a dark line) with four short ticks, its centre left clear."""
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    y, x = yx
+    for width, col, rr in ((5, (0, 0, 0), radius), (3, color, radius)):
+        draw.ellipse([x - rr, y - rr, x + rr, y + rr], outline=col, width=width)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        a, b = radius + 2, radius + 8
+        draw.line([x + dx * a, y + dy * a, x + dx * b, y + dy * b], fill=color, width=3)
+    return np.asarray(img)
+
+
+def magnify(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """``rgb`` enlarged ``factor`` times (bicubic: chromatin dots stay round and visible)."""
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((w * factor, h * factor), Image.Resampling.BICUBIC))
 
 
 def crop_box(region: Region, image_hw: tuple[int, int], *, min_px: int = 192, max_px: int = 512, margin_px: int = 32) -> Box:

@@ -93,7 +93,9 @@ def test_report_renders_overview_crops_and_call_in_chromium(reports, tmp_path: P
     out, results, adds = reports
     html_path = Path(results[0].out_dir) / "report.html"
     text = html_path.read_text()
-    assert "http://" not in text and "https://" not in text and "<script" not in text  # offline, no JS
+    assert "http://" not in text and "https://" not in text  # offline: no network
+    # the only script is the page's own (accept / reject marks and their export), inline
+    assert text.count("<script>") == 1 and "src=" not in "".join(re.findall(r"<script[^>]*>", text))
     probe = _probe(html_path, tmp_path)
     imgs = probe["imgs"]
     assert all(i["nw"] > 0 and i["nh"] > 0 for i in imgs), imgs  # every inline image decoded
@@ -102,6 +104,7 @@ def test_report_renders_overview_crops_and_call_in_chromium(reports, tmp_path: P
     assert n == 4
     assert kinds.count("overview") == 1 and kinds.count("crop") == n and kinds.count("overlay") == n
     assert kinds.count("explanation") == n and "guided" not in kinds and "gradcam" not in kinds
+    assert kinds.count("gallery-thumb") == len(results[0].regions[:500])  # every region has a thumbnail
     assert probe["call"]["text"].strip().lower() == "not computed"
 
     shot_path = tmp_path / "report.png"
@@ -113,9 +116,10 @@ def test_report_renders_overview_crops_and_call_in_chromium(reports, tmp_path: P
         px = _region_px(shot, i["r"])
         assert px.size and px.std() > 8 and np.abs(px.mean(axis=(0, 1)) - page_bg).max() > 5, (i["cls"], i["id"])
     ov = _region_px(shot, next(i for i in imgs if i["id"] == "overview")["r"])
-    azure = (ov[..., 2] > ov[..., 0] + 60) & (ov[..., 2] > 150)  # the probability overlay colour
+    # the probability overlay in the card's class colour (the palette's red, (230, 25, 75)), as in napari and QuPath
+    red = (ov[..., 0] > 190) & (ov[..., 1] < 110) & (ov[..., 2] > 60) & (ov[..., 2] < 150)
     amber = (ov[..., 0] > 220) & (ov[..., 1] > 170) & (ov[..., 1] < 230) & (ov[..., 2] < 60)  # outlines and boxes
-    assert azure.mean() > 0.001 and amber.sum() > 50
+    assert red.mean() > 0.001 and amber.sum() > 50
     badge = _region_px(shot, probe["call"]["r"])
     grey = np.array([0x7F, 0x8C, 0x8D], np.float32)
     assert (np.abs(badge - grey).max(axis=-1) < 12).mean() > 0.5  # the "not computed" badge is painted
@@ -128,7 +132,7 @@ def test_a_computed_call_is_shown_with_its_numbers(reports, tmp_path: Path) -> N
     assert probe["call"]["text"].strip().lower() == "positive"
     assert probe["call"]["bg"] == "rgb(192, 57, 43)"
     text = html_path.read_text()
-    assert "specificity" in text and "0.85" in text and "350" in text
+    assert "specificity" in text and "0.85" in text and "350" in text  # in the technical details
     # without a model at hand the report reloads the scoring model named in run.json
     assert "class='explanation'" in text
 

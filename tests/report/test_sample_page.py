@@ -95,7 +95,7 @@ def test_multi_image_sample_page_ranks_regions_across_images(multi) -> None:
     sample, info = multi
     page = sample / "report.html"
     text = page.read_text()
-    assert "http://" not in text and "https://" not in text and "<script" not in text  # offline, self-contained
+    assert "http://" not in text and "https://" not in text and text.count("<script>") == 1  # offline, its own script only
     doc = json.loads((sample / "regions.json").read_text())
     iid = {img["uri"]: img["image_id"] for img in doc["images"]}
     top = doc["regions"][:6]
@@ -139,6 +139,9 @@ def test_multi_image_sample_page_renders_in_chromium(multi) -> None:
     assert rows == ["field1", "field2"]
     n = len(json.loads((sample / "regions.json").read_text())["regions"][:6])
     assert len(re.findall(r'<img class="thumb"', dom)) == 2 and len(re.findall(r'<img class="crop"', dom)) == n >= 2
+    total = len(json.loads((sample / "regions.json").read_text())["regions"])
+    assert len(re.findall(r'<img class="gallery-thumb"', dom)) == total  # every region of both images in the gallery
+    assert re.search(r'<section id="summary">.*?id="caution"', dom, re.S)
 
 
 class RecordingNet(nn.Module):
