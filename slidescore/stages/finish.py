@@ -216,7 +216,8 @@ def _image_regions(outlined: Future[list[Region]], uri: str | None) -> list[Regi
 def _draw_overview(plan: SamplePlan, prob: np.ndarray, regions: Callable[[], list[Region]]) -> None:
     reader = open_for_plan(plan)
     try:
-        render_overview(reader, prob[0], plan.cell_px0, regions, join(plan.out_dir, "overview.png"))
+        render_overview(reader, prob[0], plan.cell_px0, regions, join(plan.out_dir, "overview.png"),
+                        color=plan.mosaic.colors[0])  # the class colour, as in the mosaic, report and viewers
     finally:
         reader.close()
 

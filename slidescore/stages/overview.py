@@ -2,8 +2,8 @@
 
 What a person wants to see first: where the model fired. The thumbnail comes from the coarsest
 source level that is at least ``max_px`` wide (or the finest, if all are smaller), the overlay is the
-first class's probability (transparent where low or not scored) in azure — a colour stains rarely
-have, so it stands out on pink and purple tissue — and the top
+first class's probability (transparent where low or not scored) in that class's colour from the
+model card — the colour the mosaic, the report, QuPath, napari and the web viewer use — and the top
 regions are drawn as numbered boxes.
 """
 
