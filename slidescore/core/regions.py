@@ -112,6 +112,8 @@ def trace_outline(mask: np.ndarray) -> tuple[tuple[np.ndarray, ...], ...]:
     return trace_outlines(m.astype(np.int32), 1)[0] if m.any() else ()
 
 
+# Long on purpose: one vectorised pass over the label image, then one linear walk of the edges; split, the
+# edge arrays would have to be handed between functions that mean nothing alone.
 def trace_outlines(labels: np.ndarray, n: int) -> list[tuple[tuple[np.ndarray, ...], ...]]:
     """The outlines of regions 1..n of a label image (0: no region), in its cell-grid vertex coordinates.
 

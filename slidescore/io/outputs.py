@@ -218,23 +218,7 @@ def create_exclusive(uri: str | Path, data: bytes) -> bool:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    fs, path_s = filesystem(str(uri))
-
-    def put() -> bool:
-        try:
-            fs.pipe_file(path_s, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if _precondition_failed(e):
-                return False
-            raise
-
-    try:
-        return bool(with_retries(put, str(uri), "creating an output"))
-    finally:
-        fs.invalidate_cache(path_s)
+    return _conditional_put(str(uri), data, "creating an output", FileExistsError, mode="create")
 
 
 def read_versioned(uri: str | Path) -> tuple[bytes, str] | None:
@@ -287,12 +271,19 @@ def replace_if_unchanged(uri: str | Path, version: str, data: bytes) -> bool:
             return False
         write_bytes(uri, data)
         return True
+    return _conditional_put(str(uri), data, "replacing an output", FileNotFoundError, IfMatch=version)
+
+
+def _conditional_put(uri: str, data: bytes, what: str, refused: type[OSError], **condition: Any) -> bool:
+    """One conditional PUT (``mode="create"``: If-None-Match; ``IfMatch``): ``False`` when the store
+    refuses it (412, or ``refused``: the object exists / is gone), retried like every remote call."""
+    fs, path_s = filesystem(uri)
 
     def put() -> bool:
         try:
-            fs.pipe_file(path_s, data, IfMatch=version)
+            fs.pipe_file(path_s, data, **condition)
             return True
-        except FileNotFoundError:
+        except refused:
             return False
         except OSError as e:
             if _precondition_failed(e):
@@ -300,7 +291,7 @@ def replace_if_unchanged(uri: str | Path, version: str, data: bytes) -> bool:
             raise
 
     try:
-        return bool(with_retries(put, str(uri), "replacing an output"))
+        return bool(with_retries(put, uri, what))
     finally:
         fs.invalidate_cache(path_s)
 

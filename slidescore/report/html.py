@@ -30,7 +30,6 @@ the public functions also take a run.json's dict (an older one included) and rea
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import time
@@ -43,14 +42,28 @@ import numpy as np
 from scipy import ndimage
 
 from slidescore.config import ReportConfig
-from slidescore.core.regions import Region, regions_geojson
+from slidescore.core.regions import Region
 from slidescore.core.types import Box
 from slidescore.errors import ConfigError
 from slidescore.io import SlideReader, read_padded
 from slidescore.io.outputs import join, write_text
 from slidescore.report import images as im
+from slidescore.report.markup import CSS, _e, _flatten, _kv, _num
 from slidescore.report.quality import QualityThresholds, check_quality
 from slidescore.report.qupath import tile_heatmap_geojson
+from slidescore.report.review import (
+    GALLERY_MAX,
+    RegionView,
+    _fit,
+    gallery_tile,
+    magnification,
+    review_features,
+    review_section,
+)
+from slidescore.report.summary import (
+    call_of,
+    summary_html,
+)
 from slidescore.stages.layout import MASK, MOSAIC, image_dir
 from slidescore.stages.records import ImageReport, QualityFlag, RegionCrop, SampleRecord
 
@@ -63,203 +76,6 @@ EXPLANATION = "integrated gradients"  # the method of slidescore.report.gradcam 
 EXPLANATION_TEXT = ("integrated gradients from an empty background — each pixel's share of how far the class probability "
                     "of the patches covering the crop rose above what empty background scores; red/yellow = raised it most. "
                     "The overlay beside it is the score map itself, one cell per scoring stride.")
-DEMO_MARKERS = ("demonstration model", "not for diagnosis")  # a card whose description says so is a demonstration model
-GALLERY_MAX = 500  # regions with a thumbnail on a page (the rest are in regions.csv / .geojson)
-GALLERY_PX = 96  # long side of a gallery thumbnail
-CALL_COLORS = {"positive": "#c0392b", "negative": "#1e8449", "needs review": "#d68910", "not computed": "#7f8c8d",
-               "failed": "#7b241c"}
-
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1b1f23;background:#f6f7f9}
-header{background:#1f2d3d;color:#fff;padding:14px 24px;display:flex;align-items:center;gap:24px;flex-wrap:wrap}
-header h1{font-size:20px;margin:0;font-weight:600}
-main{padding:16px 24px;max-width:1400px}
-section{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px 16px;margin:0 0 16px}
-h2{font-size:16px;margin:0 0 10px}
-table{border-collapse:collapse}
-td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}
-th{font-weight:600;color:#444}
-.call{display:inline-block;padding:8px 18px;border-radius:6px;color:#fff;font-weight:700;font-size:18px;
-      letter-spacing:.03em;text-transform:uppercase}
-.kv td:first-child{color:#555;white-space:nowrap}
-.flags tr.raised td{background:#fdebd0}
-.flags tr.raised td:first-child{font-weight:700;color:#a04000}
-.ovw{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
-.ovw img{max-width:min(100%,900px);border:1px solid #ccc;image-rendering:auto}
-.region{display:grid;grid-template-columns:50px minmax(0,600px) 250px 250px;gap:10px;align-items:start;border-top:1px solid #eee;padding:10px 0}
-.region .kv{grid-column:2 / -1}
-.region figure{margin:0;text-align:center}
-.region img{height:auto;border:1px solid #ccc;display:block}
-.region img.crop{max-width:min(100%,600px)}
-.region img.overlay,.region img.explanation{width:250px;max-width:100%}
-img.thumb{max-width:240px;border:1px solid #ccc}
-.region figcaption{font-size:12px;color:#555}
-.rank{font-size:22px;font-weight:700;width:40px}
-.legend span{display:inline-block;width:14px;height:14px;vertical-align:middle;margin-right:4px;border:1px solid #999}
-a{color:#1a5fb4}
-.muted{color:#666}
-code.path{user-select:all;background:#eef1f4;padding:0 4px;border-radius:3px;word-break:break-all}
-h2 .call{font-size:20px;vertical-align:middle;margin-right:10px}
-.call-words{font-size:18px;vertical-align:middle}
-.caution{border-left:6px solid #d68910;background:#fef5e7;padding:8px 12px;margin:10px 0;font-size:15px}
-.caution.demo{border-color:#c0392b;background:#fdedec}
-.basis-list{font-size:15px;margin:6px 0;padding-left:20px}
-h3{font-size:14px;margin:14px 0 6px}
-.gallery{display:flex;flex-wrap:wrap;gap:6px}
-.tile{margin:0;text-align:center;font-size:12px;width:100px}
-.tile img{width:96px;height:96px;object-fit:contain;border:1px solid #ccc;display:block;background:#eee}
-.review button{font-size:13px;padding:0 6px;margin:2px 1px;border:1px solid #aaa;background:#fff;border-radius:3px;cursor:pointer}
-.review[data-mark=accepted] .accept{background:#1e8449;color:#fff;border-color:#1e8449}
-.review[data-mark=rejected] .reject{background:#c0392b;color:#fff;border-color:#c0392b}
-.rank .review{display:block;margin-top:4px}
-details#technical{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:10px 16px;margin:0 0 16px}
-details#technical summary{cursor:pointer;font-weight:600}
-details#technical section{border:0;padding:8px 0;margin:0}
-"""
-
-
-def _e(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    """A value for the page: numbers with thousands separators, ``None`` as "—", booleans as yes / no."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not np.isfinite(v):
-            return "—"
-        return f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return _e(v)
-
-
-def _kv(rows: list[tuple[str, Any]]) -> str:
-    return "<table class='kv'>" + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
-
-
-def call_of(run: SampleRecord) -> tuple[str, dict[str, Any]]:
-    """The sample-level call and the numbers behind it (``not computed`` without ``run.decision``).
-
-    The call is ``decision.sample_call``'s; a hand-made or older decision may carry its own ``call``
-    or ``label`` instead (kept in ``decision.extra``)."""
-    dec = run.decision
-    if dec is None:
-        return "not computed", {}
-    numbers = dec.to_dict()
-    call: Any = dec.extra.get("call") or (dec.sample_call.to_dict() if dec.sample_call else None) or dec.extra.get("label")
-    if isinstance(call, dict):  # the sample call's numbers join the decision's ({"call": {"label": ...}} of older records too)
-        numbers.update(call)
-        call = call.get("label") or call.get("call")
-    call = str(call or "not computed").replace("_", " ")
-    return call, {k: v for k, v in numbers.items() if k not in ("call", "sample_call", "label")}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
-
-
-def _call_badge(call: str) -> str:
-    color = CALL_COLORS.get(call.lower(), "#34495e")
-    return f"<span id='call' class='call' data-call='{_e(call)}' style='background:{color}'>{_e(call)}</span>"
-
-
-def is_demonstration(card: Any, run: SampleRecord | None = None) -> bool:
-    """Whether the model is a demonstration model (its card says "demonstration model" or "not for
-    diagnosis" in its description, as the built-in SmearNet's does, or it is a ``builtin:`` model)."""
-    text = str(getattr(card, "description", "") or "").lower()
-    src = str(run.model.source if run is not None else "")
-    return any(m in text for m in DEMO_MARKERS) or src.startswith("builtin:")
-
-
-def caution_html(card: Any, run: SampleRecord | None = None) -> str:
-    """The caution shown right beside the call: a demonstration model's, or decision support's."""
-    if is_demonstration(card, run):
-        return ("<p id='caution' class='caution demo'><b>Demonstration model — not for diagnosis.</b> "
-                f"{_e(card.name)} was trained only on synthetic smears; this call shows what the software does and "
-                "must not be used for patient care.</p>")
-    return ("<p id='caution' class='caution'><b>Decision support only.</b> The call is the model's; a specialist "
-            "reviews the regions below before any result is reported.</p>")
-
-
-def _pct(v: Any) -> str:
-    """A probability as a percentage with enough decimals not to round to 0 % or 100 %."""
-    if v is None or not np.isfinite(float(v)):
-        return "—"
-    x = 100.0 * float(v)
-    for d in (1, 2, 3):
-        t = f"{x:.{d}f}"
-        if 0 < x < 100 and float(t) in (0.0, 100.0):
-            continue
-        return f"{t}%"
-    return f"{x:.3f}%"
-
-
-def _p_text(p: float) -> str:
-    return "< 0.001" if p < 1e-3 else f"{p:.2g}"
-
-
-def field_um(card: Any) -> float:
-    """The side of one examined field (a model patch) in µm."""
-    return float(card.patch_px) * float(card.mpp)
-
-
-def _class_summary(cls: str, f: Mapping[str, Any], card: Any) -> str:
-    """One class's call in clinical units: suspected fields, the rule applied and what its figures mean."""
-    unit = str(f.get("unit") or "field")
-    side = field_um(card)
-    n, k = f.get("n_examined"), f.get("n_positive")
-    what = "fields" if "field" in unit else f"{unit}s"
-    lines = [f"<li class='basis' data-class='{_e(cls)}'>Suspected <b>{_e(cls)}</b> in <b class='n-positive'>{_num(k)}</b> of "
-             f"<b class='n-examined'>{_num(n)}</b> examined {what} (patch fields of {side:g} × {side:g} µm).</li>"]
-    if "positive_from" not in f:  # no validation figures for this class: the reason says so
-        lines.append(f"<li class='reason'>{_e(f.get('reason', ''))}</li>")
-        return "".join(lines)
-    need, se, sp = int(f["positive_from"]), f.get("sample_sensitivity"), f.get("sample_specificity")
-    if need > int(n or 0):
-        lines.append(f"<li class='rule'>Rule applied: with only {_num(n)} {what} examined no count of suspected {what} "
-                     "is beyond what false positives explain; the sample cannot be called positive.</li>")
-    else:
-        lines.append(f"<li class='rule' data-positive-from='{need}'>Rule applied: <b>positive from {need} suspected "
-                     f"{'field' if need == 1 and 'field' in unit else what} on</b> (fewer are explained by the model's false "
-                     f"positives too often). A parasite-free sample shows {_num(k)} or more with probability "
-                     f"{_e(_p_text(float(f.get('p_false_positives', 1.0))))}.</li>")
-    lines.append(
-        f"<li class='figures'>For this rule, sample-level sensitivity <b class='sample-sensitivity' data-value='{float(se):.9g}'>"
-        f"{_pct(se)}</b> and specificity <b class='sample-specificity' data-value='{float(sp):.9g}'>{_pct(sp)}</b>: a sample "
-        f"with a single infected field among the {_num(n)} examined is called positive {_pct(se)} of the time, and a "
-        f"parasite-free sample is called positive {_pct(1 - float(sp))} of the time (from the model's validation figures "
-        f"per field, sensitivity {_pct(f.get('unit_sensitivity'))} and specificity {_pct(f.get('unit_specificity'))}, "
-        "fields taken as independent).</li>")
-    return "".join(lines)
-
-
-def summary_html(run: SampleRecord, card: Any, call: str, n_regions: int) -> str:
-    """The first section of a page: the call in words, what it rests on, and the caution beside it."""
-    dec = run.decision
-    sc = dec.sample_call if dec is not None else None
-    if sc is not None and sc.per_class:
-        basis = "".join(_class_summary(c, f, card) for c, f in sc.per_class.items())
-    elif dec is None:
-        basis = ("<li>No sample-level call was computed for this run (its record has no decision); review the regions "
-                 "below.</li>")
-    else:
-        basis = "<li>The call was recorded without its basis in fields; its numbers are under Technical details.</li>"
-    regions = f"{n_regions:,} suspected region{'s' if n_regions != 1 else ''} found, listed below for review."
-    words = {"positive": "Parasites suspected", "negative": "No parasites suspected", "needs review": "Needs review by a specialist",
-             "not computed": "No call computed"}.get(call.lower(), call)
-    return (f"<section id='summary'><h2>Result: {_call_badge(call)} <span class='call-words'>{_e(words)}</span></h2>"
-            f"{caution_html(card, run)}<ul class='basis-list'>{basis}<li>{_e(regions)}</li></ul></section>")
 
 
 def render_overview(reader: SlideReader, prob: np.ndarray, cell_px0: float, regions: list[Region], card: Any,
@@ -277,70 +93,6 @@ def render_overview(reader: SlideReader, prob: np.ndarray, cell_px0: float, regi
     if mpp0:
         return im.scale_bar(rgb, px0 * float(mpp0))
     return rgb, {}
-
-
-@dataclass(frozen=True)
-class RegionView:
-    """One region's pictures and measurements, rendered once; shown on its image's page and its sample's page."""
-
-    rank: int
-    figures: str  # the <figure> elements (inline pictures)
-    rows: list[tuple[str, str]]  # measurements (name, HTML value)
-    crop: RegionCrop  # what run.json records of the region's pictures
-    image_id: str = ""
-
-    def html(self, image_html: str = "") -> str:
-        """The region's block; ``image_html`` (a label or a link) names its image on a multi-image page."""
-        rows = ([("image", image_html)] if image_html else []) + self.rows
-        return (f"<div class='region' id='region-{self.rank}' data-image='{_e(self.image_id)}'><div class='rank'>#{self.rank}"
-                f"{review_buttons(self.rank)}</div>{self.figures}{_kv(rows)}</div>")
-
-
-def magnification(box: Box) -> int:
-    """How many times a region's level-0 crop is enlarged: 3× up to 256 px a side, else 2× (chromatin dots of a
-    few level-0 pixels become visible)."""
-    return 3 if max(box.h, box.w) <= 256 else 2
-
-
-def review_buttons(rank: int) -> str:
-    """Accept / reject marks of one region (the page's script keeps them and exports them)."""
-    return (f"<span class='review' data-review-rank='{rank}' data-mark=''>"
-            f"<button type='button' class='accept' data-rank='{rank}' data-set='accepted' title='accept region {rank}'>✓</button>"
-            f"<button type='button' class='reject' data-rank='{rank}' data-set='rejected' title='reject region {rank}'>✗</button></span>")
-
-
-def gallery_tile(reader: SlideReader, r: Region, cfg: ReportConfig, image_id: str = "", href: str = "") -> str:
-    """A small thumbnail of one region (at most GALLERY_PX a side, peak marked) with its accept / reject marks."""
-    lv0 = reader.levels[0]
-    box = im.crop_box(r, (lv0.height, lv0.width), min_px=min(cfg.crop_px, 128), max_px=cfg.max_crop_px)
-    crop = im.to_rgb(np.asarray(reader.read(0, box)))
-    shape = _fit(crop.shape[:2], GALLERY_PX)
-    small = im.resize(crop, shape)
-    fy, fx = shape[0] / crop.shape[0], shape[1] / crop.shape[1]
-    small = im.peak_marker(small, ((r.peak_px[0] - box.y) * fy, (r.peak_px[1] - box.x) * fx), radius=7)
-    label = f"#{r.rank}" if not href else f"<a href='{_e(href)}'>#{r.rank}</a>"
-    return (f"<figure class='tile' id='tile-{r.rank}' data-rank='{r.rank}' data-image='{_e(image_id)}'>"
-            f"<img class='gallery-thumb' alt='region {r.rank}' decoding='async' src='{im.data_uri(small, quality=75)}'>"
-            f"<figcaption>{label} <span class='muted'>{r.peak_probability:.2f}</span>{review_buttons(r.rank)}</figcaption></figure>")
-
-
-def _round_coords(v: Any) -> Any:
-    if isinstance(v, list | tuple):
-        return [_round_coords(x) for x in v]
-    if isinstance(v, float | np.floating):
-        return round(float(v), 1)
-    return v
-
-
-def review_features(regions: list[Region], card: Any, sample_id: str) -> list[dict[str, Any]]:
-    """The regions' QuPath features (their outlines, level-0 px) for the page's GeoJSON export."""
-    colors = dict(zip(card.classes, card.class_colors(), strict=True))
-    feats = regions_geojson(regions, colors, sample_id)["features"]
-    for f, r in zip(feats, regions, strict=True):
-        f["geometry"]["coordinates"] = _round_coords(f["geometry"]["coordinates"])
-        f["properties"].update({"rank": r.rank, "image": r.image, "class": r.class_name,
-                                "centroid_px": [round(float(v), 1) for v in r.centroid_px]})
-    return feats
 
 
 def _region_figures(reader: SlideReader, prob: np.ndarray, cell_px0: float, r: Region, card: Any, run: SampleRecord,
@@ -490,6 +242,8 @@ def write_report(out_dir: str | Path, run: SampleRecord | Mapping[str, Any], reg
                          image_id=image_id, sample_href=sample_href, parts=parts).to_dict()
 
 
+# Long as the report is: each step (heat map, quality, crops, overview, gallery, page) is one call; the
+# function is their order and the record each adds to.
 def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region], reader: SlideReader, prob: np.ndarray,
                   card: Any, *, cfg: ReportConfig | None = None, model: Any = None, image_id: str = "",
                   sample_href: str = "", parts: SampleParts | None = None) -> ReportAdded:
@@ -533,9 +287,9 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
     thresholds = [float(run.thresholds[c]) for c in card.classes]
     flags = check_quality(reader, run, card, QualityThresholds(quality_mpp=cfg.quality_mpp))
 
-    tiles = tile_heatmap_geojson(prob, card.classes, cell_px0, run.sample_id, max_tiles=cfg.qupath_max_tiles)
+    heatmap = tile_heatmap_geojson(prob, card.classes, cell_px0, run.sample_id, max_tiles=cfg.qupath_max_tiles)
     # compact: tens of thousands of tiles; indented JSON goes through Python's slow encoder (seconds, 2× the bytes)
-    write_text(out / TILES, json.dumps(tiles, separators=(",", ":")) + "\n")
+    write_text(out / TILES, json.dumps(heatmap, separators=(",", ":")) + "\n")
 
     cam_note: list[str] = []
     top = regions[: cfg.top_k]
@@ -578,94 +332,7 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
         seconds=round(time.perf_counter() - t0, 3)))
 
 
-def _fit(shape: tuple[int, ...], max_px: int) -> tuple[int, int]:
-    h, w = int(shape[0]), int(shape[1])
-    f = min(1.0, max_px / max(h, w, 1))
-    return max(1, round(h * f)), max(1, round(w * f))
-
-
-def review_section(region_html: list[str], gallery: list[str], features: list[dict[str, Any]], n_regions: int,
-                   sample_id: str, note: str = "", title: str = "Regions to review") -> str:
-    """The top regions large, a gallery of every written region (thumbnails), accept / reject marks and their export."""
-    n_top = len(region_html)
-    capped = (f"<p class='muted'>Thumbnails of the first {len(gallery):,} of {n_regions:,} regions; the others are in "
-              "regions.csv and regions.geojson.</p>") if len(gallery) < n_regions else ""
-    data = json.dumps({"sample_id": sample_id, "features": features}, separators=(",", ":")).replace("</", "<\\/")
-    top = "".join(region_html) or "<p class='muted'>No region above threshold.</p>"
-    return f"""<section id="regions"><h2>{_e(title)}</h2>
-<p>Mark each region <b>✓ accept</b> (a parasite) or <b>✗ reject</b> (not one); the marks stay in this page (this browser)
-and export as a table or as QuPath annotations. <span id="review-count" class="muted"></span></p>
-<p class="export"><button type="button" id="export-csv">Download marks (CSV)</button>
-<button type="button" id="export-geojson">Download QuPath annotations (GeoJSON)</button>
-<button type="button" id="export-clear">Clear marks</button></p>
-<h3>Top {n_top} region{'s' if n_top != 1 else ''}, enlarged</h3>{note}{top}
-<h3 id="gallery-title">All {n_regions:,} region{'s' if n_regions != 1 else ''}</h3>{capped}
-<div id="gallery" class="gallery">{''.join(gallery)}</div>
-<pre id="export-preview" hidden></pre><pre id="export-geojson-preview" hidden></pre>
-<script type="application/json" id="review-data">{data}</script>
-<script>{REVIEW_JS}</script></section>"""
-
-
-REVIEW_JS = r"""
-(function () {
-  var data = JSON.parse(document.getElementById('review-data').textContent);
-  var key = 'slidescore-review:' + data.sample_id, marks = {};
-  var selftest = location.hash.indexOf('#selftest-export') === 0;
-  try { if (!selftest) marks = JSON.parse(localStorage.getItem(key) || '{}'); } catch (e) { marks = {}; }
-  function show() {
-    document.querySelectorAll('.review').forEach(function (el) { el.dataset.mark = marks[el.dataset.reviewRank] || ''; });
-    var a = 0, r = 0; Object.keys(marks).forEach(function (k) { if (marks[k] === 'accepted') a++; else r++; });
-    document.getElementById('review-count').textContent = a + ' accepted, ' + r + ' rejected of ' + data.features.length + '.';
-    try { localStorage.setItem(key, JSON.stringify(marks)); } catch (e) {}
-  }
-  function mark(rank, m) { if (marks[rank] === m) delete marks[rank]; else marks[rank] = m; show(); }
-  function q(v) { v = String(v); return /[",\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
-  function csv() {
-    var rows = [['rank', 'image', 'class', 'peak_probability', 'area_um2', 'centroid_y_px', 'centroid_x_px', 'mark']];
-    data.features.forEach(function (f) {
-      var p = f.properties, m = p.measurements;
-      rows.push([p.rank, p.image, p['class'], m.peak_probability, m.area_um2, p.centroid_px[0], p.centroid_px[1],
-                 marks[p.rank] || 'unreviewed']);
-    });
-    return rows.map(function (r) { return r.map(q).join(','); }).join('\n') + '\n';
-  }
-  function geojson() {
-    var feats = data.features.map(function (f) {
-      var g = JSON.parse(JSON.stringify(f)), p = g.properties, m = marks[p.rank] || 'unreviewed';
-      p.review = m;
-      if (m === 'rejected') p.classification = {name: 'Rejected', color: [128, 128, 128]};
-      else if (m === 'unreviewed') p.classification = {name: 'Unreviewed', color: [200, 200, 200]};
-      p.name = p['class'] + ' #' + p.rank + ' (' + m + ')';
-      return g;
-    });
-    return {type: 'FeatureCollection', features: feats};
-  }
-  function download(name, text, type) {
-    var a = document.createElement('a');
-    a.href = URL.createObjectURL(new Blob([text], {type: type})); a.download = name;
-    document.body.appendChild(a); a.click(); a.remove();
-  }
-  document.addEventListener('click', function (ev) {
-    var b = ev.target.closest && ev.target.closest('button[data-set]');
-    if (b) mark(b.dataset.rank, b.dataset.set);
-  });
-  document.getElementById('export-csv').onclick = function () { download(data.sample_id.replace(/\W+/g, '_') + '.review.csv', csv(), 'text/csv'); };
-  document.getElementById('export-geojson').onclick = function () {
-    download(data.sample_id.replace(/\W+/g, '_') + '.review.geojson', JSON.stringify(geojson()), 'application/geo+json');
-  };
-  document.getElementById('export-clear').onclick = function () { marks = {}; show(); };
-  if (selftest) {  // for tests: mark the first region accepted and the second rejected, show what would download
-    marks = {};
-    if (data.features[0]) marks[data.features[0].properties.rank] = 'accepted';
-    if (data.features[1]) marks[data.features[1].properties.rank] = 'rejected';
-    document.getElementById('export-preview').textContent = csv();
-    document.getElementById('export-geojson-preview').textContent = JSON.stringify(geojson());
-  }
-  show();
-})();
-"""
-
-
+# Long by its markup, not its logic: the page template, one f-string document.
 def render_html(run: SampleRecord, card: Any, call: str, numbers: dict[str, Any], flags: list[QualityFlag],
                 overview: np.ndarray, region_html: list[str], n_regions: int, top_peak: float | None,
                 cam_note: list[str], cfg: ReportConfig, *, sample_href: str = "", image_id: str = "",

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from slidescore.io.outputs import join, list_children, read_json, read_text, write_text
-from slidescore.report.html import CALL_COLORS, CSS, DEMO_MARKERS, REPORT, _e, _kv, _num, call_of
+from slidescore.report.html import REPORT
+from slidescore.report.markup import CSS, _e, _kv, _num
+from slidescore.report.summary import CALL_COLORS, DEMO_MARKERS, call_of
 from slidescore.stages.records import SampleRecord
 
 INDEX = "index.html"

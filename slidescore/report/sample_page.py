@@ -21,19 +21,10 @@ from slidescore.config import ReportConfig
 from slidescore.core.regions import Region
 from slidescore.io.outputs import write_text
 from slidescore.report import images as im
-from slidescore.report.html import (
-    CSS,
-    REPORT,
-    SampleParts,
-    _e,
-    _flatten,
-    _kv,
-    _links,
-    _num,
-    call_of,
-    review_section,
-    summary_html,
-)
+from slidescore.report.html import REPORT, SampleParts, _links
+from slidescore.report.markup import CSS, _e, _flatten, _kv, _num
+from slidescore.report.review import review_section
+from slidescore.report.summary import call_of, summary_html
 from slidescore.stages.records import SampleRecord, SampleReport
 
 
