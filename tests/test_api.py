@@ -87,9 +87,11 @@ def test_plain_module_equals_bruteforce_full_resolution_mean() -> None:
     out = slidescore.score_array(img, MeanRed(), patch_px=32, stride_px=8, pad_value=255, device="cpu")
     grid = PatchGrid(150, 170, 32, 8)
     py, px = grid.patches_shape
-    padded = np.full((150 + 32, 170 + 32, 3), 255, np.uint8)
-    padded[:150, :170] = img
-    red = np.array([[padded[a * 8 : a * 8 + 32, b * 8 : b * 8 + 32, 0].mean() / 255 for b in range(px)] for a in range(py)])
+    padded = np.full((150 + 64, 170 + 64, 3), 255, np.uint8)  # 32 px of pad on every side
+    padded[32:182, 32:202] = img
+    # the centred grid: patch a starts at (a − 3) · 8 (k = 4)
+    red = np.array([[padded[32 + (a - 3) * 8 : 32 + (a - 3) * 8 + 32, 32 + (b - 3) * 8 : 32 + (b - 3) * 8 + 32, 0].mean() / 255
+                     for b in range(px)] for a in range(py)])
     ref = full_res_reference(np.stack([red, 1 - red]), np.ones((py, px), bool), grid)
     up = np.repeat(np.repeat(out, 8, axis=1), 8, axis=2)[:, :150, :170]
     np.testing.assert_allclose(up, ref, atol=1e-5)

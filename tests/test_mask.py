@@ -35,11 +35,23 @@ def test_cell_fractions_exact_area_overlap() -> None:
     assert cells[2, 2] == pytest.approx(1.0)
 
 
-def test_patch_fraction_is_mean_of_its_cells() -> None:
+def test_patch_fraction_is_mean_of_its_in_image_cells() -> None:
     cells = np.zeros((6, 6), np.float32)
     cells[0, 0] = 1
-    pf = patch_fractions(cells, 2, (5, 5))
-    assert pf[0, 0] == pytest.approx(0.25) and pf[1, 1] == 0
+    pf = patch_fractions(cells, 2, (7, 7))  # the centred grid: patch a covers cells a − 1 … a
+    assert pf[1, 1] == pytest.approx(0.25)  # cells (0..1, 0..1): all inside
+    assert pf[0, 0] == pytest.approx(1.0)  # cell (0, 0) is its only in-image cell: the pad is not background
+    assert pf[0, 1] == pytest.approx(0.5) and pf[2, 2] == 0
+    assert pf[6, 6] == 0 and pf.shape == (7, 7)
+    # independently: the mean over the in-image cells of each patch's k × k window
+    rng = np.random.default_rng(2)
+    cells = rng.random((9, 7)).astype(np.float32)
+    k = 3
+    pf = patch_fractions(cells, k, (9 + k - 1, 7 + k - 1))
+    for a in range(pf.shape[0]):
+        for b in range(pf.shape[1]):
+            win = cells[max(0, a - k + 1) : a + 1, max(0, b - k + 1) : b + 1]
+            assert pf[a, b] == pytest.approx(win.mean(), abs=1e-6)
 
 
 def test_reduce_mean_handles_partial_blocks() -> None:

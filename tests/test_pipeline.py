@@ -51,9 +51,11 @@ def test_uniform_blend_equals_bruteforce_full_resolution_mean(tmp_path: Path, sm
     # brute force: crop every patch (padded with the card's pad value), score it alone, sum/count per pixel
     grid = PatchGrid(*img.shape[:2], 64, 16)
     py, px = grid.patches_shape
-    padded = np.full((img.shape[0] + 64, img.shape[1] + 64, 3), 235, np.uint8)
-    padded[: img.shape[0], : img.shape[1]] = img
-    crops = np.stack([padded[a * 16 : a * 16 + 64, b * 16 : b * 16 + 64] for a in range(py) for b in range(px)])
+    padded = np.full((img.shape[0] + 128, img.shape[1] + 128, 3), 235, np.uint8)  # 64 px of pad on every side
+    padded[64 : 64 + img.shape[0], 64 : 64 + img.shape[1]] = img
+    # the centred grid: patch a starts at (a − 3) · 16, before the image for the first three
+    crops = np.stack([padded[64 + (a - 3) * 16 : 64 + (a - 3) * 16 + 64, 64 + (b - 3) * 16 : 64 + (b - 3) * 16 + 64]
+                      for a in range(py) for b in range(px)])
     with torch.no_grad():
         x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
         scores = torch.sigmoid(model.module(x))[:, 0, 0, 0].numpy().reshape(1, py, px)

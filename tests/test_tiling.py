@@ -19,18 +19,21 @@ def test_every_pixel_is_covered_and_grid_covers_exactly_the_cells(h: int, w: int
             PatchGrid(h, w, p, s)
         return
     g = PatchGrid(h, w, p, s)
-    cover = np.zeros((h, w), int)
+    cover = np.zeros((h + 2 * p, w + 2 * p), int)  # room for the patches that start before the image
     py, px = g.patches_shape
     for a in range(py):
         for b in range(px):
             box = g.patch_box(a, b)
             assert box.y % s == 0 and box.x % s == 0  # origins on the global grid
-            assert box.y < h and box.x < w  # every patch starts inside the image
-            cover[box.y : box.y1, box.x : box.x1] += 1
-    assert cover.min() >= 1
-    # the last patch reaches the border but never overshoots by a whole stride
-    assert (py - 1) * s + p >= h > (py - 1) * s + p - s
-    assert py + k - 1 == g.cells_shape[0] and px + k - 1 == g.cells_shape[1]
+            assert box.y1 > 0 and box.x1 > 0 and box.y < h and box.x < w  # every patch overlaps the image
+            cover[p + box.y : p + box.y1, p + box.x : p + box.x1] += 1
+    inner = cover[p : p + h, p : p + w]
+    assert inner.min() >= 1
+    # centred: every cell is covered by exactly k positions per axis, at the edges as in the interior
+    per_cell = inner[::s, ::s]
+    assert (per_cell == k * k).all(), np.unique(per_cell)
+    assert py == g.cells_shape[0] + k - 1 and px == g.cells_shape[1] + k - 1
+    assert g.patch_box(0, 0).y == -(k - 1) * s and g.patch_box(py - 1, 0).y == (g.cells_shape[0] - 1) * s
 
 
 @settings(max_examples=40, deadline=None)
@@ -45,10 +48,11 @@ def test_blocks_partition_cells_and_carry_every_touching_patch(h: int, w: int, c
         owner[c.y : c.y1, c.x : c.x1] = blk.index
         # every patch touching the block's cells is inside its patch range
         py, px = g.patches_shape
-        for a in range(max(0, c.y - 3), min(py, c.y1)):
-            assert blk.patches.y <= a < blk.patches.y1
+        for a in range(py):  # patch a covers cells [a − 3, a]: inside the range iff it touches the block
+            touches = a - 3 < c.y1 and a >= c.y
+            assert touches == (blk.patches.y <= a < blk.patches.y1), (a, c)
         rb = blk.read
-        assert rb.y == blk.patches.y * 16 and rb.h == (blk.patches.h - 1) * 16 + 64
+        assert rb.y == (blk.patches.y - 3) * 16 and rb.h == (blk.patches.h - 1) * 16 + 64
     assert (owner >= 0).all()
 
 

@@ -93,13 +93,25 @@ def cell_fractions(fraction: np.ndarray, src_px: float, cells_shape: tuple[int, 
 
 
 def patch_fractions(cell_frac: np.ndarray, k: int, patches_shape: tuple[int, int]) -> np.ndarray:
-    """Foreground fraction of every patch: the mean of its k × k cells (cells past the edge are 0)."""
+    """Foreground fraction of every patch position of the centred grid: the mean of its in-image cells.
+
+    Patch ``a`` covers cells ``[a − k + 1, a]`` (:class:`~slidescore.core.tiling.PatchGrid`); cells outside
+    the image are padding, not background, so they count in neither the sum nor the number of cells.
+    """
     py, px = patches_shape
-    need_y, need_x = py + k - 1, px + k - 1
-    padded = np.zeros((need_y, need_x), np.float64)
-    h, w = min(need_y, cell_frac.shape[0]), min(need_x, cell_frac.shape[1])
-    padded[:h, :w] = cell_frac[:h, :w]
-    integral = np.zeros((need_y + 1, need_x + 1))
-    integral[1:, 1:] = padded.cumsum(0).cumsum(1)
-    s = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
-    return (s[:py, :px] / (k * k)).astype(np.float32)
+    m = k - 1
+    ch, cw = cell_frac.shape
+    need_y, need_x = py + m, px + m
+    frac = np.zeros((need_y, need_x), np.float64)
+    inside = np.zeros((need_y, need_x), np.float64)
+    h, w = min(ch, need_y - m), min(cw, need_x - m)
+    frac[m : m + h, m : m + w] = cell_frac[:h, :w]
+    inside[m : m + h, m : m + w] = 1.0
+
+    def box_sums(a: np.ndarray) -> np.ndarray:
+        integral = np.zeros((need_y + 1, need_x + 1))
+        integral[1:, 1:] = a.cumsum(0).cumsum(1)
+        return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k])[:py, :px]
+
+    total, count = box_sums(frac), box_sums(inside)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)

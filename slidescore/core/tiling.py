@@ -1,14 +1,17 @@
 """Geometry of the global patch grid and the plan of output-chunk-aligned blocks (pure numpy).
 
-One grid per image level (docs/architecture.md, invariant 1): patch ``a`` along an axis has its origin at
-``a · stride_px`` and covers output cells ``a … a + k − 1`` where ``k = patch_px / stride_px``.
-Output cell ``i`` covers level pixels ``[i·s, (i+1)·s)``.
+One grid per image level (docs/architecture.md, invariant 1), centred on the cells: with
+``k = patch_px / stride_px`` and ``s = stride_px``, patch index ``a`` along an axis has its origin at
+``(a − k + 1) · s`` and covers output cells ``a − k + 1 … a``; indices run over ``cells + k − 1``
+positions, so every output cell is covered by exactly ``k`` patch positions along each axis, at the
+image edges as in the interior. Output cell ``i`` covers level pixels ``[i·s, (i+1)·s)``.
 
-Border policy: patch origins run from 0 while the previous patch has not yet reached the image
-edge, so the last patch may extend past the bottom/right edge (by at most ``stride_px − 1``
-pixels: ``ceil((H − P) / s) · s − (H − P)``); readers fill that part with the model's ``pad_value`` (background). Every image pixel is
-covered by at least one patch, cells near the top/left edge by fewer patches than interior ones,
-and the grid never depends on blocks, workers or order. Images smaller than one patch are refused.
+Border policy: the parts of a patch outside the image are filled with the model's ``pad_value``
+(background) by the readers. A patch position is scored when the foreground fraction of its
+in-image cells reaches ``mask.min_foreground_frac`` (:func:`slidescore.core.mask.patch_fractions`).
+Why centred: with patches only from origin 0, cells near the edges were covered by fewer patches,
+and a normalised blend over fewer patches (all holding the same object) inflated edge regions. The
+grid never depends on blocks, workers or order. Images smaller than one patch are refused.
 """
 
 from __future__ import annotations
@@ -53,49 +56,66 @@ class PatchGrid:
         return (-(-self.height_px // self.stride_px), -(-self.width_px // self.stride_px))
 
     @property
+    def margin(self) -> int:
+        """Patch positions before the first cell (and after the last): ``k − 1`` along each axis."""
+        return self.k - 1
+
+    @property
     def patches_shape(self) -> tuple[int, int]:
-        """Number of patch origins along (y, x)."""
-
-        def n(size: int) -> int:
-            return -(-(size - self.patch_px) // self.stride_px) + 1
-
-        return (n(self.height_px), n(self.width_px))
+        """Number of patch positions along (y, x): ``cells + k − 1`` (a centred grid, see the module docstring)."""
+        ch, cw = self.cells_shape
+        return (ch + self.margin, cw + self.margin)
 
     @property
     def n_patches(self) -> int:
         py, px = self.patches_shape
         return py * px
 
+    def first_cell(self, a: int) -> int:
+        """The first cell patch index ``a`` covers (negative for the patches that start before the image)."""
+        return a - self.margin
+
     def patch_box(self, a: int, b: int) -> Box:
-        """Level-pixel box of patch (a, b) (may extend past the bottom/right edge)."""
-        return Box(a * self.stride_px, b * self.stride_px, self.patch_px, self.patch_px)
+        """Level-pixel box of patch (a, b) (may extend past any edge; readers pad it)."""
+        s = self.stride_px
+        return Box(self.first_cell(a) * s, self.first_cell(b) * s, self.patch_px, self.patch_px)
 
     def patches_touching(self, cells: Box) -> Box:
-        """Range of patch indices whose patches cover at least one cell of ``cells``."""
+        """Range of patch indices whose patches cover at least one cell of ``cells``.
+
+        Patch ``a`` covers cells ``[a − k + 1, a]``, so the patches of cells ``[c0, c1)`` are ``[c0, c1 + k − 1)``.
+        """
         py, px = self.patches_shape
-        a0 = max(0, cells.y - self.k + 1)
-        b0 = max(0, cells.x - self.k + 1)
-        a1 = min(py, cells.y1)
-        b1 = min(px, cells.x1)
+        a0, b0 = max(0, cells.y), max(0, cells.x)
+        a1, b1 = min(py, cells.y1 + self.margin), min(px, cells.x1 + self.margin)
         return Box(a0, b0, a1 - a0, b1 - b0)
+
+    def owned_patches(self, cells: Box) -> Box:
+        """The patches a block of ``cells`` counts as its own, so that counts over blocks add up: patch ``a``
+        belongs to the block holding cell ``max(a − k + 1, 0)`` (patches starting before the image, to the first)."""
+        m = self.margin
+        y0 = 0 if cells.y == 0 else cells.y + m
+        x0 = 0 if cells.x == 0 else cells.x + m
+        return Box(y0, x0, cells.y1 + m - y0, cells.x1 + m - x0)
 
     def covered_cells(self, valid: np.ndarray) -> np.ndarray:
         """(cells_h, cells_w) bool: the cells at least one ``valid`` patch covers (patch (a, b) covers
-        cells [a, a + k) × [b, b + k)). With positive blending weights these, and only these, get a value."""
+        cells [a − k + 1, a] × [b − k + 1, b]). With positive blending weights these, and only these, get a value."""
         k = self.k
         ch, cw = self.cells_shape
         py, px = valid.shape
         v = np.zeros((ch + k, cw + k), np.int64)
-        v[k : k + min(py, ch), k : k + min(px, cw)] = valid[:ch, :cw]
+        v[1 : 1 + py, 1 : 1 + px] = valid
         c = v.cumsum(0).cumsum(1)
-        # number of valid origins in [i − k + 1, i] × [j − k + 1, j]: a box sum of the padded integral image
-        box = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+        # cell i: valid patches a in [i, i + k − 1] — a box sum of the integral image (shifted by one)
+        box = c[k : k + ch, k : k + cw] - c[:ch, k : k + cw] - c[k : k + ch, :cw] + c[:ch, :cw]
         return box > 0
 
     def read_box(self, patches: Box) -> Box:
-        """Level-pixel box containing every patch of a patch-index range."""
+        """Level-pixel box containing every patch of a patch-index range (may start before the image)."""
         s = self.stride_px
-        return Box(patches.y * s, patches.x * s, (patches.h - 1) * s + self.patch_px, (patches.w - 1) * s + self.patch_px)
+        return Box(self.first_cell(patches.y) * s, self.first_cell(patches.x) * s,
+                   (patches.h - 1) * s + self.patch_px, (patches.w - 1) * s + self.patch_px)
 
 
 def plan_blocks(grid: PatchGrid, chunk_cells: int, block_chunks: int = 1) -> list[Block]:

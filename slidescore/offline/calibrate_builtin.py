@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from slidescore.core.tiling import PatchGrid
 from slidescore.decide import calibration as cal
 from slidescore.decide import region_points as rp
 from slidescore.model.loading import builtin_dir, load_model
@@ -92,7 +93,9 @@ def region_sample(clf: PatchClassifier, spec: syn.SmearSpec) -> rp.RegionSample:
     view = scoring_view(make_smear(spec), version=1, min_foreground_frac=MIN_FOREGROUND_FRAC)
     prob = score_array(view.image, clf, stride_px=STRIDE_PX, valid=view.valid)[0]
     k2 = (PATCH_PX // STRIDE_PX) ** 2
-    return rp.RegionSample(prob, view.dots, float(view.valid.sum()) / k2, describe(spec))
+    # fields examined as the job counts them: the scored area (cells a scored patch covers) in fields of k² cells
+    grid = PatchGrid(int(view.image.shape[0]), int(view.image.shape[1]), PATCH_PX, STRIDE_PX)
+    return rp.RegionSample(prob, view.dots, float(grid.covered_cells(view.valid).sum()) / k2, describe(spec))
 
 
 def region_figures(sample: rp.RegionSample, threshold: float, mpp: float = 0.5) -> dict[str, Any]:

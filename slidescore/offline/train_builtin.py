@@ -29,6 +29,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from slidescore.core.tiling import PatchGrid
 from slidescore.model.architectures import SmearNet
 from slidescore.model.card import ModelCard
 from slidescore.offline import synthetic as syn
@@ -144,20 +145,35 @@ def inner_origins(sm: Smear) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(PAD_PX, h - PAD_PX - PATCH_PX + 1, STRIDE_PX), np.arange(PAD_PX, w - PAD_PX - PATCH_PX + 1, STRIDE_PX))
 
 
-def foreground_fraction(img: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+def foreground_fraction(img: np.ndarray, gy: np.ndarray, gx: np.ndarray,
+                        inside: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Brightfield-foreground fraction (the job's default mask rule) of each patch at origins ``gy`` × ``gx``.
 
     Origins are pixel positions in ``img``; a patch reaching past its edge counts the missing pixels
-    as background.
+    as background. With ``inside`` = (y, x, h, w), only the part of each patch inside that box counts
+    (numerator and denominator), as the job's mask counts a patch's in-image cells.
     """
     from slidescore.core.mask import detect_foreground
 
     fg = detect_foreground(img, "brightfield").astype(np.float64)
-    s = np.zeros((fg.shape[0] + 1, fg.shape[1] + 1))
-    s[1:, 1:] = fg.cumsum(0).cumsum(1)
-    y0, y1 = np.clip(gy, 0, fg.shape[0]), np.clip(gy + PATCH_PX, 0, fg.shape[0])
-    x0, x1 = np.clip(gx, 0, fg.shape[1]), np.clip(gx + PATCH_PX, 0, fg.shape[1])
-    return (s[np.ix_(y1, x1)] - s[np.ix_(y0, x1)] - s[np.ix_(y1, x0)] + s[np.ix_(y0, x0)]) / PATCH_PX**2
+    ones = np.ones_like(fg)
+    if inside is not None:
+        y, x, h, w = inside
+        keep = np.zeros_like(fg)
+        keep[y : y + h, x : x + w] = 1.0
+        fg, ones = fg * keep, keep
+
+    def sums(a: np.ndarray) -> np.ndarray:
+        s = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
+        s[1:, 1:] = a.cumsum(0).cumsum(1)
+        y0, y1 = np.clip(gy, 0, a.shape[0]), np.clip(gy + PATCH_PX, 0, a.shape[0])
+        x0, x1 = np.clip(gx, 0, a.shape[1]), np.clip(gx + PATCH_PX, 0, a.shape[1])
+        return s[np.ix_(y1, x1)] - s[np.ix_(y0, x1)] - s[np.ix_(y1, x0)] + s[np.ix_(y0, x0)]
+
+    if inside is None:
+        return sums(fg) / PATCH_PX**2
+    n = sums(ones)
+    return np.divide(sums(fg), n, out=np.zeros_like(n), where=n > 0)
 
 
 def cut_patches(img: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
@@ -178,10 +194,12 @@ def scoring_view(sm: Smear, version: int = 1, min_foreground_frac: float = 0.1) 
     """The unpadded image, its dots and the job's patch mask (default brightfield mask, ``min_foreground_frac``)."""
     img = sm.images[version]
     h, w = img.shape[0] - 2 * PAD_PX, img.shape[1] - 2 * PAD_PX
-    n_y, n_x = (-(-(size - PATCH_PX) // STRIDE_PX) + 1 for size in (h, w))  # PatchGrid.patches_shape
-    gy, gx = PAD_PX + STRIDE_PX * np.arange(n_y), PAD_PX + STRIDE_PX * np.arange(n_x)
-    # padded with the background colour: patches past the edge count the pad as background, as the job does
-    valid = foreground_fraction(img, gy, gx) >= max(min_foreground_frac, 1e-6)
+    grid = PatchGrid(h, w, PATCH_PX, STRIDE_PX)  # the job's centred grid: origins from −(k − 1)·stride
+    n_y, n_x = grid.patches_shape
+    gy = PAD_PX + STRIDE_PX * (np.arange(n_y) - grid.margin)
+    gx = PAD_PX + STRIDE_PX * (np.arange(n_x) - grid.margin)
+    # the fraction of each patch's in-image part, as the job's mask counts it (the pad is not background)
+    valid = foreground_fraction(img, gy, gx, inside=(PAD_PX, PAD_PX, h, w)) >= max(min_foreground_frac, 1e-6)
     return ScoringView(img[PAD_PX:-PAD_PX, PAD_PX:-PAD_PX], sm.dots - PAD_PX, valid)
 
 

@@ -135,9 +135,9 @@ def _integrated_gradients(model: Any, x: torch.Tensor, b: torch.Tensor, class_in
 
 
 def patch_read_box(crop: Box, level_hw: tuple[int, int], patch_px: int, stride_px: int) -> Box:
-    """The level box holding every patch of the scoring grid (origins at multiples of ``stride_px``
-    from the level's origin, invariant 1) that covers a pixel of ``crop``; it may reach past the
-    bottom/right edge as the grid's last patches do (read it with ``read_padded``)."""
+    """The level box holding every patch of the scoring grid (the centred grid of invariant 1) that
+    covers a pixel of ``crop``; near the image edges it reaches past them as the grid's patches do
+    (read it with ``read_padded``)."""
     grid = PatchGrid(max(level_hw[0], patch_px), max(level_hw[1], patch_px), patch_px, stride_px)
     cy, cx = crop.y // stride_px, crop.x // stride_px
     cells = Box(cy, cx, -(-crop.y1 // stride_px) - cy, -(-crop.x1 // stride_px) - cx)

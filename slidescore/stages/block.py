@@ -88,8 +88,9 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, recipe: Block
         t2 = time.perf_counter()
         mz.write_block(plan.mosaic_path, plan.mosaic, block.cells, prob)
     t3 = time.perf_counter()
-    # Patch (a, b) is owned by the block whose cells contain its origin cell (a, b): counts add up.
-    owned = valid[max(c.y, p.y) - p.y : min(c.y1, p.y1) - p.y, max(c.x, p.x) - p.x : min(c.x1, p.x1) - p.x]
+    # each patch is counted by exactly one block (PatchGrid.owned_patches): counts add up over blocks
+    o = plan.grid.owned_patches(c)
+    owned = valid[max(o.y, p.y) - p.y : min(o.y1, p.y1) - p.y, max(o.x, p.x) - p.x : min(o.x1, p.x1) - p.x]
     n_owned = int(owned.sum())
     read_s = t1 - t0 if seconds_read is None else seconds_read
     rec = BlockRecord(block.key, n_owned, int(owned.size - n_owned), read_s, t2 - t1, t3 - t2, patch_evaluations=n_valid)

@@ -125,10 +125,12 @@ def _decision(plans: list[SamplePlan], per_image: list[list[BlockRecord]], regio
     policy = DecisionPolicy.from_card(card, cfg.decision)
     decision = policy.record()
     if policy.sample_call_enabled:
-        # overlapping patches: (patch/stride)² patches cover one patch-sized field, the independent unit
+        # the independent unit is a patch-sized field: the scored area (cells a scored patch covers) in
+        # fields of k² cells — not scored patches / k², which would count the centred grid's margin
+        # positions (mostly outside the image) as area
         grid = plans[0].grid
         k2 = (grid.patch_px // grid.stride_px) ** 2
-        n_units = sum(r.patches_scored for recs in per_image for r in recs) // k2
+        n_units = sum(int(p.grid.covered_cells(p.valid).sum()) for p in plans) // k2
         counts = {c: sum(1 for r in regions if r.class_name == c) for c in card.classes}
         decision["sample_call"] = policy.sample_call(n_units, counts, unit="patch field")
     return DecisionRecord.from_dict(decision)  # the decide layer's record, typed here

@@ -69,6 +69,8 @@ from slidescore.version import __version__
 
 log = logging.getLogger(__name__)
 
+GRID_VERSION = "centred"  # the patch grid's geometry (core.tiling): outputs of another geometry are never resumed into
+
 
 @dataclass(frozen=True)
 class SamplePlan:
@@ -159,7 +161,8 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
     d.pop("samples", None)
     d.pop("cluster", None)
     d.pop("limits", None)  # limits refuse work; they never change what a finished sample holds
-    payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__}
+    payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__,
+               "grid": GRID_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

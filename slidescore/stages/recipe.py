@@ -100,4 +100,7 @@ class BlockRecipe:
         score and ``patch_origin`` the global index of its first patch.
         """
         scores = self.patch_probabilities(pixels, valid)
-        return blend_cells(scores, valid, self.kernel, patch_origin, (cells.y, cells.x, cells.h, cells.w))
+        # patch index a covers cells [a − k + 1, a] (the centred grid): blend from the first cell it covers
+        margin = self.kernel.shape[0] - 1
+        first_cells = (patch_origin[0] - margin, patch_origin[1] - margin)
+        return blend_cells(scores, valid, self.kernel, first_cells, (cells.y, cells.x, cells.h, cells.w))

@@ -119,8 +119,8 @@ def test_the_read_box_holds_every_patch_of_the_scoring_grid_that_covers_the_crop
     # grid origins at multiples of 16 from the level's origin; 64-px patches
     assert patch_read_box(Box(100, 200, 96, 96), (2048, 2048), 64, 16) == Box(48, 144, 208, 208)
     assert patch_read_box(Box(96, 192, 96, 96), (2048, 2048), 64, 16) == Box(48, 144, 192, 192)
-    assert patch_read_box(Box(0, 0, 96, 96), (2048, 2048), 64, 16) == Box(0, 0, 144, 144)  # no patch left of 0
-    assert patch_read_box(Box(1944, 1944, 96, 96), (2040, 2040), 64, 16) == Box(1888, 1888, 160, 160)  # past the edge, as scored
+    assert patch_read_box(Box(0, 0, 96, 96), (2048, 2048), 64, 16) == Box(-48, -48, 192, 192)  # the centred grid's first patches
+    assert patch_read_box(Box(1944, 1944, 96, 96), (2040, 2040), 64, 16) == Box(1888, 1888, 208, 208)  # past the edge
 
 
 # ---------------------------------------------------------------------------------------------
