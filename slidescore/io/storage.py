@@ -142,7 +142,8 @@ def fingerprint(uri: str) -> dict[str, Any]:
     return fp
 
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr",
+                  ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # the last: OpenSlide formats (io.open)
 
 
 def list_images(prefix: str) -> list[str]:

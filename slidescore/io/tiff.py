@@ -399,6 +399,16 @@ class TiffReader:
                     return 25400 / ppu, "tiff:XResolution(inch)"
         return None, "none"
 
+    @property
+    def openslide_vendor(self) -> str | None:
+        """OpenSlide's name for a vendor TIFF whose pyramid tifffile does not lay out as one series
+        (Philips, Leica SCN, Ventana BIF, Hamamatsu NDPI), else ``None``: ``input.backend: auto``
+        reads those through OpenSlide."""
+        for flag, vendor in (("is_philips", "philips"), ("is_scn", "leica"), ("is_bif", "ventana"), ("is_ndpi", "hamamatsu")):
+            if getattr(self._tif, flag, False):
+                return vendor
+        return None
+
     def close(self) -> None:
         tif = getattr(self, "_tif", None)  # None: the file was never opened (a failed open)
         if tif is not None:
@@ -481,12 +491,20 @@ def write_tiff_pyramid(
     tile_px: int = 256,
     compression: str = "jpeg",
     progress: Callable[[int], None] | None = None,
+    layout: str = "subifds",
 ) -> None:
-    """Write a tiled pyramidal RGB TIFF (level 0 plus SubIFDs), rendering tile by tile.
+    """Write a tiled pyramidal RGB TIFF, rendering tile by tile.
 
     ``render(y, x, h, w, downsample)`` returns the (h, w, 3) uint8 pixels of a box at the level with
     that downsample; memory stays at one tile whatever the image size. Resolution tags carry µm/px.
+    ``layout``: ``subifds`` puts the reduced levels in SubIFDs of level 0 (tifffile reads the
+    pyramid; OpenSlide and Bio-Formats see level 0 only); ``svs`` writes the Aperio SVS layout —
+    level 0, a stripped thumbnail, then the reduced levels as pages, each described
+    ``Aperio Image Library …|MPP = …`` — which tifffile, OpenSlide (vendor ``aperio``) and
+    Bio-Formats (and so QuPath) all read as one pyramid. Both give the same pixels per level.
     """
+    if layout not in ("subifds", "svs"):
+        raise ValueError(f"layout: expected 'subifds' or 'svs', got {layout!r}")
     h0, w0 = shape
 
     def tiles(downsample: int) -> Iterator[np.ndarray]:
@@ -508,5 +526,17 @@ def write_tiff_pyramid(
             ds = 2**lvl
             h, w = -(-h0 // ds), -(-w0 // ds)
             res: dict[str, Any] = {} if mpp is None else dict(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
-            extra: dict[str, Any] = dict(subifds=n_levels - 1, metadata=None) if lvl == 0 else dict(subfiletype=1)
+            if layout == "svs":
+                desc = f"Aperio Image Library (slidescore)\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile_px}x{tile_px}) -> {w}x{h}"
+                extra: dict[str, Any] = dict(description=desc + ("" if mpp is None else f"|MPP = {mpp!r}"), metadata=None)
+            else:
+                extra = dict(subifds=n_levels - 1, metadata=None) if lvl == 0 else dict(subfiletype=1)
             tw.write(tiles(ds), shape=(h, w, 3), **opts, **res, **extra)
+            if layout == "svs" and lvl == 0:
+                # Aperio's second page: a stripped thumbnail of at most 1024 px, smaller than the coarsest level
+                # (Bio-Formats sorts the described pages by size and drops the smallest when it is stripped)
+                ds_t = 2 ** max(n_levels, math.ceil(math.log2(max(h0, w0) / 1024)))
+                th, tw_ = -(-h0 // ds_t), -(-w0 // ds_t)
+                tw.write(render(0, 0, th, tw_, ds_t), photometric="rgb", compression=compression, rowsperstrip=64,
+                         description=f"Aperio Image Library (slidescore)\r\n{w0}x{h0} -> {tw_}x{th} thumbnail", metadata=None,
+                         **{k: v for k, v in opts.items() if k == "compressionargs"})

@@ -1,6 +1,6 @@
 """``slidescore demo``: the embedded default, end to end on one machine.
 
-Generates a synthetic blood smear (pyramidal JPEG-tiled TIFF at 0.25 µm/px with resolution tags,
+Generates a synthetic blood smear (pyramidal JPEG-tiled TIFF in the Aperio SVS layout at 0.25 µm/px,
 plus the true parasite positions), scores it with the built-in model through the same pipeline as
 ``slidescore score``, and prints patches scored and skipped, throughput, the top regions and the
 recall of the planted parasites among the reported regions.
@@ -40,8 +40,10 @@ def generate_smear(path: Path, size_px: int, seed: int, *, progress: bool = True
     def render(y: int, x: int, h: int, w: int, ds: int) -> np.ndarray:
         return render_region(layout, y, x, h, w, downsample=ds)
 
+    # the Aperio SVS layout: tifffile, OpenSlide and Bio-Formats (QuPath) all see the pyramid (SubIFDs
+    # without OME-XML are a pyramid to tifffile alone); the pixels of every level are those of the SubIFD layout
     write_tiff_pyramid(str(path), (size_px, size_px), render, mpp=DEMO_MPP, n_levels=n_levels, tile_px=tile_px,
-                       compression="jpeg", progress=bar.update if bar else None)
+                       compression="jpeg", progress=bar.update if bar else None, layout="svs")
     if bar:
         bar.close()
     parasites = parasite_positions(layout)

@@ -116,10 +116,50 @@ def test_real_ndpi_file_when_one_is_given() -> None:
         ds = [lv.downsample for lv in reader.levels]
         assert ds[0] == 1 and all(b > a for a, b in zip(ds, ds[1:], strict=False))
         assert reader.mpp is not None and 0.1 <= reader.mpp <= 2.0, (reader.mpp, reader.mpp_source)  # 0.23 µm/px at 40×, 0.46 at 20×
-        assert reader.mpp_source.startswith("tiff:XResolution")
+        assert reader.mpp_source.startswith(("tiff:XResolution", "openslide:mpp-x"))  # .ndpi: OpenSlide's by name
         assert reader.n_channels == 3 and reader.dtype == np.uint8
         top = reader.levels[-1]
         pix = reader.read(top.index, Box(0, 0, min(256, top.height), min(256, top.width)))
         assert pix.shape == (min(256, top.height), min(256, top.width), 3) and pix.std() > 0
     finally:
         reader.close()
+
+
+def test_demo_smear_is_a_pyramid_to_tifffile_and_openslide(tmp_path: Path) -> None:
+    """The demo TIFF is written in the Aperio SVS layout: tifffile and OpenSlide (and Bio-Formats,
+    whose SVS reader takes the same pages; not installed here) see every level, with the same pixels
+    as the SubIFD layout it replaced (so the demo's outputs do not change) and 0.25 µm/px."""
+    import openslide
+
+    from slidescore.io.tiff import write_tiff_pyramid
+    from slidescore.offline.demo import DEMO_MPP, generate_smear
+    from slidescore.offline.synthetic import SmearSpec, plan_smear, render_region
+
+    size, seed = 1536, 3
+    svs = tmp_path / "smear.tif"
+    generate_smear(svs, size, seed, progress=False)
+    layout = plan_smear(SmearSpec(height_px=size, width_px=size, mpp=DEMO_MPP, seed=seed))
+    old = tmp_path / "subifds.tif"
+    write_tiff_pyramid(str(old), (size, size), lambda y, x, h, w, ds: render_region(layout, y, x, h, w, downsample=ds),
+                       mpp=DEMO_MPP, n_levels=2, tile_px=512, compression="jpeg")
+    with tifffile.TiffFile(svs) as tif:
+        assert tif.is_svs and len(tif.series[0].levels) == 2 and tif.series[0].levels[1].shape[:2] == (768, 768)
+    slide = openslide.OpenSlide(str(svs))
+    try:
+        assert slide.properties["openslide.vendor"] == "aperio" and slide.level_count == 2
+        assert float(slide.properties["openslide.mpp-x"]) == DEMO_MPP
+        assert "thumbnail" in slide.associated_images
+    finally:
+        slide.close()
+    readers = [open_image(str(old)), open_image(str(svs)), open_image(str(svs), backend="openslide")]
+    try:
+        for r in readers:
+            assert len(r.levels) == 2 and r.mpp == DEMO_MPP, (type(r), r.mpp_source)
+        for lv in readers[0].levels:
+            box = Box(0, 0, lv.height, lv.width)
+            want = readers[0].read(lv.index, box)
+            for r in readers[1:]:
+                np.testing.assert_array_equal(r.read(lv.index, box), want, err_msg=f"{type(r).__name__} level {lv.index}")
+    finally:
+        for r in readers:
+            r.close()
