@@ -391,9 +391,6 @@ def test_dicom_scores_like_its_source_tiff(small: np.ndarray, tmp_path: Path, ra
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the run key's input fingerprint (stages/plan.py → io.storage.fingerprint) does not know "
-                          "dicomweb+ URLs yet; slidescore.io.dicom.fingerprint is there to be wired in")
 def test_dicomweb_scores_like_its_source_tiff(small: np.ndarray, tmp_path: Path, random_model_dir: Path,
                                               orthanc_server: Orthanc) -> None:
     wsi = _series("wsidicomizer", small, tmp_path / "w", encoding="jpeg2000-lossless")
