@@ -27,6 +27,10 @@ CALIBRATION_METHODS = ("none", "temperature", "isotonic")
 # what an operating point was fitted on: single patches, or the job's regions on the blended map
 OPERATING_POINT_UNITS = ("patch", "region")
 COLOR_SPACES = ("RGB", "HSV", "GRAY")
+# what the network returns (``probabilities``: it ends in its own sigmoid/softmax, as Keras models
+# usually do; the card's head is then not applied again) and the layout of its input tensor
+OUTPUT_KINDS = ("logits", "probabilities")
+INPUT_LAYOUTS = ("nchw", "nhwc")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,13 @@ class ModelCard:
     input_conversion
         Explicit rule for non-uint8 inputs, e.g. ``{"uint16": {"low": 0, "high": 4095}}``; images
         of other pixel types are refused rather than silently rescaled.
+    outputs
+        ``logits`` (the card's ``head`` turns them into probabilities) or ``probabilities`` (the
+        network ends in its own sigmoid/softmax, as exported Keras models usually do; its outputs
+        are checked to lie in [0, 1] and used as they are).
+    input_layout
+        ``nchw`` (PyTorch's order) or ``nhwc`` (channels last, as Keras/TensorFlow models and their
+        ONNX exports take it): the normalised batch is handed to the network in this order.
     """
 
     name: str
@@ -93,6 +104,8 @@ class ModelCard:
     operating_points: dict[str, Any] = field(default_factory=dict)
     training_prevalence: tuple[float, ...] = ()
     input_conversion: dict[str, Any] = field(default_factory=dict)
+    outputs: str = "logits"
+    input_layout: str = "nchw"
 
     def __post_init__(self) -> None:
         problem = card_problem({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -298,6 +311,11 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     for key in ("training", "metrics", "input_conversion"):
         if not isinstance(v.get(key, {}), Mapping):
             yield key, f"expected a mapping, got {_show(v.get(key))}"
+
+    for key, allowed in (("outputs", OUTPUT_KINDS), ("input_layout", INPUT_LAYOUTS)):
+        value = v.get(key, allowed[0])
+        if not isinstance(value, str) or value not in allowed:
+            yield key, f"expected one of {list(allowed)}, got {_show(value)}"
 
     yield from _calibration_problems(v.get("calibration", {}), n)
     yield from _operating_point_problems(v.get("operating_points", {}), n)

@@ -1,19 +1,38 @@
-"""Loading models: built-in packages, package folders (card + weights), TorchScript files, plain modules.
+"""Loading models: every source a user brings, turned into one :class:`PatchClassifier` with its card.
 
-:func:`load_model` turns a model reference from the config (``builtin:NAME``, a folder with
-``card.json`` and weights, or a ``.pt``/``.ts`` TorchScript file with a card beside it) into a
-:class:`~slidescore.model.scoring.PatchClassifier`; weights are read with ``weights_only`` (no
-pickled code runs) and every card is validated on read (:mod:`slidescore.model.card`). The scoring
-copy of a network has its BatchNorm folded into its convolutions (:func:`fold_batchnorm`).
+:func:`load_model` = :func:`resolve_model` (the reference → a :class:`ModelFiles`: card, kind of
+network file, checksum) + :func:`load_files` (the network built, wrapped with its card). Sources:
+
+- ``builtin:NAME`` and package folders: ``card.json`` plus ``weights.safetensors`` or ``weights.pt``
+  (a state dict of the card's built-in ``architecture``), ``model.onnx``, ``model.pt2``
+  (``torch.export``) or ``model.ts`` / ``model.pt`` (TorchScript);
+- WSInfer-zoo folders as published: ``config.json`` (→ the card, :mod:`slidescore.model.wsinfer`)
+  and ``torchscript_model.pt``;
+- a lone ``.onnx``, ``.pt2``, ``.safetensors``, ``.pt``/``.ts`` file with its card beside it
+  (``<file>.card.json``, ``<stem>.card.json`` or ``card.json``) or named by ``model.card``.
+
+No loader runs pickled code: state dicts load with ``weights_only=True``, safetensors and ONNX
+(protobuf) hold no code, ``.pt2`` archives are checked before :func:`torch.export.load` so that it
+unpickles nothing (:func:`~slidescore.model.sources.check_pt2_archive`), and TorchScript archives
+hold TorchScript code (run by torch's interpreter, not by pickle; their constants load through
+torch's restricted unpickler). Every card is validated on read (:mod:`slidescore.model.card`). The
+checksum of the network file goes into run keys: a changed file is a new run. A
+:class:`ModelFiles` with its bytes read in pickles, so a classifier can be rebuilt from it in another
+process (:meth:`ModelFiles.with_data`). The scoring copy of a network has its BatchNorm folded into
+its convolutions (:func:`~slidescore.model.scoring.fold_batchnorm`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import warnings
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,9 +40,17 @@ from typing import Any
 import torch
 
 from slidescore.errors import ConfigError, ModelLoadError
-from slidescore.model.architectures import build_architecture
+from slidescore.model.architectures import ARCHITECTURES, build_architecture
 from slidescore.model.card import ModelCard
 from slidescore.model.scoring import PatchClassifier
+from slidescore.model.sources import (
+    ChannelsLastInput,
+    ExportedModule,
+    OnnxModule,
+    check_pt2_archive,
+    onnx_providers,
+)
+from slidescore.model.wsinfer import card_from_wsinfer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +91,48 @@ def classifier_from_module(module: torch.nn.Module, *, patch_px: int, n_channels
     return PatchClassifier(module, card, device=device, outputs=outputs)
 
 
-# -- loading ----------------------------------------------------------------------------------
+# -- resolving a reference ----------------------------------------------------------------------
+KINDS = ("state_dict", "safetensors", "torchscript", "onnx", "export")
+#: network files of a package folder, in the order they are looked for
+PACKAGE_FILES = ("weights.safetensors", "weights.pt", "model.onnx", "model.pt2", "model.ts", "model.pt")
+WSINFER_CONFIG, WSINFER_MODEL = "config.json", "torchscript_model.pt"
+FILE_SUFFIXES = (".onnx", ".pt2", ".safetensors", ".pt", ".ts", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model reference resolved: its card, what kind of network file it has, and that file.
+
+    ``checksum`` is the sha256 of the network file (the card goes into run keys on its own).
+    ``data`` holds the file's bytes once :meth:`with_data` read them: then the object is
+    self-contained and pickles, and :func:`load_files` builds the same classifier from it in any
+    process (a Ray actor on another node) without the path existing there.
+    """
+
+    source: str
+    card: ModelCard
+    kind: str
+    path: str
+    checksum: str
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        try:
+            return Path(self.path).read_bytes()
+        except OSError as e:
+            raise ModelLoadError(f"model {self.path}: cannot be read ({e})", path=self.path) from None
+
+    def with_data(self) -> ModelFiles:
+        """A copy holding the network file's bytes (checked against the checksum)."""
+        data = self.read()
+        if hashlib.sha256(data).hexdigest() != self.checksum:
+            raise ModelLoadError(f"model {self.path}: the file changed while it was being loaded; load it again",
+                                 path=self.path)
+        return dataclasses.replace(self, data=data)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,104 +150,224 @@ def builtin_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "card.json").exists())
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise ModelLoadError(f"{what} {path}: cannot be read as JSON ({e}); the {what.split()[-1]} must be a UTF-8 JSON "
+                             "object", path=str(path)) from None
+
+
 def _read_card(path: Path) -> ModelCard:
     """Read and validate a card file; any problem is a :class:`ModelLoadError` naming the file and key."""
+    return ModelCard.from_dict(_read_json(path, "model card"), source=str(path))
+
+
+def _card_from(card: str | Mapping[str, Any] | ModelCard) -> ModelCard:
+    """A card given with the model reference (``model.card``): a card, its document, or a path to its JSON file."""
+    if isinstance(card, ModelCard):
+        return card
+    if isinstance(card, Mapping):
+        return ModelCard.from_dict(dict(card), source="model.card")
+    path = Path(card)
+    if not path.is_file():
+        raise ConfigError(f"model.card: {card!r} is not a file; give the path of the model's card (JSON)", key="model.card")
+    return _read_card(path)
+
+
+def _kind_of(path: Path) -> str:
+    """The kind of a network file, from its suffix and, for zip archives, its contents."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".safetensors":
+        return "safetensors"
     try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
-        raise ModelLoadError(f"model card {path}: cannot be read as JSON ({e}); the card must be a UTF-8 JSON "
-                             "object", path=str(path)) from None
-    return ModelCard.from_dict(data, source=str(path))
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if suffix == ".pt2" or any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "export"
+    # TorchScript archives carry compiled ``code/``; state dicts saved with torch.save do not
+    return "torchscript" if any("/code/" in n for n in names) else "state_dict"
 
 
-def load_model(name: str, *, device: str = "auto", amp: str = "off", channels_last: bool | None = None,
-               compile: bool = False, dense_tile_px: int | None = None) -> PatchClassifier:
-    """Load ``builtin:<name>``, a model package folder, or a TorchScript / state-dict file.
+def resolve_model(name: str, *, card: str | Mapping[str, Any] | ModelCard | None = None) -> ModelFiles:
+    """The card, network file and checksum behind a model reference (``model.name``, ``model.card``).
 
-    A package folder holds ``card.json`` and either ``weights.pt`` (a state dict of the card's
-    built-in ``architecture``, loaded with ``weights_only=True``) or ``model.ts`` (TorchScript).
-    A lone ``.pt``/``.ts`` file needs its card beside it as ``<file>.card.json`` or ``card.json``.
-    ``channels_last`` (default on) and the CUDA options ``amp`` and ``compile`` are those of :class:`PatchClassifier`;
-    ``dense_tile_px`` the edge of one dense pass (default: 1024 on CPU, 4096 on CUDA).
+    Raises :class:`~slidescore.errors.ConfigError` for a reference that names nothing, and
+    :class:`~slidescore.errors.ModelLoadError` (naming the file) for a folder or file that is not a
+    usable model.
     """
-    opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile,
-                            "dense_tile_px": dense_tile_px}
+    given = _card_from(card) if card is not None else None
     if name.startswith("builtin:"):
         folder = builtin_dir(name.split(":", 1)[1])
         if not (folder / "card.json").exists():
             raise ConfigError(f"model.name: unknown built-in model {name!r}; built-in models are {['builtin:' + n for n in builtin_names()]}")
-        return _load_package(folder, opts, source=name)
+        return _resolve_folder(folder, name, given)
     path = Path(name)
     if not path.exists():
         raise ConfigError(
             f"model.name: {name!r} is neither a built-in model ({['builtin:' + n for n in builtin_names()]}) "
-            "nor an existing model package folder or .pt/.ts file"
+            "nor an existing model package folder, WSInfer folder or model file (" + ", ".join(FILE_SUFFIXES) + ")"
         )
     if path.is_dir():
-        return _load_package(path, opts, source=name)
-    for card_path in (path.with_name(path.name + ".card.json"), path.with_name("card.json")):
-        if card_path.exists():
-            return _load_file(path, _read_card(card_path), opts, source=name)
-    raise ModelLoadError(f"model {name}: no model card found; put {path.name}.card.json or card.json beside it", path=name)
+        return _resolve_folder(path, name, given)
+    if given is None:
+        beside = (path.with_name(path.name + ".card.json"), path.with_name(path.stem + ".card.json"), path.with_name("card.json"))
+        found = next((p for p in beside if p.is_file()), None)
+        if found is None:
+            raise ModelLoadError(f"model {name}: no model card found; put {path.name}.card.json, {path.stem}.card.json or "
+                                 "card.json beside it, or name one with model.card", path=name)
+        given = _read_card(found)
+    return ModelFiles(name, given, _kind_of(path), str(path), _sha256(path))
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives carry compiled ``code/``; state dicts saved with torch.save do not."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any("/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+def _resolve_folder(folder: Path, source: str, given: ModelCard | None) -> ModelFiles:
+    network = next((folder / f for f in PACKAGE_FILES if (folder / f).is_file()), None)
+    if (folder / "card.json").is_file() or network is not None:
+        card = given or _read_card(folder / "card.json")
+        if network is None:
+            raise ModelLoadError(f"model package {folder}: no network file inside; expected one of {list(PACKAGE_FILES)} "
+                                 "beside card.json", path=str(folder))
+        return ModelFiles(source, card, _kind_of(network), str(network), _sha256(network))
+    if (folder / WSINFER_CONFIG).is_file():
+        config_path = folder / WSINFER_CONFIG
+        card = given or card_from_wsinfer(_read_json(config_path, "WSInfer config"), source=str(config_path),
+                                          name=folder.resolve().name)
+        network = folder / WSINFER_MODEL
+        if not network.is_file():
+            raise ModelLoadError(f"WSInfer model {folder}: no {WSINFER_MODEL} beside {WSINFER_CONFIG}; only TorchScript "
+                                 "zoo models are read (download torchscript_model.pt with the config)", path=str(folder))
+        return ModelFiles(source, card, "torchscript", str(network), _sha256(network))
+    raise ModelLoadError(f"model folder {folder}: neither a model package (card.json + one of {list(PACKAGE_FILES)}) nor a "
+                         f"WSInfer-zoo folder ({WSINFER_CONFIG} + {WSINFER_MODEL})", path=str(folder))
 
 
-def _load_package(folder: Path, opts: dict[str, Any], source: str) -> PatchClassifier:
-    card = _read_card(folder / "card.json")
-    for fname in ("weights.pt", "model.ts", "model.pt"):
-        if (folder / fname).exists():
-            return _load_file(folder / fname, card, opts, source)
-    raise ModelLoadError(f"model package {folder}: no weights.pt or model.ts inside", path=str(folder))
+# -- building the network ------------------------------------------------------------------------
+def load_model(name: str, *, card: str | Mapping[str, Any] | ModelCard | None = None, device: str = "auto",
+               amp: str = "off", channels_last: bool | None = None, compile: bool = False,
+               dense_tile_px: int | None = None) -> PatchClassifier:
+    """Load ``builtin:<name>``, a package or WSInfer folder, or a model file (see the module docstring).
+
+    ``card`` (``model.card``) gives the card of a model file that has none beside it: a path to its
+    JSON, its document, or a :class:`ModelCard`. ``channels_last`` (default on) and the CUDA options
+    ``amp`` and ``compile`` are those of :class:`PatchClassifier`; ``dense_tile_px`` the edge of one
+    dense pass (default: 1024 on CPU, 4096 on CUDA).
+    """
+    return load_files(resolve_model(name, card=card), device=device, amp=amp, channels_last=channels_last,
+                      compile=compile, dense_tile_px=dense_tile_px)
 
 
-def _load_file(path: Path, card: ModelCard, opts: dict[str, Any], source: str) -> PatchClassifier:
-    checksum = _sha256(path)
+def load_files(files: ModelFiles, *, device: str = "auto", amp: str = "off", channels_last: bool | None = None,
+               compile: bool = False, dense_tile_px: int | None = None) -> PatchClassifier:
+    """The classifier of resolved model files (options as :func:`load_model`)."""
+    card, label = files.card, files.path
+    opts: dict[str, Any] = {"device": device, "amp": amp, "channels_last": channels_last, "compile": compile,
+                            "dense_tile_px": dense_tile_px}
+    nhwc = card.input_layout == "nhwc"
     module: torch.nn.Module
-    if _is_torchscript(path):
+    if files.kind == "onnx":
+        opts["device"], providers = onnx_providers(device)
+        onnx_module = OnnxModule(files.read(), label=label, providers=providers, nhwc=nhwc)
+        _check_input_shape(onnx_module.spatial_shape(), card, label)
+        if card.dense:  # the network runs in onnxruntime on single patches
+            log.info("model %s: ONNX models are scored per patch; the card's dense: true is not used", label)
+            card = dataclasses.replace(card, dense=False)
+        # onnxruntime takes contiguous input: normalise straight into its layout; torch.compile has nothing to compile
+        opts.update(channels_last=nhwc if channels_last is None else channels_last, compile=False)
+        module = onnx_module
+    elif files.kind == "export":
+        data = files.read()
+        check_pt2_archive(data, label)
+        exported = ExportedModule(data, label=label)
+        shape = exported.spatial_shape()
+        _check_input_shape(shape, card, label)
+        if card.dense and (isinstance(shape[1], int) or isinstance(shape[2], int)):
+            log.info("model %s: the exported program has a fixed input size; scored per patch (card dense: true not used)", label)
+            card = dataclasses.replace(card, dense=False)
+        module = ChannelsLastInput(exported) if nhwc else exported
+    else:
+        module = _torch_module(files)
+        if nhwc:
+            module = ChannelsLastInput(module)
+    return PatchClassifier(module, card, checksum=files.checksum, source=files.source, outputs=card.outputs, **opts)
+
+
+def _check_input_shape(shape: tuple[Any, Any, Any], card: ModelCard, label: str) -> None:
+    """Refuse a network whose fixed input size or channels contradict the card."""
+    c, h, w = shape
+    want = (card.n_channels, card.patch_px, card.patch_px)
+    fixed = [(got, exp) for got, exp in zip((c, h, w), want, strict=True) if isinstance(got, int)]
+    if all(got == exp for got, exp in fixed):
+        return
+    layout = card.input_layout
+    other = "nhwc" if layout == "nchw" else "nchw"
+    hint = (f"; the input looks {other.upper()}: set input_layout: {other} in the card"
+            if sorted(x for x in shape if isinstance(x, int)) == sorted(want) else
+            "; make the card's patch_px and color_space match the network")
+    raise ModelLoadError(f"model {label}: the network takes (channels, height, width) = {tuple(shape)} in {layout.upper()} "
+                         f"order, but its card says {want} (patch_px {card.patch_px}, color_space {card.color_space}){hint}",
+                         path=label)
+
+
+def _torch_module(files: ModelFiles) -> torch.nn.Module:
+    """A state-dict (``.pt`` / safetensors) or TorchScript network."""
+    path, card = files.path, files.card
+    src: Any = io.BytesIO(files.data) if files.data is not None else path
+    if files.kind == "torchscript":
         try:
             with warnings.catch_warnings():
                 # TorchScript is deprecated in favour of torch.export, but it is what users ship today.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(path), map_location="cpu")
+                return torch.jit.load(src, map_location="cpu")
         except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"model {path}: TorchScript archive cannot be loaded ({e})", path=str(path)) from None
-    else:
-        if not card.architecture:
-            raise ModelLoadError(
-                f"model {path}: not TorchScript and the card names no built-in architecture to load a state dict into",
-                path=str(path),
-            ) from None
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises pickle/zip/runtime errors for bad files
-            raise ModelLoadError(f"model {path}: cannot be loaded ({type(e).__name__}: {e})", path=str(path)) from None
-        try:
-            module = build_architecture(card.architecture, **card.arch_kwargs)
-        except ModelLoadError as e:  # unknown name
-            raise ModelLoadError(f"model {path}: card key architecture: {e}", path=str(path), key="architecture") from None
-        except (TypeError, ValueError, RuntimeError) as e:  # arguments the architecture refuses
-            raise ModelLoadError(
-                f"model {path}: card key arch_kwargs: architecture {card.architecture!r} does not accept "
-                f"{card.arch_kwargs} ({type(e).__name__}: {e}); fix arch_kwargs in the card", path=str(path),
-                key="arch_kwargs") from None
-        head = getattr(module, "head", None)  # the built-ins end in a 1×1 conv with one output per class
-        if isinstance(head, torch.nn.Conv2d) and head.out_channels != card.n_classes:
-            raise ModelLoadError(
-                f"model {path}: card key arch_kwargs: architecture {card.architecture!r} built with {card.arch_kwargs} "
-                f"has {head.out_channels} outputs, but the card lists {card.n_classes} classes {list(card.classes)}; "
-                "make arch_kwargs.n_outputs equal the number of classes", path=str(path), key="arch_kwargs") from None
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise ModelLoadError(
-                f"model {path}: weights do not fit architecture {card.architecture!r} ({e})", path=str(path)
-            ) from None
-    return PatchClassifier(module, card, checksum=checksum, source=source, **opts)
+            raise ModelLoadError(f"model {path}: TorchScript archive cannot be loaded ({e})", path=path) from None
+    if not card.architecture:
+        what = "a safetensors file" if files.kind == "safetensors" else "not TorchScript but a state dict: it"
+        raise ModelLoadError(
+            f"model {path}: {what} holds weights only, and the card names no built-in architecture to load them into; "
+            f"set the card's architecture (one of {sorted(ARCHITECTURES)}) and arch_kwargs, or bring the network as "
+            "ONNX, a torch.export .pt2 or TorchScript", path=path, key="architecture",
+        ) from None
+    state = _read_state_dict(files, src)
+    try:
+        module = build_architecture(card.architecture, **card.arch_kwargs)
+    except ModelLoadError as e:  # unknown name
+        raise ModelLoadError(f"model {path}: card key architecture: {e}", path=path, key="architecture") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # arguments the architecture refuses
+        raise ModelLoadError(
+            f"model {path}: card key arch_kwargs: architecture {card.architecture!r} does not accept "
+            f"{card.arch_kwargs} ({type(e).__name__}: {e}); fix arch_kwargs in the card", path=path,
+            key="arch_kwargs") from None
+    head = getattr(module, "head", None)  # the built-ins end in a 1×1 conv with one output per class
+    if isinstance(head, torch.nn.Conv2d) and head.out_channels != card.n_classes:
+        raise ModelLoadError(
+            f"model {path}: card key arch_kwargs: architecture {card.architecture!r} built with {card.arch_kwargs} "
+            f"has {head.out_channels} outputs, but the card lists {card.n_classes} classes {list(card.classes)}; "
+            "make arch_kwargs.n_outputs equal the number of classes", path=path, key="arch_kwargs") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"model {path}: weights do not fit architecture {card.architecture!r} ({e})", path=path
+        ) from None
+    return module
+
+
+def _read_state_dict(files: ModelFiles, src: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pt`` state dict (``weights_only``) or a safetensors file."""
+    path = files.path
+    try:
+        if files.kind == "safetensors":
+            from safetensors.torch import load, load_file
+
+            return load(files.data) if files.data is not None else load_file(path)
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch / safetensors raise pickle, zip, header and runtime errors for bad files
+        raise ModelLoadError(f"model {path}: cannot be loaded ({type(e).__name__}: {e})", path=path) from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"model {path}: expected a state dict (parameter name → tensor), got {type(state).__name__}",
+                             path=path)
+    return dict(state)

@@ -157,6 +157,8 @@ def explain_crop(model: Any, pixels: np.ndarray, class_index: int = 0, *, inner:
     model, half a patch otherwise): the patches explained are those on that grid.
     """
     card = model.card
+    if not getattr(model.module, "differentiable", True):  # e.g. an ONNX network, run by onnxruntime
+        return Explanation(None, note=f"not computed: model {card.name!r} gives no gradients (not a torch network)")
     p = card.patch_px
     pix = prepare_pixels(pixels, card)
     h, w = pix.shape[:2]
