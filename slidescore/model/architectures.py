@@ -122,6 +122,10 @@ def build_architecture(name: str, **kwargs: object) -> nn.Module:
     """Instantiate a built-in architecture by name."""
     from slidescore.errors import ModelLoadError
 
+    if "+" in name:  # a ViT encoder with a head, e.g. vit_small_patch16_224+linear (slidescore.model.vit)
+        from slidescore.model.vit import build_encoder_classifier
+
+        return build_encoder_classifier(name, **kwargs)  # type: ignore[arg-type]
     try:
         cls = ARCHITECTURES[name]
     except KeyError:
