@@ -1,10 +1,11 @@
 """``slidescore calibrate MODEL VALSET``: calibration and named operating points into the card.
 
-The model scores the validation patches (a class folder, an annotation table or
-``synthetic[:SEED]``, as for ``slidescore train``). A temperature T (or, with ``--method
+The model scores the validation patches (a class folder, an annotation table — multi-label with
+a ``labels`` column — or ``synthetic[:SEED]``, as for ``slidescore train``). A temperature T (or, with ``--method
 isotonic``, a monotone map per class) is fitted by maximum likelihood; the expected calibration
 error before and after and a reliability diagram (``plots/reliability_<class>.png``) are written.
-On the calibrated probabilities each requested operating point is chosen per class — the lowest
+On the calibrated probabilities each requested operating point is chosen per class (each class of
+a multi-label model gets its own threshold) — the lowest
 threshold with validation precision >= P (``precision_P``) or the highest with recall >= R
 (``recall_R``) — and stored with its validation figures and ``"unit": "patch"`` (a patch table
 cannot tell regions apart; a job's regions see other figures at the same threshold, see
@@ -47,6 +48,9 @@ def _package_dir(model_ref: str) -> Path:
 def _targets(card: Any, ps: PatchSet) -> np.ndarray:
     """Validation labels in the card's terms: (N, C) 0/1 for sigmoid heads, (N,) indices for softmax."""
     names = list(ps.class_names)
+    if ps.multilabel and card.head == "softmax":
+        raise ConfigError(f"validation set {ps.source} is multi-label (a labels column); model {card.name!r} has a softmax "
+                          "head (one class per patch); calibrate it on a table with one label per patch")
     if card.head == "softmax":
         missing = [c for c in names if c not in card.classes]
         if missing:
@@ -57,7 +61,7 @@ def _targets(card: Any, ps: PatchSet) -> np.ndarray:
         if c not in names:
             raise ConfigError(f"validation set {ps.source}: has no class {c!r} of model {card.name!r}; its classes are "
                               f"{names} (one subfolder / label per class)")
-        out[:, j] = ps.labels == names.index(c)
+        out[:, j] = ps.onehot()[:, names.index(c)]
     return out
 
 

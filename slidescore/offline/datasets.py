@@ -6,7 +6,12 @@
   no image is split between training and validation;
 * an annotation table (CSV, or Parquet when pyarrow is installed) with columns ``image`` (URI),
   ``y``, ``x``, ``h``, ``w`` (level-0 box) and ``label``; a ``patch_px`` patch at the model's
-  µm/px is read around each box centre with slidescore's own readers (``open_image``);
+  µm/px is read around each box centre with slidescore's own readers (``open_image``). With a
+  ``labels`` column instead (``Fish;Sugar``: any subset of the classes, ``;``-separated, empty for
+  none) the set is *multi-label*: each patch carries a 0/1 target per class. A table without box
+  columns lists patch files (``image``, ``label``/``labels``, optional ``group``: the source image,
+  so that no image is split between training and validation), read whole with Pillow — the way to
+  give multi-label patches that a folder per class cannot;
 * the synthetic smear generator (``synthetic[:SEED]``), labelled by the built-in model's rule.
 
 Bad data (missing folder, one class, an empty class, mixed patch sizes, unreadable files, a
@@ -34,7 +39,11 @@ DEFAULT_GROUP_REGEX = r"^(.*?)_cell_\d+$"
 
 @dataclass
 class PatchSet:
-    """Patches (N, P, P, 3) uint8 RGB, class index per patch, source image per patch."""
+    """Patches (N, P, P, 3) uint8 RGB, their labels, source image per patch.
+
+    ``labels`` is (N,) class indices (single-label: one class per patch) or (N, K) 0/1 (multi-label:
+    any subset of the K classes per patch, none included).
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -46,11 +55,24 @@ class PatchSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
     def subset(self, idx: np.ndarray) -> PatchSet:
         return PatchSet(self.images[idx], self.labels[idx], self.groups[idx], self.class_names, self.mpp, self.source)
 
     def counts(self) -> dict[str, int]:
+        """Patches per class (multi-label: patches carrying the class; a patch may count for several)."""
+        if self.multilabel:
+            return {c: int(self.labels[:, i].sum()) for i, c in enumerate(self.class_names)}
         return {c: int((self.labels == i).sum()) for i, c in enumerate(self.class_names)}
+
+    def onehot(self) -> np.ndarray:
+        """(N, K) 0/1 targets per class, for either kind of labels."""
+        if self.multilabel:
+            return self.labels.astype(np.float64)
+        return (self.labels[:, None] == np.arange(len(self.class_names))[None]).astype(np.float64)
 
 
 def load_patches(source: str, *, patch_px: int | None = None, mpp: float | None = None, resize: int | None = None,
@@ -142,19 +164,22 @@ def load_table(path: Path, *, patch_px: int = 64, mpp: float | None = None, pad_
     from slidescore.io import open_image, read_padded
 
     rows = read_table(path)
-    need = ("y", "x", "h", "w", "label")
     if not rows:
         raise ConfigError(f"annotation table {str(path)!r}: no rows")
     cols = set(rows[0])
-    img_col = "image" if "image" in cols else "uri" if "uri" in cols else None
+    img_col = next((c for c in ("image", "uri", "file") if c in cols), None)
+    label_col = "labels" if "labels" in cols else "label"
+    boxes = any(c in cols for c in ("y", "x", "h", "w"))
+    need = ("y", "x", "h", "w", label_col) if boxes else (label_col,)
     missing = [c for c in need if c not in cols] + ([] if img_col else ["image"])
     if missing:
         raise ConfigError(f"annotation table {str(path)!r}: missing columns {missing}; expected image (URI), y, x, h, w "
-                          f"(level-0 box) and label; found {sorted(cols)}")
+                          "(level-0 box) and label (one class) or labels (classes separated by ';'), or image and "
+                          f"label/labels alone for a table of patch files; found {sorted(cols)}")
     img_col = img_col or "image"
-    class_names = tuple(sorted({str(r["label"]) for r in rows}))
-    if len(class_names) < 2:
-        raise ConfigError(f"annotation table {str(path)!r}: one label {list(class_names)}; expected at least two classes")
+    class_names, labels = table_labels(rows, label_col, str(path))
+    if not boxes:
+        return _load_patch_files(path, rows, img_col, labels, class_names, mpp)
     by_image: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_image.setdefault(str(r[img_col]), []).append(i)
@@ -195,9 +220,55 @@ def load_table(path: Path, *, patch_px: int = 64, mpp: float | None = None, pad_
                 out[i] = np.repeat(pix, 3, axis=2) if pix.shape[2] == 1 else pix[..., :3]
         finally:
             reader.close()
-    labels = np.asarray([class_names.index(str(r["label"])) for r in rows])
     groups = np.asarray([str(r[img_col]) for r in rows])
     return PatchSet(out, labels, groups, class_names, model_mpp, f"table:{path}")
+
+
+def split_labels(value: Any) -> list[str]:
+    """``"Fish;Sugar"`` → ``["Fish", "Sugar"]``; empty (or missing) → no class."""
+    return [t.strip() for t in str(value or "").split(";") if t.strip()]
+
+
+def table_labels(rows: list[dict[str, Any]], label_col: str, where: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """Class names (sorted) and labels: (N,) indices for ``label``, (N, K) 0/1 for ``labels`` (multi-label)."""
+    if label_col == "label":
+        class_names = tuple(sorted({str(r["label"]) for r in rows}))
+        if len(class_names) < 2:
+            raise ConfigError(f"annotation table {where!r}: one label {list(class_names)}; expected at least two classes")
+        return class_names, np.asarray([class_names.index(str(r["label"])) for r in rows])
+    sets = [split_labels(r["labels"]) for r in rows]
+    class_names = tuple(sorted({c for s in sets for c in s}))
+    if not class_names:
+        raise ConfigError(f"annotation table {where!r}: the labels column names no class; expected class names "
+                          "separated by ';' (e.g. Fish;Sugar), empty for a patch of none")
+    multi = np.zeros((len(rows), len(class_names)), np.uint8)
+    for i, s in enumerate(sets):
+        multi[i, [class_names.index(c) for c in s]] = 1
+    return class_names, multi
+
+
+def _load_patch_files(path: Path, rows: list[dict[str, Any]], img_col: str, labels: np.ndarray,
+                      class_names: tuple[str, ...], mpp: float | None) -> PatchSet:
+    """Rows naming whole patch files (relative to the table's folder), read with Pillow."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for i, r in enumerate(rows):
+        f = Path(str(r[img_col]))
+        f = f if f.is_absolute() else path.parent / f
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ConfigError(f"annotation table {str(path)!r}, row {i + 1}: patch file {str(f)!r} cannot be read as an "
+                              f"image ({type(e).__name__}: {e}); fix the path or the file") from None
+        if images[-1].shape != images[0].shape or images[-1].shape[0] != images[-1].shape[1]:
+            raise ConfigError(f"annotation table {str(path)!r}, row {i + 1}: patch {str(f)!r} is "
+                              f"{images[-1].shape[0]}×{images[-1].shape[1]} px, the first is {images[0].shape[0]}×"
+                              f"{images[0].shape[1]} px; expected square patches of one size")
+    # the source image of each patch (no image in two splits): a group column, else each file alone
+    groups = np.asarray([str(r["group"]) if "group" in r else Path(str(r[img_col])).stem for r in rows])
+    return PatchSet(np.stack(images), labels, groups, class_names, mpp, f"table:{path}")
 
 
 # -- synthetic smears -------------------------------------------------------------------------

@@ -65,38 +65,45 @@ def line_plot(path: Path, series: list[Series], title: str, xlabel: str, ylabel:
     return path
 
 
-def confusion_plot(path: Path, matrix: np.ndarray, labels: list[str], title: str) -> Path:
-    """Counts of (true row, predicted column)."""
+def confusion_plot(path: Path, matrix: np.ndarray, labels: list[str], title: str, *,
+                   columns: list[str] | None = None) -> Path:
+    """Counts of (true row, predicted column); with ``columns`` a table of counts per row (e.g. a
+    multi-label model's TN, FP, FN, TP per class), each column shaded on its own scale."""
     path.parent.mkdir(parents=True, exist_ok=True)
     matrix = np.asarray(matrix)
+    cols = columns or labels
+    if columns is not None:  # columns of different kinds: shade each against its own maximum
+        shade = matrix / np.maximum(matrix.max(axis=0, keepdims=True), 1)
+    else:
+        shade = matrix / max(1, int(matrix.max()))
     if _have_matplotlib():
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(labels), 1.4 + 1.1 * len(labels)), dpi=100)
-        ax.imshow(matrix, cmap="Blues")
+        ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(int(v)), ha="center", va="center",
-                    color="white" if v > matrix.max() / 2 else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if shade[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels)
-        ax.set(xlabel="predicted", ylabel="true", title=title)
+        ax.set(xlabel="predicted" if columns is None else "at threshold 0.5", ylabel="true" if columns is None else "class",
+               title=title)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
         return path
     cell, m = 90, 110
     n = len(labels)
-    img = Image.new("RGB", (m + cell * n + 10, m + cell * n + 10), "white")
+    img = Image.new("RGB", (m + cell * len(cols) + 10, m + cell * n + 10), "white")
     d = ImageDraw.Draw(img)
-    top = max(1, int(matrix.max()))
     for (i, j), v in np.ndenumerate(matrix):
-        shade = int(255 - 200 * v / top)
-        d.rectangle([m + j * cell, m + i * cell, m + (j + 1) * cell, m + (i + 1) * cell], fill=(shade, shade, 255), outline="black")
+        g = int(255 - 200 * shade[i, j])
+        d.rectangle([m + j * cell, m + i * cell, m + (j + 1) * cell, m + (i + 1) * cell], fill=(g, g, 255), outline="black")
         d.text((m + j * cell + cell // 3, m + i * cell + cell // 2 - 6), str(int(v)), fill="black")
-    for k, lab in enumerate(labels):
+    for k, lab in enumerate(cols):
         d.text((m + k * cell + 4, m - 16), lab[:12], fill="black")
+    for k, lab in enumerate(labels):
         d.text((4, m + k * cell + cell // 2 - 6), lab[:14], fill="black")
-    d.text((4, 8), f"{title} (rows: true, columns: predicted)", fill="black")
+    d.text((4, 8), title if columns is not None else f"{title} (rows: true, columns: predicted)", fill="black")
     img.save(path)
     return path
 

@@ -7,7 +7,13 @@ splits), the training split is balanced as chosen (``downsample`` the majority c
 start from the prior), patches are augmented in ways that keep hue (flips, 90° turns, brightness,
 contrast, saturation and sharpness jitter), and training stops early when the validation loss has
 not improved for ``patience`` epochs (the best epoch's weights are kept). The network is the
-built-in SmearNet (plain torch, dense for 64-px patches). Outputs: ``weights.pt`` (state dict),
+built-in SmearNet (plain torch, dense for 64-px patches). Two classes train one sigmoid (the
+positive class), more a softmax; a *multi-label* set (a table with a ``labels`` column: any subset
+of the classes per patch) trains a sigmoid per class (head ``multilabel_sigmoid``), balanced per
+class (``class_weights``: BCE ``pos_weight`` = negatives / positives of each class; ``bias_init``:
+each output's bias at the logit of its class prior), with per-class metrics (AUC-ROC, AUC-PR,
+precision / recall / specificity at the default threshold 0.5, a 2 × 2 confusion per class) and
+per-class ROC / PR curves. Outputs: ``weights.pt`` (state dict),
 ``card.json`` (patch_px, µm/px, normalisation, classes, head, dense capability, training summary,
 metrics, training prevalence) and ``plots/`` (ROC, precision–recall, confusion matrix). Runs on
 CUDA when present, else CPU.
@@ -79,9 +85,12 @@ class Augmentation:
             out = torch.empty_like(x)
             ks = torch.randint(0, 4 if self.rot90 else 1, (n,), generator=gen, device="cpu")
             fl = torch.randint(0, 2 if self.flips else 1, (n,), generator=gen, device="cpu")
-            for i in range(n):
-                xi = torch.rot90(x[i], int(ks[i]), (1, 2))
-                out[i] = torch.flip(xi, (2,)) if fl[i] else xi
+            for k in range(4):  # one call per (turn, flip) group, not per patch
+                for f in range(2):
+                    idx = torch.nonzero((ks == k) & (fl == f)).flatten().to(x.device)
+                    if len(idx):
+                        xi = torch.rot90(x[idx], k, (2, 3))
+                        out[idx] = torch.flip(xi, (3,)) if f else xi
             x = out
         if self.brightness:
             x = x * (1 + u(self.brightness))
@@ -121,6 +130,11 @@ def split_by_group(groups: np.ndarray, labels: np.ndarray, val_frac: float, seed
     if not 0 < val_frac < 1:
         raise ConfigError(f"--val-frac: expected a fraction in (0, 1), got {val_frac}")
     uniq = np.unique(groups)
+    labels = np.asarray(labels)
+
+    def has(c: Any, sel: np.ndarray) -> bool:  # class c among the patches of sel (multi-label: any carries it)
+        return bool(labels[sel, c].any()) if labels.ndim == 2 else bool((labels[sel] == c).any())
+
     if len(uniq) < 2:
         raise ConfigError(f"all {len(groups)} patches come from one source image ({uniq[0]!r}); a split by source image "
                           "needs at least two (check --group-regex)")
@@ -129,25 +143,27 @@ def split_by_group(groups: np.ndarray, labels: np.ndarray, val_frac: float, seed
     n_target = val_frac * len(groups)
     val_groups: set[Any] = set()
     n_val = 0
-    classes = np.unique(labels)
+    classes = np.arange(labels.shape[1]) if labels.ndim == 2 else np.unique(labels)
     # first one group per class into val (so val has every class), then fill up to val_frac
     for c in classes:
-        if any(c in labels[groups == g] for g in val_groups):
+        if any(has(c, groups == g) for g in val_groups):
             continue
         for g in order:
-            if g not in val_groups and c in labels[groups == g]:
+            if g not in val_groups and has(c, groups == g):
                 val_groups.add(g)
                 n_val += int((groups == g).sum())
                 break
     for g in order:
         if n_val >= n_target:
             break
-        if g not in val_groups and len(val_groups) < len(uniq) - 1:
+        n_g = int((groups == g).sum())
+        # a group joins when it brings validation nearer its target (not past it by more than it lacks)
+        if g not in val_groups and len(val_groups) < len(uniq) - 1 and n_val + n_g - n_target < n_target - n_val:
             val_groups.add(g)
-            n_val += int((groups == g).sum())
+            n_val += n_g
     val = np.isin(groups, list(val_groups))
     train = ~val
-    missing = [int(c) for c in classes if not (labels[train] == c).any()]
+    missing = [int(c) for c in classes if not has(c, train)]
     if missing or not train.any():
         raise ConfigError("cannot split by source image so that training and validation both have every class; "
                           "add source images of the rarer classes or lower --val-frac")
@@ -160,6 +176,9 @@ def balance_indices(labels: np.ndarray, balance: str, rng: np.random.Generator) 
     idx = np.arange(len(labels))
     if balance != "downsample":
         return idx
+    if labels.ndim == 2:
+        raise ConfigError("--balance downsample: a multi-label set cannot be downsampled per class (a patch carries "
+                          "several); use class_weights (pos_weight per class) or bias_init")
     counts = np.bincount(labels)
     m = counts[counts > 0].min()
     keep = [rng.choice(idx[labels == c], size=m, replace=False) for c in np.unique(labels)]
@@ -194,7 +213,9 @@ def predict_logits(module: nn.Module, images: np.ndarray, mean: tuple[float, ...
 
 
 def targets_for(ps: PatchSet, head: str, pos_index: int) -> np.ndarray:
-    """Binary: (N, 1) 0/1 for the positive class; softmax: (N,) class indices."""
+    """Binary: (N, 1) 0/1 for the positive class; multi-label: (N, K) 0/1; softmax: (N,) class indices."""
+    if head == "multilabel_sigmoid":
+        return ps.onehot()
     if head == "binary_sigmoid":
         return (ps.labels == pos_index).astype(np.float64)[:, None]
     return ps.labels.astype(np.int64)
@@ -222,6 +243,19 @@ def evaluate(probs: np.ndarray, targets: np.ndarray, head: str, classes: tuple[s
         out["confusion"] = np.bincount(targets * k + pred, minlength=k * k).reshape(k, k).tolist()
         out["confusion_labels"] = list(classes)
         out["accuracy"] = float((pred == targets).mean())
+    elif head == "multilabel_sigmoid":  # per class at the default threshold 0.5
+        for i, c in enumerate(classes):
+            y, p = targets[:, i] > 0.5, probs[:, i] >= 0.5
+            tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
+            out["per_class"][c].update(precision=round(tp / max(1, tp + fp), 6), recall=round(tp / max(1, tp + fn), 6),
+                                       specificity=round(int((~y & ~p).sum()) / max(1, int((~y).sum())), 6),
+                                       confusion=[[int((~y & ~p).sum()), fp], [fn, tp]])
+        out["confusion"] = [[m["confusion"][0][0], m["confusion"][0][1], m["confusion"][1][0], m["confusion"][1][1]]
+                            for m in out["per_class"].values()]
+        out["confusion_labels"] = list(classes)
+        out["confusion_columns"] = ["TN", "FP", "FN", "TP"]
+        out["accuracy"] = float(((targets > 0.5) == (probs >= 0.5)).mean())  # per class and patch
+        out["exact_match"] = float(((targets > 0.5) == (probs >= 0.5)).all(axis=1).mean())
     else:
         y, p = targets[:, 0] > 0.5, probs[:, 0] >= 0.5
         out["confusion"] = [[int((~y & ~p).sum()), int((~y & p).sum())], [int((y & ~p).sum()), int((y & p).sum())]]
@@ -244,10 +278,24 @@ def write_plots(folder: Path, probs: np.ndarray, targets: np.ndarray, head: str,
         roc_s.append((f"{c} (AUC {m['auc_roc']:.3f})", np.r_[0, fpr], np.r_[0, tpr]))
         pr_s.append((f"{c} (AP {m['auc_pr']:.3f})", np.r_[0, tpr], np.r_[1, prec]))
     files = [plots.line_plot(folder / "roc.png", roc_s, f"ROC ({tag})", "false positive rate", "true positive rate", diagonal=True),
-             plots.line_plot(folder / "pr.png", pr_s, f"precision–recall ({tag})", "recall", "precision"),
+             plots.line_plot(folder / "pr.png", pr_s, f"precision-recall ({tag})", "recall", "precision"),
              plots.confusion_plot(folder / "confusion.png", np.asarray(metrics["confusion"]), metrics["confusion_labels"],
-                                  f"confusion ({tag})")]
+                                  f"confusion ({tag})", columns=metrics.get("confusion_columns"))]
     return [str(f.relative_to(folder.parent)) for f in files]
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of (N, P, P, 3) uint8 patches, scaled to [0, 1], in chunks (bounded memory)."""
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].reshape(-1, 3).astype(np.float64) / 255.0
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    n = max(1, images.shape[0] * images.shape[1] * images.shape[2])
+    m = s / n
+    sd = np.sqrt(np.maximum(s2 / n - m * m, 0))
+    return tuple(round(float(v), 6) for v in m), tuple(round(float(max(v, 1e-3)), 6) for v in sd)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -262,13 +310,16 @@ def train_model(data: PatchSet, out: Path, opts: TrainOptions) -> ModelCard:
     if data.mpp is None:
         raise ConfigError(f"training data {data.source}: µm/px unknown; pass --mpp (the resolution the patches were "
                           "cut at), so the scorer reads slides at the same resolution")
-    counts = np.bincount(data.labels, minlength=len(data.class_names))
-    if (counts == 0).any() or len(counts) < 2:
-        raise ConfigError(f"training data {data.source}: class counts {dict(zip(data.class_names, counts.tolist(), strict=True))}; "
-                          "every class needs patches")
-    if len(data.class_names) == 2:
+    counts = np.asarray(list(data.counts().values()))
+    if (counts == 0).any() or (len(counts) < 2 and not data.multilabel) or (data.multilabel and (counts == len(data)).any()):
+        raise ConfigError(f"training data {data.source}: class counts {data.counts()} of {len(data)} patches; every class "
+                          "needs patches" + (" with it and without it (multi-label)" if data.multilabel else ""))
+    classes: tuple[str, ...]
+    if data.multilabel:
+        head, pos, classes = "multilabel_sigmoid", -1, data.class_names
+    elif len(data.class_names) == 2:
         head, pos = "binary_sigmoid", positive_class(data.class_names, opts.positive)
-        classes: tuple[str, ...] = (data.class_names[pos],)
+        classes = (data.class_names[pos],)
     else:
         head, pos, classes = "softmax", -1, data.class_names
     torch.manual_seed(opts.seed)
@@ -281,38 +332,41 @@ def train_model(data: PatchSet, out: Path, opts: TrainOptions) -> ModelCard:
     tr = tr_all.subset(balance_indices(tr_all.labels, opts.balance, rng))
     y_tr, y_va = targets_for(tr, head, pos), targets_for(va, head, pos)
     # what the trained model's outputs assume as prior: the class frequencies it effectively saw
-    if head == "binary_sigmoid":
-        natural = np.array([float(y_tr.mean())])
+    sigmoid = head != "softmax"  # one independent sigmoid per output (binary, multi-label)
+    if sigmoid:
+        natural = y_tr.mean(axis=0).astype(np.float64)
     else:
         natural = np.bincount(y_tr, minlength=len(classes)) / len(y_tr)
-    effective = np.full_like(natural, 0.5 if head == "binary_sigmoid" else 1 / len(classes)) \
+    if sigmoid and not ((natural > 0) & (natural < 1)).all():
+        raise ConfigError(f"training data {data.source}: after the split, training positives per class are "
+                          f"{dict(zip(classes, np.round(natural * len(y_tr)).astype(int).tolist(), strict=True))} of "
+                          f"{len(y_tr)}; every class needs positive and negative training patches")
+    effective = np.full_like(natural, 0.5 if sigmoid else 1 / len(classes)) \
         if opts.balance in ("downsample", "class_weights") else natural
-    pix = tr.images.reshape(-1, 3).astype(np.float64) / 255.0
-    mean = tuple(round(float(v), 6) for v in pix.mean(0))
-    std = tuple(round(float(max(v, 1e-3)), 6) for v in pix.std(0))
-    del pix
+    mean, std = channel_stats(tr.images)
 
-    n_out = 1 if head == "binary_sigmoid" else len(classes)
+    n_out = len(classes)
     model = SmearNet(n_outputs=n_out, width=opts.width).to(device)
     if opts.balance == "bias_init":
         bias = model.head.bias
         with torch.no_grad():
             if bias is None:
                 raise ConfigError("--balance bias_init: the network's head has no bias")
-            if head == "binary_sigmoid":
-                bias.fill_(float(cal.logit(natural[0])))
+            if sigmoid:  # each output starts at its class prior
+                bias.copy_(torch.from_numpy(cal.logit(natural)).float())
             else:
                 bias.copy_(torch.from_numpy(np.log(np.maximum(natural, 1e-6))).float())
-    if head == "binary_sigmoid":
-        w_pos = (1 - natural[0]) / natural[0] if opts.balance == "class_weights" else 1.0
+    if sigmoid:  # pos_weight per class: negatives / positives (1: no reweighting)
+        w_pos = torch.tensor((1 - natural) / natural if opts.balance == "class_weights" else np.ones_like(natural),
+                             dtype=torch.float32, device=device)
         class_w = None
     else:
-        w_pos = 1.0
+        w_pos = torch.ones(1, device=device)
         class_w = torch.tensor(1.0 / np.maximum(natural * len(classes), 1e-6), dtype=torch.float32, device=device) \
             if opts.balance == "class_weights" else None
 
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if head == "binary_sigmoid":
+        if sigmoid:
             w = 1 + (w_pos - 1) * y
             return (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / w.sum()
         return nn.functional.cross_entropy(logits, y, weight=class_w)
@@ -321,8 +375,8 @@ def train_model(data: PatchSet, out: Path, opts: TrainOptions) -> ModelCard:
     s_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     opt = torch.optim.Adam(model.parameters(), lr=opts.lr)
     x_tr = torch.from_numpy(np.ascontiguousarray(tr.images.transpose(0, 3, 1, 2)))
-    yt = torch.from_numpy(y_tr).float() if head == "binary_sigmoid" else torch.from_numpy(y_tr)
-    yv = torch.from_numpy(y_va).float() if head == "binary_sigmoid" else torch.from_numpy(y_va)
+    yt = torch.from_numpy(y_tr).float() if sigmoid else torch.from_numpy(y_tr)
+    yv = torch.from_numpy(y_va).float() if sigmoid else torch.from_numpy(y_va)
     best = (float("inf"), -1, {k: v.detach().clone() for k, v in model.state_dict().items()})
     history: list[dict[str, float]] = []
     bar = None
