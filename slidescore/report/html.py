@@ -165,6 +165,24 @@ def _explanation_figure(reader: SlideReader, box: Box, crop: np.ndarray, r: Regi
              im.heat_on(crop, heat))]
 
 
+def _explained_views(reader: SlideReader, prob: np.ndarray, cell_px0: float, top: list[Region], card: Any,
+                     run: SampleRecord, cfg: ReportConfig, model: Any, cam_note: list[str],
+                     image_id: str | None) -> list[RegionView]:
+    """The top regions' views, explained while ``report.explain_budget_s`` lasts: integrated gradients
+    of a model scored patch by patch (a ViT, an exported program) can take minutes per region on CPU,
+    and a report must not hold a sample's completion for an hour. Regions past the budget keep their
+    crops and figures, and the report says from which rank on they are not explained."""
+    deadline = time.perf_counter() + cfg.explain_budget_s
+    views = []
+    for r in top:
+        if model is not None and time.perf_counter() > deadline:
+            model = None
+            cam_note.append(f"not computed from region {r.rank} on: the explanation budget of {cfg.explain_budget_s:g} s "
+                            "(report.explain_budget_s) was spent")
+        views.append(_region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note, image_id))
+    return views
+
+
 def _load_model_for(run: SampleRecord) -> tuple[Any, str]:
     """The scoring model again (for the explanations), on CPU; refused if its checksum differs from run.json's."""
     from slidescore.errors import InputError
@@ -307,7 +325,7 @@ def render_report(out_dir: str | Path, run: SampleRecord, regions: list[Region],
         model_used = "loaded again" if model is not None else "none"
         if note:
             cam_note.append(note)
-    views = [_region_figures(reader, prob, cell_px0, r, card, run, cfg, model, cam_note, image_id) for r in top]
+    views = _explained_views(reader, prob, cell_px0, top, card, run, cfg, model, cam_note, image_id)
 
     overview, bar = render_overview(reader, prob, cell_px0, top, card, thresholds, cfg.overview_px, inp.mpp0)
     call, numbers = call_of(run)

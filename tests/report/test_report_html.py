@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -166,3 +167,21 @@ def test_batch_index_lists_every_sample_with_call_and_top_score(reports, tmp_pat
         top = float(re.search(r'<td class="top">([0-9.]+)</td>', row).group(1))
         assert top == pytest.approx(by_id[sid].regions[0].peak_probability, abs=1e-3)
         assert ("positive" in row) == (sid == results[1].sample_id)
+
+
+def test_explanations_stop_when_their_budget_is_spent(scored_batch, tmp_path: Path) -> None:
+    """A spent budget stops the explanations (a budget of 0 s: none); the report says from which rank on,
+    and every region keeps its crop."""
+    _, results = scored_batch
+    res = results[0]
+    model = load_model("builtin:smearnet", device="cpu")
+    copy = tmp_path / "s"
+    shutil.copytree(res.out_dir, copy)
+    add = _report(dataclasses.replace(res, out_dir=str(copy)), ReportConfig(top_k=3, explain_budget_s=0.0), model)
+    crops = add["report"]["regions"]
+    assert len(crops) == min(3, len(res.regions)) >= 2
+    explained = [c for c in crops if c.get("gradcam_peak_px") is not None]
+    assert explained == [] and all(len(c["crop_box_px"]) == 4 for c in crops)
+    assert "from region 1 on: the explanation budget of 0 s (report.explain_budget_s) was spent" in add["report"]["gradcam"]
+    html = (copy / "report.html").read_text()
+    assert "report.explain_budget_s" in html
