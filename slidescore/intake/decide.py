@@ -16,7 +16,7 @@ from typing import Any
 
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.intake.sources import _sid
-from slidescore.io.storage import fingerprint
+from slidescore.io.open import input_fingerprint as fingerprint
 from slidescore.stages.layout import image_ids, sample_id_for
 from slidescore.stages.plan import sample_run_key_for
 
@@ -29,10 +29,11 @@ def sample_run_key(sample: SampleSpec, model_checksum: str, card: Any, job_cfg: 
     """The key ``jobs.score`` will write into the sample's ``_SUCCESS``.
 
     The job's own :func:`slidescore.stages.plan.sample_run_key_for` of the images' fingerprints, in the
-    sample's order (the order :func:`score_command` passes them in).
+    sample's order (the order :func:`score_command` passes them in), and of the sample's ``roi``
+    (a manifest's ``roi=``; else the job config's ``mask.roi``), which the job is given with it.
     """
     return sample_run_key_for([fingerprint(u) for u in sample.uris], model_checksum, card, job_cfg,
-                              image_ids=image_ids(sample.uris))
+                              image_ids=image_ids(sample.uris), roi=sample.roi)
 
 
 def job_name(run_key: str, attempt: int) -> str:
@@ -54,13 +55,16 @@ def score_command(sample: SampleSpec, job_config: str, output: str, *, overwrite
     """The job's entrypoint: score only this sample, into ``output``.
 
     ``--uri URI`` for one image named after its file; ``--sample ID=URI,URI`` for a sample of
-    several images or one whose id is not its file's (a folder of one image).
+    several images, one whose id is not its file's (a folder of one image), or one with its own
+    settings from a manifest line (``roi=PATH``, ``backend=NAME``), which follow as the same words:
+    ``--sample "ID=URI roi=PATH backend=NAME"`` (:func:`slidescore.cli.parse_sample_arg`).
     """
     cmd = ["python", "-m", "jobs.score", "--config", job_config, "--output", output, "-q"]
-    if len(sample.uris) == 1 and sample_id_for(sample.uris[0]) == _sid(sample):
+    settings = ([f"roi={sample.roi}"] if sample.roi else []) + ([f"backend={sample.backend}"] if sample.backend != "auto" else [])
+    if len(sample.uris) == 1 and sample_id_for(sample.uris[0]) == _sid(sample) and not settings:
         cmd += ["--uri", sample.uris[0]]
     else:
-        cmd += ["--sample", f"{_sid(sample)}={','.join(sample.uris)}"]
+        cmd += ["--sample", " ".join([f"{_sid(sample)}={','.join(sample.uris)}", *settings])]
     return cmd + (["--overwrite"] if overwrite else [])
 
 # -- decisions ----------------------------------------------------------------------------------

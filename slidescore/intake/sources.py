@@ -2,7 +2,10 @@
 
 :func:`find_samples` (step 2 of :mod:`slidescore.intake`) lists images directly under
 ``intake_prefix`` (one sample each), sample folders (complete once they hold ``_READY`` or have
-settled), and manifest entries, then :func:`group_samples` groups them by sample id and sets aside
+settled), DICOM WSI series (a folder of ``.dcm`` instances: one image, a sample complete as a sample
+folder is, since its instances arrive one by one; a series inside a sample folder is one of its
+images), and manifest entries (never a MIRAX slide's data folder or a VMS's ``.jpg`` parts:
+:func:`slidescore.io.storage.classify_entries`), then :func:`group_samples` groups them by sample id and sets aside
 ids claimed twice (conflicts). Read-only: nothing is written and nothing is submitted here.
 """
 
@@ -11,13 +14,22 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slidescore.config import SAMPLE_ID_PATTERN, SampleSpec, parse_manifest
 from slidescore.errors import ConfigError
 from slidescore.intake.config import IntakeConfig
-from slidescore.io.storage import IMAGE_SUFFIXES, filesystem, is_local, protocol_of, with_retries
+from slidescore.io.storage import (
+    FOLDER,
+    IMAGE,
+    SERIES,
+    classify_entries,
+    filesystem,
+    holds_dicom,
+    list_entries,
+    with_retries,
+)
 from slidescore.stages.layout import sample_id_for
 
 READY = "_READY"  # the uploader's "this sample folder is complete" marker
@@ -59,20 +71,9 @@ def read_manifest(uri: str) -> list[str | SampleSpec]:
     return parse_manifest(text, f"manifest: {uri}")
 
 
-def _entry_uri(prefix: str, name: str) -> str:
-    return name if is_local(prefix) else f"{protocol_of(prefix)}://{name}"
-
-
 def _list(uri: str) -> list[dict[str, Any]]:
     """A folder's entries, freshly listed (fsspec caches listings per process; a poll must see new files)."""
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path.rstrip("/"))
-    return list(with_retries(lambda: fs.ls(path.rstrip("/"), detail=True), uri, "listing the prefix"))
-
-
-def _is_image(entry: dict[str, Any]) -> bool:
-    name = str(entry["name"]).rstrip("/").lower()  # as io.storage.list_images: image files and *.zarr folders
-    return name.endswith(IMAGE_SUFFIXES) and (entry.get("type") != "directory" or name.endswith(".zarr"))
+    return list_entries(uri)
 
 
 def _modified_s(entry: dict[str, Any]) -> float | None:
@@ -96,7 +97,9 @@ def folder_sample(folder: str, cfg: IntakeConfig, now: float) -> tuple[SampleSpe
         return None, "", (f"folder {folder}/ cannot name a sample: a sample id starts with a letter or digit; "
                           "rename the folder")
     entries = _list(folder)
-    uris = sorted(_entry_uri(folder, str(e["name"]).rstrip("/")) for e in entries if _is_image(e))
+    # its images (image files, *.zarr, DICOM series in sub-folders); a folder of .dcm instances is itself one
+    uris = sorted(u for u, kind in classify_entries(folder, entries).items() if kind in (IMAGE, SERIES))
+    uris = sorted([folder, *uris]) if holds_dicom(entries) else uris
     names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries}
     if READY in names:
         if not uris:
@@ -124,12 +127,14 @@ def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
     listed: list[SampleSpec] = []
     if cfg.intake_prefix:
         prefix = cfg.intake_prefix.rstrip("/")
-        for e in _list(cfg.intake_prefix):
-            name = str(e["name"]).rstrip("/")
-            base = name.rsplit("/", 1)[-1]
-            if _is_image(e):
-                singles.append(_entry_uri(cfg.intake_prefix, name))
-            elif e.get("type") == "directory" and cfg.sample_folders and not base.startswith((".", "_")):
+        # sub-folders: sample folders, DICOM series (both complete on _READY or settle_s; a series is listed
+        # whatever sample_folders says), a MIRAX slide's data folder (read with the .mrxs, never a sample)
+        kinds = classify_entries(cfg.intake_prefix, _list(cfg.intake_prefix), look_inside=not cfg.sample_folders)
+        for uri, kind in kinds.items():
+            base = uri.rstrip("/").rsplit("/", 1)[-1]
+            if kind == IMAGE:
+                singles.append(uri)
+            elif kind == SERIES or (kind == FOLDER and cfg.sample_folders and not base.startswith((".", "_"))):
                 folder = f"{prefix}/{base}"
                 sample, waiting, problem = folder_sample(folder, cfg, now)
                 if sample is not None:
@@ -149,7 +154,8 @@ def find_samples(cfg: IntakeConfig, *, now: float | None = None) -> Found:
     # an image listed in a manifest group belongs to that sample, not to a sample of its own
     found.samples, found.conflicts = group_samples([u for u in singles if u not in in_groups], listed)
     for s in list(found.samples):
-        if (len(s.uris) > 1 or sample_id_for(s.uris[0]) != _sid(s)) and any("," in u for u in s.uris):
+        via_sample_arg = len(s.uris) > 1 or sample_id_for(s.uris[0]) != _sid(s) or s.roi or s.backend != "auto"
+        if via_sample_arg and any("," in u for u in s.uris):  # what decide.score_command passes as --sample
             found.samples.remove(s)
             found.problems[_sid(s)] = (f"sample {_sid(s)!r}: an image URI contains ',', which the job's "
                                            "--sample ID=URI,URI cannot carry; rename the image")
@@ -167,8 +173,8 @@ def group_samples(uris: Sequence[str], samples: Sequence[SampleSpec] = ()) -> tu
     by_id: dict[str, list[SampleSpec]] = {}
     for u in uris:
         by_id.setdefault(sample_id_for(u), []).append(SampleSpec(sample_id_for(u), (u,)))
-    for s in samples:
-        by_id.setdefault(_sid(s), []).append(s)
+    for s in samples:  # with its id filled in (a manifest's 'URI roi=PATH' line has none of its own)
+        by_id.setdefault(_sid(s), []).append(replace(s, sample_id=_sid(s)))
     ok = [ss[0] for _, ss in sorted(by_id.items()) if len(ss) == 1]
     conflicts = {sid: [s.origin or " ".join(s.uris) for s in ss] for sid, ss in sorted(by_id.items()) if len(ss) > 1}
     return ok, conflicts

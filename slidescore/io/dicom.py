@@ -284,13 +284,13 @@ class DicomReader:
             path = paths[0]
         elif path not in paths:
             raise UnsupportedImageError(f"{uri}: no optical path {path!r}; the series has {paths} — choose one of them "
-                                        "(DicomOptions.optical_path)", uri=uri)
+                                        "(input.dicom.optical_path in the config)", uri=uri, key="input.dicom.optical_path")
         z = self.options.focal_plane
         if z is None:
             z = min(planes, key=lambda p: (abs(p), p))
         elif not any(abs(z - p) < 1e-6 for p in planes):
             raise UnsupportedImageError(f"{uri}: no focal plane at {z} µm; the series has {planes} µm — choose one of "
-                                        "them (DicomOptions.focal_plane)", uri=uri)
+                                        "them (input.dicom.focal_plane in the config)", uri=uri, key="input.dicom.focal_plane")
         else:
             z = next(p for p in planes if abs(z - p) < 1e-6)
         self._path, self._z = path, z

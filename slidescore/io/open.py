@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slidescore.errors import (
     InputError,
@@ -30,6 +30,9 @@ from slidescore.errors import (
 from slidescore.io import storage
 from slidescore.io.base import SlideReader
 
+if TYPE_CHECKING:  # io.dicom is imported when a series is opened (its wsidicom import is slow)
+    from slidescore.io.dicom import DicomOptions
+
 BACKENDS = ("auto", "tifffile", "openslide", "dicom")
 #: names read through OpenSlide under ``auto`` (formats tifffile does not lay out, or multi-file ones)
 OPENSLIDE_SUFFIXES = (".mrxs", ".ndpi", ".vms", ".vmu", ".scn", ".bif", ".svslide")
@@ -38,20 +41,23 @@ _ZARR_MARKERS = (".zattrs", ".zgroup", ".zarray", "zarr.json")
 
 
 def open_image(uri: str, *, max_tile_bytes: int | None = None, backend: str = "auto",
-               cache_dir: str | None = None, cache_max_bytes: int | None = None) -> SlideReader:
+               cache_dir: str | None = None, cache_max_bytes: int | None = None,
+               dicom: DicomOptions | None = None) -> SlideReader:
     """Open an image by its path or URL (``s3://…``, ``dicomweb+https://…``) with ``backend``.
 
     Only the header is read (a remote slide read through OpenSlide is fetched whole first, into
     ``cache_dir`` bounded by ``cache_max_bytes``; ``None``: the defaults of
     :mod:`~slidescore.io.remote_cache`). ``max_tile_bytes`` bounds one decoded tile / chunk
     (``None``: :data:`~slidescore.io.base.MAX_TILE_BYTES`; a job passes ``limits.max_tile_bytes``).
+    ``dicom``: the optical path and focal plane of a DICOM series (config ``input.dicom``; ``None``:
+    the defaults of :mod:`slidescore.io.dicom`); ignored for images that are not DICOM.
     Every failure is one of ours (:class:`~slidescore.errors.SlideScoreError`), naming the URI:
     whatever a library raises on a corrupt file is reported as :class:`UnsupportedImageError`.
     """
     if backend not in BACKENDS:
         raise InputError(f"{uri}: unknown reader backend {backend!r}; expected one of {list(BACKENDS)} "
                          "(input.backend, or backend= in the manifest)", uri=uri, key="input.backend")
-    cache = {"cache_dir": cache_dir, "cache_max_bytes": cache_max_bytes}
+    cache = {"cache_dir": cache_dir, "cache_max_bytes": cache_max_bytes, "dicom": dicom}  # per backend: OpenSlide, DICOM
     try:
         return _open(uri, max_tile_bytes, backend, cache)
     except SlideScoreError:
@@ -62,13 +68,13 @@ def open_image(uri: str, *, max_tile_bytes: int | None = None, backend: str = "a
                                     "slide OpenSlide reads or a DICOM WSI series", uri=uri) from None
 
 
-def _open_dicom(uri: str, max_tile_bytes: int | None) -> SlideReader:
+def _open_dicom(uri: str, max_tile_bytes: int | None, options: DicomOptions | None = None) -> SlideReader:
     try:
         from slidescore.io.dicom import open_dicom
     except ImportError as e:
         raise UnsupportedImageError(f"{uri}: DICOM WSI support is not available ({e}); install slidescore with "
                                     "wsidicom", uri=uri) from None
-    return open_dicom(uri, max_tile_bytes=max_tile_bytes)
+    return open_dicom(uri, max_tile_bytes=max_tile_bytes, options=options)
 
 
 def _looks_like_dicom(uri: str) -> bool:
@@ -81,7 +87,7 @@ def _looks_like_dicom(uri: str) -> bool:
 
 def _open(uri: str, max_tile_bytes: int | None, backend: str, cache: dict[str, Any]) -> SlideReader:
     if backend == "dicom" or uri.startswith(("dicomweb+http://", "dicomweb+https://")):
-        return _open_dicom(uri, max_tile_bytes)  # not a file system path: routed before storage.filesystem
+        return _open_dicom(uri, max_tile_bytes, cache["dicom"])  # not a file system path: routed before storage.filesystem
     if not storage.is_local(uri):
         return _open_remote(uri, max_tile_bytes, backend, cache)
     if uri.startswith("file://"):
@@ -102,7 +108,7 @@ def _open(uri: str, max_tile_bytes: int | None, backend: str, cache: dict[str, A
 
             return ZarrImageReader(uri, max_tile_bytes=max_tile_bytes)
         if backend == "auto" and _looks_like_dicom(uri):
-            return _open_dicom(uri, max_tile_bytes)
+            return _open_dicom(uri, max_tile_bytes, cache["dicom"])
         raise UnsupportedImageError(
             f"{uri}: is a directory but not a Zarr store (no .zattrs/.zgroup/zarr.json) nor a DICOM WSI series (no .dcm "
             "instances); pass a slide file, an OME-Zarr folder or a folder of DICOM instances", uri=uri)
@@ -112,7 +118,7 @@ def _open(uri: str, max_tile_bytes: int | None, backend: str, cache: dict[str, A
         with open(path, "rb") as f:
             head = f.read(132)
         if not head.startswith(_TIFF_MAGIC) and _looks_like_dicom(uri):
-            return _open_dicom(uri, max_tile_bytes)
+            return _open_dicom(uri, max_tile_bytes, cache["dicom"])
     from slidescore.io.tiff import TiffReader
 
     return TiffReader(uri, max_tile_bytes=max_tile_bytes)
@@ -140,7 +146,7 @@ def _open_remote(uri: str, max_tile_bytes: int | None, backend: str, cache: dict
         from slidescore.io.openslide_reader import OpenSlideReader
         from slidescore.io.remote_cache import fetch_slide
 
-        local = fetch_slide(uri, **cache)
+        local = fetch_slide(uri, cache_dir=cache["cache_dir"], cache_max_bytes=cache["cache_max_bytes"])
         return OpenSlideReader(local.path, uri=uri, max_tile_bytes=max_tile_bytes, fetch_stats=local.stats, keep=local)
     fs, path = storage.filesystem(uri)
     meta = storage.info(uri)
@@ -152,14 +158,14 @@ def _open_remote(uri: str, max_tile_bytes: int | None, backend: str, cache: dict
 
             return ZarrImageReader(uri, max_tile_bytes=max_tile_bytes)
         if backend == "auto" and _looks_like_dicom(uri):
-            return _open_dicom(uri, max_tile_bytes)
+            return _open_dicom(uri, max_tile_bytes, cache["dicom"])
         raise UnsupportedImageError(f"{uri}: is a prefix but not a Zarr store (no .zattrs/.zgroup/zarr.json) nor a DICOM "
                                     "WSI series (no .dcm objects); pass an image object, an OME-Zarr prefix or a prefix "
                                     "of DICOM instances", uri=uri)
     if int(meta.get("size") or 0) == 0:
         raise UnsupportedImageError(f"{uri}: object is empty (0 bytes); re-upload the image", uri=uri)
     if backend == "auto" and name.endswith(".dcm") and _looks_like_dicom(uri):
-        return _open_dicom(uri, max_tile_bytes)
+        return _open_dicom(uri, max_tile_bytes, cache["dicom"])
     from slidescore.io.tiff import TiffReader
 
     reader = TiffReader(uri, handle=storage.open_binary(uri), max_tile_bytes=max_tile_bytes)

@@ -146,17 +146,70 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".ome.tif", 
                   ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")  # the last: OpenSlide formats (io.open)
 
 
-def list_images(prefix: str) -> list[str]:
-    """Image URIs directly under a folder or object-store prefix (image extensions, ``*.zarr``), sorted."""
-    fs, path = filesystem(prefix)
-    entries = with_retries(lambda: fs.ls(path.rstrip("/"), detail=True), prefix, "listing the prefix")
-    proto = protocol_of(prefix)
-    out = []
+DICOM_SUFFIX = ".dcm"  # instances of a DICOM WSI series (io.dicom): a folder of them is one image
+IMAGE, SERIES, PARTS, FOLDER, OTHER = "image", "series", "parts", "folder", "other"
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def holds_dicom(entries: list[dict[str, Any]]) -> bool:
+    """Whether a folder's listing holds DICOM instances (files named ``*.dcm``): a DICOM WSI series."""
+    return any(e.get("type") != "directory" and _base(str(e["name"])).lower().endswith(DICOM_SUFFIX) for e in entries)
+
+
+def list_entries(uri: str) -> list[dict[str, Any]]:
+    """A folder's or prefix's entries (``fs.ls`` with details), freshly listed: fsspec caches listings
+    per process, and a poller must see new files."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path.rstrip("/"))
+    return list(with_retries(lambda: fs.ls(path.rstrip("/"), detail=True), uri, "listing the prefix"))
+
+
+def classify_entries(prefix: str, entries: list[dict[str, Any]], *, look_inside: bool = True) -> dict[str, str]:
+    """What each entry of one listing of ``prefix`` is, by URI.
+
+    ``image``: a file with an image extension (:data:`IMAGE_SUFFIXES`) or a ``*.zarr`` folder;
+    ``series``: a sub-folder holding ``.dcm`` instances, one DICOM WSI series (one image: its
+    instances are not images of their own); ``parts``: the data folder of a MIRAX slide
+    (``<name>/`` beside ``<name>.mrxs``), read with the slide; ``folder``: any other sub-folder;
+    ``other``: any other file (a ``.dcm`` instance, a VMS's ``.jpg`` parts — the ``.vms`` is the
+    image —, notes). With ``look_inside`` (one LIST per sub-folder whose name starts with neither
+    ``.`` nor ``_``) sub-folders are told apart as ``series`` or ``folder``; without, they are all
+    ``folder`` (the caller lists them itself).
+    """
+    local = is_local(prefix)
+    # fsspec lists a local symlink as type "other", whatever it points at: a linked series is a folder
+    dirs = {str(e["name"]) for e in entries if e.get("type") == "directory"
+            or (local and e.get("islink") and os.path.isdir(str(e["name"])))}
+    files = {_base(str(e["name"])).lower() for e in entries if str(e["name"]) not in dirs}
+    out = {}
     for e in entries:
         name = str(e["name"]).rstrip("/")
-        if not name.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        if e.get("type") == "directory" and not name.lower().endswith(".zarr"):
-            continue
-        out.append(name if is_local(prefix) else f"{proto}://{name}")
+        uri = name if local else f"{protocol_of(prefix)}://{name}"
+        low, base = name.lower(), _base(name)
+        if str(e["name"]) not in dirs:
+            out[uri] = IMAGE if low.endswith(IMAGE_SUFFIXES) else OTHER
+        elif low.endswith(".zarr"):
+            out[uri] = IMAGE
+        elif f"{base.lower()}.mrxs" in files:
+            out[uri] = PARTS
+        elif look_inside and not base.startswith((".", "_")) and holds_dicom(list_entries(uri)):
+            out[uri] = SERIES
+        else:
+            out[uri] = FOLDER
+    return out
+
+
+def list_images(prefix: str) -> list[str]:
+    """Image URIs directly under a folder or object-store prefix, sorted: image files, ``*.zarr``
+    folders and DICOM WSI series (a sub-folder of ``.dcm`` instances, as one URI; ``prefix`` itself
+    when it holds ``.dcm`` instances), never a MIRAX slide's data folder nor a VMS's ``.jpg`` parts
+    (:func:`classify_entries`)."""
+    entries = list_entries(prefix)
+    kinds = classify_entries(prefix, entries)
+    out = [uri for uri, kind in kinds.items() if kind in (IMAGE, SERIES)]
+    if holds_dicom(entries):
+        out.append(prefix.rstrip("/") if is_local(prefix) else f"{protocol_of(prefix)}://{filesystem(prefix)[1].rstrip('/')}")
     return sorted(out)

@@ -242,3 +242,43 @@ def stop_orthanc(server: Orthanc) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
+
+
+#: what makes instances one series (and one pyramid) in wsidicom's eyes, copied from the first series
+_SERIES_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PyramidUID", "ContainerIdentifier",
+                "StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDateTime", "ContentDate", "ContentTime")
+
+
+def merge_planes(first: Path, second: Path, out: Path, *, optical_path: str | None = None,
+                 z_um: float | None = None) -> Path:
+    """One series in ``out`` holding ``first`` as it is and ``second`` (a series of the same geometry,
+    from ``wsidicomize``) as another plane: optical path ``optical_path`` (its OpticalPathIdentifier
+    in the OpticalPathSequence and the shared functional groups) or focal plane ``z_um`` (the
+    ZOffsetInSlideCoordinateSystem of its TotalPixelMatrixOriginSequence, in µm as DICOM has it).
+    The second series' instances keep their own SOP instance UIDs and take the first's study, series,
+    frame of reference and pyramid, as a scanner writes one multi-plane series."""
+    import shutil
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    out.mkdir(parents=True, exist_ok=True)
+    firsts = sorted(first.glob("*.dcm"))
+    ref = pydicom.dcmread(firsts[0], stop_before_pixels=True)
+    for f in firsts:
+        shutil.copy(f, out / f.name)
+    for f in sorted(second.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        for key in _SERIES_KEYS:
+            if key in ref:
+                setattr(ds, key, getattr(ref, key))
+        if optical_path is not None:
+            ds.OpticalPathSequence[0].OpticalPathIdentifier = optical_path
+            ident = Dataset()
+            ident.OpticalPathIdentifier = optical_path
+            ds.SharedFunctionalGroupsSequence[0].OpticalPathIdentificationSequence = Sequence([ident])
+        if z_um is not None:
+            ds.TotalPixelMatrixOriginSequence[0].ZOffsetInSlideCoordinateSystem = z_um
+        ds.save_as(out / f"plane-{f.name}", enforce_file_format=True)
+    return out
