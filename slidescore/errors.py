@@ -60,6 +60,11 @@ class ModelOutputError(InputError):
     wrong shape, NaN/inf, or probabilities outside [0, 1]."""
 
 
+class RoiError(InputError):
+    """A sample's region of interest (``mask.roi`` / the sample's ``roi``) cannot be used: unreadable,
+    hostile (too large, non-finite coordinates), outside the image, in other units, or empty after filtering."""
+
+
 class TransientStorageError(SlideScoreError):
     """A storage call failed in a way that may succeed on retry (throttling, timeouts, 5xx)."""
 

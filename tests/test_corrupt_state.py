@@ -81,7 +81,8 @@ def test_unreadable_success_means_not_finished(tmp_path: Path, slide: Path, mode
     with caplog.at_level(logging.WARNING):
         (again,) = score_samples([str(slide)], cfg, str(tmp_path), model=model_a)
     assert again.status == "ok", again.error  # redone (resumed: every block's record is there), not skipped, no crash
-    assert again.run["blocks"]["resumed"] == again.run["blocks"]["total"]
+    # every block with foreground resumed from its record (blocks without foreground have none: nothing to do)
+    assert again.run["blocks"]["resumed"] == len(list((out / ".blocks").rglob("*.json"))) > 0
     assert json.loads((out / "_SUCCESS").read_text())["run_key"] == first.run["run_key"]
     np.testing.assert_array_equal(mz.read_level(out / MOSAIC, 0), clean)
     assert any("completion marker" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
@@ -131,7 +132,7 @@ def test_empty_block_marker_is_redone(tmp_path: Path, slide: Path, model_a: Any)
     clean = mz.read_level(out / MOSAIC, 0)
     (out / "_SUCCESS").unlink()
     markers = sorted((out / ".blocks").rglob("*.json"))
-    assert len(markers) == first.run["blocks"]["total"] > 2
+    assert 2 < len(markers) <= first.run["blocks"]["total"]  # one per block with foreground
     markers[1].write_bytes(b"")  # half-written by a crash
     (res,) = score_samples([str(slide)], cfg, str(tmp_path), model=model_a)
     assert res.status == "ok" and res.run["blocks"]["resumed"] == len(markers) - 1

@@ -22,11 +22,14 @@ class SampleSpec:
     ``sample_id`` ``None`` means "derive it from the image's file name" (plain one-image entries).
     A sample of several images is scored image by image and its regions are ranked together.
     ``origin`` says where the sample was found (a manifest line, an intake folder), for messages
-    only: it is not compared, hashed or shown in ``repr``.
+    only: it is not compared, hashed or shown in ``repr``. ``roi``: the sample's region of interest
+    (a GeoJSON or mask image URI; one-image samples only), else the config's ``mask.roi``.
     """
 
     sample_id: str | None
     uris: tuple[str, ...]
+    roi: str | None = None
+    backend: str = "auto"  # the reader of its images (input.backend's values); "auto": the config's input.backend
     origin: str = field(default="", compare=False, repr=False)
 
 
@@ -133,6 +136,33 @@ def _read_manifest(p: Path) -> list[str | SampleSpec]:
     return parse_manifest(text, f"samples.manifest: {str(p)!r}")
 
 
+def _roi_word(words: list[str], at: str) -> str | None:
+    """Take a ``roi=PATH`` word out of a manifest line's words (in place); ``None`` when there is none."""
+    found = [w for w in words if w.startswith("roi=")]
+    if len(found) > 1 or (found and not found[0][4:]):
+        raise ConfigError(f"{at}: expected at most one 'roi=PATH' (a GeoJSON or mask image), got {found}")
+    for w in found:
+        words.remove(w)
+    if found and not words:
+        raise ConfigError(f"{at}: {found[0]!r} names no image; expected 'URI roi=PATH' or 'ID: URI roi=PATH'")
+    return found[0][4:] if found else None
+
+
+READER_BACKENDS = ("auto", "tifffile", "openslide", "dicom")
+
+
+def _backend_word(words: list[str], at: str) -> str:
+    """Take a ``backend=NAME`` word out of a manifest line's words (in place); ``"auto"`` when there is none."""
+    found = [w for w in words if w.startswith("backend=")]
+    if len(found) > 1 or (found and found[0][8:] not in READER_BACKENDS):
+        raise ConfigError(f"{at}: expected at most one 'backend=NAME' with NAME one of {list(READER_BACKENDS)}, got {found}")
+    for w in found:
+        words.remove(w)
+    if found and not words:
+        raise ConfigError(f"{at}: {found[0]!r} names no image; expected 'URI backend=NAME' or 'ID: URI … backend=NAME'")
+    return found[0][8:] if found else "auto"
+
+
 def parse_manifest(text: str, where: str) -> list[str | SampleSpec]:
     """The entries of a sample manifest: the one parser of the job's ``samples.manifest`` and the
     intake poller's ``manifest``, so both see the same samples.
@@ -144,7 +174,11 @@ def parse_manifest(text: str, where: str) -> list[str | SampleSpec]:
         contain whitespace):
 
         - ``URI``: one image, a sample of its own whose id is derived from the file name;
-        - ``ID: URI [URI …]``: a sample with that id made of those images (fields of one smear).
+        - ``ID: URI [URI …]``: a sample with that id made of those images (fields of one smear);
+        - a word ``roi=PATH`` after the URI of a one-image sample (``URI roi=PATH`` or
+          ``ID: URI roi=PATH``): the sample's region of interest (GeoJSON or mask image);
+        - a word ``backend=NAME`` (``auto``, ``tifffile``, ``openslide``, ``dicom``) anywhere after
+          the first: the reader of the sample's images, instead of the config's ``input.backend``.
 
         Comments: a line whose first non-blank character is ``#`` is a comment, and a ``#`` that
         follows whitespace starts a trailing comment (``a.tif  # scanner 2``). A ``#`` inside a
@@ -176,6 +210,8 @@ def parse_manifest(text: str, where: str) -> list[str | SampleSpec]:
         if not words:
             continue
         at = f"{where} line {n}"
+        roi = _roi_word(words, at)
+        backend = _backend_word(words, at)
         if words[0].endswith(":") and "://" not in words[0]:
             sid, uris = words[0][:-1], tuple(words[1:])
             check_sample_id(sid, at)
@@ -184,7 +220,12 @@ def parse_manifest(text: str, where: str) -> list[str | SampleSpec]:
             twice = sorted(u for u, k in Counter(uris).items() if k > 1)
             if twice:
                 raise ConfigError(f"{at}: sample {sid!r} lists an image twice ({twice[0]}); list each image once")
-            out.append(SampleSpec(sid, uris, origin=at))
+            if roi is not None and len(uris) > 1:
+                raise ConfigError(f"{at}: roi= applies to one image; sample {sid!r} has {len(uris)} — "
+                                  "give each image its own line (and id) with its own roi=")
+            out.append(SampleSpec(sid, uris, roi=roi, backend=backend, origin=at))
+        elif len(words) == 1 and (roi is not None or backend != "auto"):
+            out.append(SampleSpec(None, (words[0],), roi=roi, backend=backend, origin=at))
         elif len(words) == 1:
             out.append(words[0])
         else:

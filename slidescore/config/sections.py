@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slidescore.errors import ConfigError
@@ -19,8 +19,11 @@ from slidescore.errors import ConfigError
 class ModelConfig:
     """Which model to run and how.
 
-    ``name`` is ``builtin:<name>``, a model package folder (``card.json`` + ``weights.pt``), or a
-    TorchScript file with a ``card.json``/``.card.json`` beside it. ``mode``: ``auto`` scores densely
+    ``name`` is ``builtin:<name>``, a model package folder (``card.json`` + ``weights.safetensors``,
+    ``weights.pt``, ``model.onnx``, ``model.pt2`` or ``model.ts``), a WSInfer-zoo folder (``config.json``
+    + ``torchscript_model.pt``), or a model file (``.onnx``, ``.pt2``, ``.safetensors``, TorchScript
+    ``.pt``/``.ts``) with ``<file>.card.json``, ``<stem>.card.json`` or ``card.json`` beside it; ``card``
+    names the card's JSON file instead (for a file that has none beside it). ``mode``: ``auto`` scores densely
     when the card declares a dense-capable network (checked once against per-patch scoring, with a
     fallback), ``dense`` insists (an error if the check fails), ``per_patch`` never does.
     ``channels_last``: run the network in NHWC memory (default ``null`` = on; 1.4–1.8× faster on CPU
@@ -34,6 +37,7 @@ class ModelConfig:
     """
 
     name: str = "builtin:smearnet"
+    card: str | None = None
     device: str = "auto"
     batch_size: int = 256
     mode: str = "auto"
@@ -45,6 +49,8 @@ class ModelConfig:
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.batch_size, f"{prefix}.batch_size")
+        if self.card is not None and not self.card.strip():
+            raise ConfigError(f"{prefix}.card: expected the path of a model card (JSON) or null, got {self.card!r}")
         if self.dense_tile_px is not None:
             _positive_int(self.dense_tile_px, f"{prefix}.dense_tile_px")
         _one_of(self.device, ("auto", "cpu", "cuda"), f"{prefix}.device", prefix_ok="cuda:")
@@ -66,9 +72,9 @@ class ModelConfig:
         return 2 if device_type == "cuda" or remote_input else 0
 
     def runtime_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``load_model`` beyond the name: device and the CUDA options."""
+        """Keyword arguments of ``load_model`` beyond the name: device, the CUDA options and ``card`` when given."""
         return {"device": self.device, "amp": self.amp, "channels_last": self.channels_last, "compile": self.compile,
-                "dense_tile_px": self.dense_tile_px}
+                "dense_tile_px": self.dense_tile_px, **({"card": self.card} if self.card is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,15 @@ class MaskConfig:
     ``brightfield``: background is bright and unsaturated (smears, tissue). ``nodata``: pixels equal
     to ``nodata_value`` in every channel are background (field images). ``none``: everything is
     foreground. Patches whose foreground fraction is below ``min_foreground_frac`` are not scored.
+
+    ``roi``: a region of interest for every sample without its own (a manifest line's ``roi=``):
+    a GeoJSON of polygons (level-0 pixels, QuPath's export; or map coordinates of a GeoTIFF) or a
+    mask image (PNG / TIFF / OME-Zarr labels, nonzero = inside). ``roi_mode``: ``intersect`` (the
+    automatic mask inside the ROI) or ``replace`` (the ROI is the mask). A patch is scored only when
+    at least ``min_inside_frac`` of it lies inside. ``roi_include`` / ``roi_exclude``: GeoJSON
+    classification names to keep / to cut out (empty include = every feature not excluded).
+    ``roi_crs``: ``auto`` (a GeoJSON ``crs`` member means map coordinates), ``pixels`` or ``map``
+    (see slidescore.core.roi).
     """
 
     method: str = "brightfield"
@@ -117,6 +132,12 @@ class MaskConfig:
     min_saturation: float = 0.08
     max_brightness: float = 0.85
     nodata_value: float = 0.0
+    roi: str | None = None
+    roi_mode: str = "intersect"
+    roi_include: tuple[str, ...] = ()
+    roi_exclude: tuple[str, ...] = ()
+    roi_crs: str = "auto"
+    min_inside_frac: float = 0.5
 
     def validate(self, prefix: str) -> None:
         _one_of(self.method, ("brightfield", "nodata", "none"), f"{prefix}.method")
@@ -125,6 +146,18 @@ class MaskConfig:
         _number(self.mask_mpp, f"{prefix}.mask_mpp", "a finite positive number (µm/px)", lambda v: v > 0)
         # a NaN pixel never equals NaN, so a NaN nodata value would silently mark everything foreground
         _number(self.nodata_value, f"{prefix}.nodata_value", "a finite pixel value")
+        if self.roi is not None and (not isinstance(self.roi, str) or not self.roi.strip()):
+            raise ConfigError(f"{prefix}.roi: expected a path or s3:// URI of a GeoJSON or mask image, or null, got {self.roi!r}")
+        _one_of(self.roi_mode, ("intersect", "replace"), f"{prefix}.roi_mode")
+        _one_of(self.roi_crs, ("auto", "pixels", "map"), f"{prefix}.roi_crs")
+        _number(self.min_inside_frac, f"{prefix}.min_inside_frac", "a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+        for key in ("roi_include", "roi_exclude"):
+            names = getattr(self, key)
+            if not all(isinstance(n, str) and n.strip() for n in names):
+                raise ConfigError(f"{prefix}.{key}: expected a list of classification names, got {list(names)!r}")
+        both = sorted(set(self.roi_include) & set(self.roi_exclude))
+        if both:
+            raise ConfigError(f"{prefix}.roi_include / roi_exclude: {both[0]!r} is in both; name each class in one list")
 
 
 @dataclass(frozen=True)
@@ -149,6 +182,30 @@ class RegionsConfig:
 
 
 @dataclass(frozen=True)
+class DicomInputConfig:
+    """Which plane of a DICOM WSI series with several is scored (``input.dicom``).
+
+    ``optical_path``: the OpticalPathIdentifier to read (a string, e.g. ``"1"``; null: the first by
+    sorted identifier); ``focal_plane``: the focal plane to read, in µm (null: the one nearest 0 µm,
+    the nominal focus). A series without the one asked for fails its sample with the ones it has.
+    Ignored for images that are not DICOM.
+    """
+
+    optical_path: str | None = None
+    focal_plane: float | None = None
+
+    def validate(self, prefix: str) -> None:
+        if self.optical_path is not None and (not isinstance(self.optical_path, str) or not self.optical_path.strip()):
+            raise ConfigError(f"{prefix}.optical_path: expected an optical path identifier (a string such as '1'; quote "
+                              f"numbers) or null (the first), got {self.optical_path!r}")
+        if self.focal_plane is not None:
+            _number(self.focal_plane, f"{prefix}.focal_plane", "a focal plane in µm (a finite number) or null (nearest 0 µm)")
+
+    def is_default(self) -> bool:
+        return self.optical_path is None and self.focal_plane is None
+
+
+@dataclass(frozen=True)
 class InputConfig:
     """How images are read.
 
@@ -159,18 +216,35 @@ class InputConfig:
     maps a pixel type linearly from [low, high] onto 0…255 and clips (keys: a dtype name such as
     ``uint16``/``int16``/``float32``, or ``float`` for any float type), and ``gray_to_rgb: true``
     lets an RGB model score a single-channel image by replicating it.
+    ``backend`` picks the reader: ``auto`` (by file signature and name: OpenSlide for MIRAX, NDPI,
+    VMS, SCN, BIF, Philips…; DICOM for DICOM WSI; tifffile / zarr otherwise), ``tifffile`` (tifffile
+    and zarr, streaming), ``openslide`` or ``dicom``; a manifest line's ``backend=`` overrides it
+    per sample. A remote slide read through OpenSlide is fetched whole into ``cache_dir`` (default:
+    a folder under the system temp dir), an LRU cache per node of at most ``cache_max_bytes``.
+    ``dicom`` (:class:`DicomInputConfig`): the optical path and focal plane of a DICOM series.
     """
 
     mpp: float | None = None
     mpp_tolerance: float = 0.1
     conversion: dict[str, Any] | None = None
+    backend: str = "auto"
+    cache_dir: str | None = None
+    cache_max_bytes: int = 64 * 2**30
+    dicom: DicomInputConfig = field(default_factory=DicomInputConfig)
 
     def validate(self, prefix: str) -> None:
+        self.dicom.validate(f"{prefix}.dicom")
         if self.mpp is not None:
             _number(self.mpp, f"{prefix}.mpp", "a positive µm/px (at most 1e8) or null", lambda v: 0 < v <= 1e8)
         _number(self.mpp_tolerance, f"{prefix}.mpp_tolerance", "a fraction in [0, 1)", lambda v: 0 <= v < 1)
         if self.conversion is not None:
             check_conversion(self.conversion, f"{prefix}.conversion")
+        _one_of(self.backend, ("auto", "tifffile", "openslide", "dicom"), f"{prefix}.backend")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()
+                                           or "://" in self.cache_dir):
+            raise ConfigError(f"{prefix}.cache_dir: expected a local folder for the slide cache (or null: under the "
+                              f"system temp dir), got {self.cache_dir!r}")
+        _positive_int(self.cache_max_bytes, f"{prefix}.cache_max_bytes")
 
 
 CONVERSION_DTYPES = ("uint16", "uint32", "int8", "int16", "int32", "float", "float16", "float32", "float64")
@@ -263,7 +337,8 @@ class ReportConfig:
     """The per-sample report for the specialist (issue #8).
 
     ``top_k`` regions get level-0 crops (``crop_px`` to ``max_crop_px`` level-0 pixels a side) and,
-    with ``gradcam``, explanation maps (integrated gradients; the key keeps its historical name). The overview is at most ``overview_px`` on its long side.
+    with ``gradcam``, explanation maps (integrated gradients; the key keeps its historical name), for as
+    long as ``explain_budget_s`` seconds per image lasts. The overview is at most ``overview_px`` on its long side.
     Data-quality checks run at the coarsest level at or finer than ``quality_mpp`` µm/px. The QuPath
     tile heat map has at most ``qupath_max_tiles`` tiles.
     """
@@ -276,10 +351,12 @@ class ReportConfig:
     max_crop_px: int = 512
     quality_mpp: float = 1.0
     qupath_max_tiles: int = 20000
+    explain_budget_s: float = 120.0
 
     def validate(self, prefix: str) -> None:
         for key in ("top_k", "overview_px", "crop_px", "max_crop_px", "qupath_max_tiles"):
             _positive_int(getattr(self, key), f"{prefix}.{key}")
+        _number(self.explain_budget_s, f"{prefix}.explain_budget_s", "a finite number of seconds >= 0", lambda v: v >= 0)
         if self.max_crop_px < self.crop_px:
             raise ConfigError(f"{prefix}.max_crop_px: expected >= crop_px={self.crop_px}, got {self.max_crop_px!r}")
         _number(self.quality_mpp, f"{prefix}.quality_mpp", "a finite positive µm/px", lambda v: v > 0)

@@ -64,20 +64,27 @@ def reduce_mean(mask: np.ndarray, factor: int) -> np.ndarray:
     return t / np.maximum(n, 1)
 
 
-def _overlap_matrix(n_dst: int, dst_px: float, n_src: int, src_px: float) -> sparse.csr_matrix:
-    """R[i, m] = |[i·dst, (i+1)·dst) ∩ [m·src, (m+1)·src)| / dst (fraction of dst covered)."""
+def _overlap_matrix(n_dst: int, dst_px: float, n_src: int, src_px: float, *, dst0: int = 0, src0: int = 0,
+                    src1: int | None = None) -> sparse.csr_matrix:
+    """R[i, m] = |[i·dst, (i+1)·dst) ∩ [m·src, (m+1)·src)| / dst (fraction of dst covered).
+
+    Rows ``dst0 … dst0 + n_dst − 1`` and source columns ``src0 … src1 − 1`` (default: all ``n_src``) of the
+    whole matrix, each entry computed from the global indices, so a band of rows holds exactly the
+    values, in the same order, that the whole matrix holds there.
+    """
+    src1 = n_src if src1 is None else src1
     rows, cols, vals = [], [], []
-    for i in range(n_dst):
+    for i in range(dst0, dst0 + n_dst):
         a, b = i * dst_px, (i + 1) * dst_px
-        m0 = int(a // src_px)
-        m1 = min(n_src, int(np.ceil(b / src_px)))
+        m0 = max(src0, int(a // src_px))
+        m1 = min(n_src, src1, int(np.ceil(b / src_px)))
         for m in range(m0, m1):
             ov = min(b, (m + 1) * src_px) - max(a, m * src_px)
             if ov > 0:
-                rows.append(i)
-                cols.append(m)
+                rows.append(i - dst0)
+                cols.append(m - src0)
                 vals.append(ov / dst_px)
-    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_dst, n_src))
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_dst, src1 - src0))
 
 
 def cell_fractions(fraction: np.ndarray, src_px: float, cells_shape: tuple[int, int], cell_px: float) -> np.ndarray:
@@ -86,32 +93,101 @@ def cell_fractions(fraction: np.ndarray, src_px: float, cells_shape: tuple[int, 
     ``src_px`` and ``cell_px`` are the pixel sizes of the source image and of one cell in a common
     unit (level-0 pixels). Parts of a cell outside the source image count as background.
     """
-    ry = _overlap_matrix(cells_shape[0], cell_px, fraction.shape[0], src_px)
-    rx = _overlap_matrix(cells_shape[1], cell_px, fraction.shape[1], src_px)
-    out = ry @ (rx @ fraction.astype(np.float64).T).T
-    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+    out = CellFractions(fraction.shape, src_px, cells_shape, cell_px)
+    out.add_rows(fraction)
+    return out.result()
 
 
-def patch_fractions(cell_frac: np.ndarray, k: int, patches_shape: tuple[int, int]) -> np.ndarray:
+class CellFractions:
+    """:func:`cell_fractions` fed band by band: source rows arrive top to bottom (:meth:`add_rows`),
+    and each band of cell rows is computed as soon as all the source rows it overlaps are in.
+
+    Memory: the (cells) result plus the source rows of one band of cells, never the whole source.
+    The values are those of :func:`cell_fractions` over the whole image bit for bit: every cell sums
+    the same overlap weights over the same source pixels in the same order.
+    """
+
+    def __init__(self, src_shape: tuple[int, int], src_px: float, cells_shape: tuple[int, int], cell_px: float) -> None:
+        self.src_shape, self.src_px, self.cells_shape, self.cell_px = src_shape, src_px, cells_shape, cell_px
+        self.rx = _overlap_matrix(cells_shape[1], cell_px, src_shape[1], src_px)
+        self.out = np.zeros(cells_shape, np.float32)
+        self.rows: list[np.ndarray] = []  # source rows not yet used up, from self.row0
+        self.row0 = 0
+        self.next_cell = 0
+
+    def _src_rows(self, i0: int, i1: int) -> tuple[int, int]:
+        """Source rows that cell rows [i0, i1) overlap."""
+        return int(i0 * self.cell_px // self.src_px), min(self.src_shape[0], int(np.ceil(i1 * self.cell_px / self.src_px)))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """The next source rows (top to bottom); computes every cell row they complete."""
+        self.rows.append(np.asarray(rows))
+        have = self.row0 + sum(len(r) for r in self.rows)
+        last = have >= self.src_shape[0]
+        i1 = self.next_cell
+        while i1 < self.cells_shape[0] and (last or self._src_rows(i1, i1 + 1)[1] <= have):
+            i1 += 1
+        if i1 == self.next_cell:
+            return
+        i0 = self.next_cell
+        m0, m1 = self._src_rows(i0, i1)
+        m1 = max(m0, m1)
+        src = np.concatenate(self.rows, axis=0) if len(self.rows) > 1 else self.rows[0]
+        band = src[m0 - self.row0 : m1 - self.row0]
+        ry = _overlap_matrix(i1 - i0, self.cell_px, self.src_shape[0], self.src_px, dst0=i0, src0=m0, src1=m1)
+        vals = ry @ (self.rx @ band.astype(np.float64).T).T
+        self.out[i0:i1] = np.clip(np.asarray(vals, dtype=np.float32), 0.0, 1.0)
+        self.next_cell = i1
+        keep = self._src_rows(i1, i1 + 1)[0] if i1 < self.cells_shape[0] else self.row0 + len(src)
+        self.rows = [src[keep - self.row0 :]]
+        self.row0 = keep
+
+    def result(self) -> np.ndarray:
+        """The (cells) foreground fractions; every source row must have been added."""
+        if self.next_cell < self.cells_shape[0]:
+            raise ValueError(f"cell fractions: rows {self.next_cell}… of {self.cells_shape[0]} are incomplete "
+                             f"({self.row0 + sum(len(r) for r in self.rows)} of {self.src_shape[0]} source rows added)")
+        return self.out
+
+
+def patch_fractions(cell_frac: np.ndarray, k: int, patches_shape: tuple[int, int], *, band_rows: int = 256) -> np.ndarray:
     """Foreground fraction of every patch position of the centred grid: the mean of its in-image cells.
 
     Patch ``a`` covers cells ``[a − k + 1, a]`` (:class:`~slidescore.core.tiling.PatchGrid`); cells outside
     the image are padding, not background, so they count in neither the sum nor the number of cells.
+
+    Sums come from an integral image of the zero-padded cells, built ``band_rows`` patch rows at a
+    time (the column sums carried from band to band), so memory beyond the (float32) result is a few
+    bands, whatever the canvas; the values are those of the whole-canvas integral image bit for bit.
     """
     py, px = patches_shape
     m = k - 1
     ch, cw = cell_frac.shape
     need_y, need_x = py + m, px + m
-    frac = np.zeros((need_y, need_x), np.float64)
-    inside = np.zeros((need_y, need_x), np.float64)
     h, w = min(ch, need_y - m), min(cw, need_x - m)
-    frac[m : m + h, m : m + w] = cell_frac[:h, :w]
-    inside[m : m + h, m : m + w] = 1.0
-
-    def box_sums(a: np.ndarray) -> np.ndarray:
-        integral = np.zeros((need_y + 1, need_x + 1))
-        integral[1:, 1:] = a.cumsum(0).cumsum(1)
-        return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k])[:py, :px]
-
-    total, count = box_sums(frac), box_sums(inside)
-    return np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
+    # in-image cells of each patch row / column: exact integers, as the integral of ones gave them
+    ny = np.array([min(a + k, m + h) - max(a, m) for a in range(py)], np.float64).clip(0)
+    nx = np.array([min(b + k, m + w) - max(b, m) for b in range(px)], np.float64).clip(0)
+    out = np.empty((py, px), np.float32)
+    carry = np.zeros(need_x)  # column sums of the padded cells above the next row
+    integral = np.zeros((1, need_x + 1))  # rows [i0, …) of the integral image; row 0 is zero
+    i0 = 0
+    made = 0  # padded rows summed so far
+    for a0 in range(0, py, band_rows):
+        a1 = min(py, a0 + band_rows)
+        upto = a1 + k - 1  # integral rows a0 … a1 + k − 1 are needed: padded rows up to upto − 1
+        pad = np.zeros((upto - made, need_x))
+        lo, hi = max(made, m), min(upto, m + h)
+        if hi > lo:
+            pad[lo - made : hi - made, m : m + w] = cell_frac[lo - m : hi - m, :w]
+        col = np.cumsum(np.concatenate([carry[None], pad]), axis=0)[1:]
+        carry = col[-1]
+        rows = np.zeros((len(col), need_x + 1))
+        rows[:, 1:] = col.cumsum(1)
+        integral = np.concatenate([integral[a0 - i0 :], rows])
+        i0, made = a0, upto
+        lo_rows, hi_rows = integral[: a1 - a0], integral[k : k + a1 - a0]
+        total = (hi_rows[:, k : k + px] - lo_rows[:, k : k + px] - hi_rows[:, :px] + lo_rows[:, :px])
+        count = np.outer(ny[a0:a1], nx)
+        out[a0:a1] = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    return out

@@ -180,8 +180,9 @@ def axis_weights(o0: int, n: int, factor: float, n_src: int) -> tuple[int, np.nd
     return s0, js - s0, w.astype(np.float32)
 
 
-def open_adapted(uri: str, recipe: InputRecipe | None, *, max_tile_bytes: int | None = None) -> SlideReader:
-    """Open ``uri`` for scoring, through ``recipe`` (``None``: the raw reader); ``max_tile_bytes`` as
-    :func:`~slidescore.io.open.open_image` takes it (``None``: the built-in bound)."""
-    reader = open_image(uri, max_tile_bytes=max_tile_bytes)
+def open_adapted(uri: str, recipe: InputRecipe | None, *, max_tile_bytes: int | None = None,
+                 **options: Any) -> SlideReader:
+    """Open ``uri`` for scoring, through ``recipe`` (``None``: the raw reader); ``max_tile_bytes`` and
+    ``options`` (backend, slide cache) as :func:`~slidescore.io.open.open_image` takes them."""
+    reader = open_image(uri, max_tile_bytes=max_tile_bytes, **options)
     return reader if recipe is None else AdaptedReader(reader, recipe)

@@ -382,7 +382,7 @@ def build_pyramid(path: str | Path, spec: MosaicSpec, prob0: np.ndarray | None =
     labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
     levels: list[tuple[str, np.ndarray]] = []
     for lvl in range(1, spec.n_levels):
-        stored = encode(nanmean_2x2(cur), enc)  # cur is decoded: not scored = NaN, whatever is stored
+        stored = encode(_nanmean_2x2_banded(cur, spec.chunk), enc)  # cur is decoded: not scored = NaN, whatever is stored
         labels = max_2x2(labels)
         levels += [(str(lvl), stored), (f"labels/suspect/{lvl}", labels)]
         cur = decode(stored, enc)  # the next level averages what is stored, as a reader would
@@ -413,6 +413,16 @@ def nanmean_2x2(a: np.ndarray) -> np.ndarray:
     s = np.where(ok, blocks, 0).sum(axis=(-3, -1))
     out = np.full(n.shape, np.nan, np.float32)
     np.divide(s, n, out=out, where=n > 0)
+    return out
+
+
+def _nanmean_2x2_banded(a: np.ndarray, rows: int) -> np.ndarray:
+    """:func:`nanmean_2x2` band by band (``rows`` output rows at a time): the same values, with the
+    temporaries of one band instead of several copies of the whole level."""
+    *lead, h, w = a.shape
+    out = np.empty((*lead, -(-h // 2), -(-w // 2)), np.float32)
+    for y in range(0, out.shape[-2], rows):
+        out[..., y : y + rows, :] = nanmean_2x2(a[..., 2 * y : 2 * (y + rows), :])
     return out
 
 
@@ -466,7 +476,10 @@ def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -
         },
     }
     _create(path, {"": GroupMetadata(attributes=attrs, zarr_format=2), "0": _v2_meta(one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)})
-    _arr(_open(path, "r+"), "0")[0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+    arr = _arr(_open(path, "r+"), "0")
+    band = spec.chunk * max(1, 2**20 // max(1, spec.chunk * frac.shape[1]))  # whole chunk rows, ~1 M cells at a time
+    for y in range(0, frac.shape[0], band):  # no full-canvas float copies; all-zero chunks are not written
+        arr[0, y : y + band] = np.rint(np.clip(frac[y : y + band], 0, 1) * 255).astype(np.uint8)
     write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(one))
 
 

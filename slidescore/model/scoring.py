@@ -261,12 +261,16 @@ class PatchClassifier:
         return torch.sigmoid(logits)
 
     # -- scoring --------------------------------------------------------------------------
-    def score_dense(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True) -> np.ndarray:
+    def score_dense(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True,
+                    valid: np.ndarray | None = None) -> np.ndarray:
         """Every patch of a block: (h, w, c) pixels → (C, Py, Px) float32.
 
         One pass per tile of about :attr:`dense_tile_px` pixels (each with its own patch halo): a
-        valid-padding network whose stride divides ``stride_px`` gives every tile's patches exactly
-        as one pass over the whole block would.
+        valid-padding network whose stride divides ``stride_px`` gives every tile's patches as one
+        pass over the whole block would, up to float rounding. With ``valid`` (the block's (Py, Px)
+        patches to score), tiles holding none are skipped (NaN there); the tiles stay where they
+        are, anchored at the block's first patch, so the patches scored are bit for bit what a pass
+        over every tile gives (the rounding of a pass depends on its input's shape).
         """
         card = self.card
         p = card.patch_px
@@ -275,12 +279,11 @@ class PatchClassifier:
         n = max(1, self.dense_tile_px // stride_px)  # patches per tile edge
         if py <= n and px <= n:
             return self._score_dense_pass(pixels, stride_px, amp=amp)
-        out = np.empty((card.n_classes, py, px), np.float32)
-        for a in range(0, py, n):
-            for b in range(0, px, n):
-                na, nb = min(n, py - a), min(n, px - b)
-                tile = pixels[a * stride_px : (a + na - 1) * stride_px + p, b * stride_px : (b + nb - 1) * stride_px + p]
-                out[:, a : a + na, b : b + nb] = self._score_dense_pass(tile, stride_px, amp=amp)
+        out = np.full((card.n_classes, py, px), np.nan, np.float32)
+        for a, b in dense_tiles((py, px), n, valid):
+            na, nb = min(n, py - a), min(n, px - b)
+            tile = pixels[a * stride_px : (a + na - 1) * stride_px + p, b * stride_px : (b + nb - 1) * stride_px + p]
+            out[:, a : a + na, b : b + nb] = self._score_dense_pass(tile, stride_px, amp=amp)
         return out
 
     @torch.inference_mode()
@@ -406,7 +409,7 @@ class PatchClassifier:
         if self._dense_wanted(mode, stride_px):
             checking = not self.dense_checked
             try:
-                scores: np.ndarray | None = self.score_dense(pixels, stride_px)
+                scores: np.ndarray | None = self.score_dense(pixels, stride_px, valid=valid)
             except (ModelLoadError, ModelOutputError) as e:
                 if not checking or mode == "dense":
                     raise
@@ -420,8 +423,26 @@ class PatchClassifier:
                 out[:, valid] = scores[:, valid]
                 return out
         ys, xs = np.nonzero(valid)
-        out[:, ys, xs] = self._score_grid(pixels, ys, xs, stride_px, batch_size).T
+        # only the pixels of the valid patches' bounding box go to the device: normalising is elementwise
+        # and every batch holds the same patches in the same order, so the scores are those of the whole block
+        a0, b0 = int(ys.min()), int(xs.min())
+        box = pixels[a0 * stride_px : int(ys.max()) * stride_px + self.card.patch_px,
+                     b0 * stride_px : int(xs.max()) * stride_px + self.card.patch_px]
+        out[:, ys, xs] = self._score_grid(box, ys - a0, xs - b0, stride_px, batch_size).T
         return out
+
+
+def dense_tiles(shape: tuple[int, int], n: int, valid: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """First patch (a, b) of every dense tile of ``n``² patches of a block of ``shape`` patches, anchored at
+    its first patch, row-major; with ``valid``, only the tiles holding at least one valid patch."""
+    py, px = shape
+    if valid is None:
+        return [(a, b) for a in range(0, py, n) for b in range(0, px, n)]
+    ty, tx = -(-py // n), -(-px // n)
+    pad = np.zeros((ty * n, tx * n), bool)
+    pad[:py, :px] = valid
+    hit = pad.reshape(ty, n, tx, n).any(axis=(1, 3))
+    return [(int(i) * n, int(j) * n) for i, j in zip(*np.nonzero(hit), strict=True)]
 
 
 def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:

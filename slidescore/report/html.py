@@ -167,7 +167,7 @@ def _explanation_figure(reader: SlideReader, box: Box, crop: np.ndarray, r: Regi
 
 def _explained_views(reader: SlideReader, prob: np.ndarray, cell_px0: float, top: list[Region], card: Any,
                      run: SampleRecord, cfg: ReportConfig, model: Any, cam_note: list[str],
-                     image_id: str | None) -> list[RegionView]:
+                     image_id: str) -> list[RegionView]:
     """The top regions' views, explained while ``report.explain_budget_s`` lasts: integrated gradients
     of a model scored patch by patch (a ViT, an exported program) can take minutes per region on CPU,
     and a report must not hold a sample's completion for an hour. Regions past the budget keep their

@@ -135,7 +135,9 @@ def scale_bar(rgb: np.ndarray, um_per_px: float, *, frac: float = 0.2, label_px:
     h, w = rgb.shape[:2]
     um = nice_length(max(um_per_px, frac * w * um_per_px))
     px = max(1, int(round(um / um_per_px)))
-    label = f"{um:g} µm" if um < 1000 else f"{um / 1000:g} mm"
+    # field images (metres per pixel) get m and km, not millions of mm
+    label = (f"{um:g} µm" if um < 1000 else f"{um / 1e3:g} mm" if um < 1e6 else f"{um / 1e6:g} m" if um < 1e9
+             else f"{um / 1e9:g} km")
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     f = font(label_px)

@@ -1,7 +1,9 @@
 """Data-quality flags of a sample: what in the input could make its scores untrustworthy.
 
 Measured on tiles of ``tile_px`` pixels of one low-resolution level (the coarsest at or finer than
-``quality_mpp`` µm/px), read block by block so memory stays bounded whatever the image size:
+``quality_mpp`` µm/px), read block by block so memory stays bounded whatever the image size, and
+only where a survey of a coarser level finds tissue (:func:`measure_tiles`), so the cost follows the
+foreground, not the canvas:
 
 * ``blank_fraction`` — tiles with almost no foreground (brightfield rule of :mod:`slidescore.core.mask`);
 * ``dark_fraction`` — tiles whose mean brightness is below ``dark_gray`` (pen, folds, off-slide);
@@ -109,21 +111,76 @@ def quality_level(reader: SlideReader, mpp0: float, quality_mpp: float) -> int:
     return max(fine_enough, key=lambda i: mpps[i]) if fine_enough else int(np.argmin(mpps))
 
 
-def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None = None, *, block_px: int = 1024) -> TileStats:
-    """Tile statistics of the whole image at the quality level, read in ``block_px`` squares."""
+def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None = None, *, block_px: int = 1024,
+                  max_survey_ratio: int = 16) -> TileStats:
+    """Tile statistics of the image at the quality level, read in ``block_px`` squares where there is tissue.
+
+    A survey of a coarser level (up to ``max_survey_ratio``× coarser, one read of a few megapixels)
+    says which blocks hold any tile that may not be blank; only those are read at the quality level.
+    The other blocks' tiles are blank by the survey (less than half of ``blank_tile_fg`` foreground at
+    the coarse level) and not dark: they enter the statistics with their area and the brightness the
+    survey measured. A sparse slide therefore costs in proportion to its tissue; an image without a
+    coarse enough level is read whole at the quality level, as before.
+    """
     th = th or QualityThresholds()
     lvl = quality_level(reader, mpp0, th.quality_mpp)
     info = reader.levels[lvl]
     step = max(th.tile_px, block_px // th.tile_px * th.tile_px)  # blocks hold whole tiles
+    survey = _survey(reader, lvl, th.tile_px, step, max_survey_ratio)
     parts = []
     for y in range(0, info.height, step):
         for x in range(0, info.width, step):
             box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
+            if survey is not None:
+                coarse, r = survey
+                cy, cx, ch, cw = y // r, x // r, -(-box.h // r), -(-box.w // r)
+                stats = tile_stats(coarse[cy : cy + ch, cx : cx + cw], th.tile_px // r)
+                if not (stats.fg_frac >= th.blank_tile_fg / 2).any():  # blank by the survey: not read again
+                    parts.append(_blank_tiles(stats, box, th.tile_px))
+                    continue
             pix = np.asarray(reader.read(lvl, box))
             if pix.shape[-1] == 1:
                 pix = np.repeat(pix, 3, axis=-1)
             parts.append(tile_stats(pix[..., :3].astype(np.uint8, copy=False), th.tile_px))
     return TileStats.concat(parts, lvl, mpp0 * info.downsample)
+
+
+def _survey(reader: SlideReader, lvl: int, tile_px: int, step: int, max_ratio: int) -> tuple[np.ndarray, int] | None:
+    """The coarsest level ``r``× coarser than ``lvl`` (r a power of two, 4 ≤ r ≤ ``max_ratio``, dividing the
+    tile and block sizes) read whole as RGB, with ``r``; ``None`` when there is none."""
+    base = reader.levels[lvl].downsample
+    best = None
+    for lv in reader.levels:
+        ratio = lv.downsample / base
+        r = int(round(ratio))
+        if abs(ratio - r) > 1e-6 * r or r < 4 or r > max_ratio or r & (r - 1) or tile_px % r or step % r:
+            continue
+        if best is None or r > best[1]:
+            best = (lv.index, r)
+    if best is None:
+        return None
+    lv = reader.levels[best[0]]
+    pix = np.asarray(reader.read(lv.index, Box(0, 0, lv.height, lv.width)))
+    if pix.shape[-1] == 1:
+        pix = np.repeat(pix, 3, axis=-1)
+    return pix[..., :3].astype(np.uint8, copy=False), best[1]
+
+
+def _blank_tiles(coarse: TileStats, box: Box, tile_px: int) -> TileStats:
+    """The tiles of ``box`` (quality-level pixels) as blank, from their survey statistics: the area of each tile at
+    the quality level, no foreground, the surveyed brightness and colour, no measured sharpness."""
+    ty, tx = -(-box.h // tile_px), -(-box.w // tile_px)
+    hs = np.minimum(tile_px, box.h - np.arange(ty) * tile_px)
+    ws = np.minimum(tile_px, box.w - np.arange(tx) * tile_px)
+    n_px = np.outer(hs, ws).astype(np.float32).ravel()
+    n = len(n_px)
+    if len(coarse.gray) != n:  # the coarse level rounds its size differently: one brightness for the block
+        gray = np.full(n, float(np.average(coarse.gray, weights=coarse.n_px)), np.float32)
+        rgb = np.tile(np.average(coarse.rgb_mean, axis=0, weights=coarse.n_px).astype(np.float32), (n, 1))
+    else:
+        gray, rgb = coarse.gray, coarse.rgb_mean
+    zeros = np.zeros(n, np.float32)
+    return TileStats(n_px, zeros, gray, zeros, rgb, level=0, level_mpp=0.0)
 
 
 def _flag(flag: str, value: float | str | None, threshold: float | str | None, raised: bool, message: str) -> QualityFlag:

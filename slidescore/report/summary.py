@@ -99,6 +99,18 @@ def _class_summary(cls: str, f: Mapping[str, Any], card: Any) -> str:
     return "".join(lines)
 
 
+def roi_html(roi: Mapping[str, Any] | None) -> str:
+    """The line saying which region of interest was scored (``input.roi`` of the run record); ``""`` without one."""
+    if not roi:
+        return ""
+    area = float(roi.get("inside_area_um2") or 0.0)
+    return (f"<li id='roi' data-sha256='{_e(roi.get('sha256', ''))}' data-area-um2='{area:.9g}'>Scored only inside the "
+            f"region of interest <code>{_e(roi.get('uri', ''))}</code> ({_e(roi.get('kind', ''))}, SHA-256 "
+            f"{_e(str(roi.get('sha256', ''))[:12])}…): {area / 1e6:.4g} mm² inside, {_e(roi.get('mode', ''))} with the "
+            f"automatic mask, patches at least {float(roi.get('min_inside_frac', 0.0)):g} inside; the counts, regions and "
+            "call below cover this region only.</li>")
+
+
 def summary_html(run: SampleRecord, card: Any, call: str, n_regions: int) -> str:
     """The first section of a page: the call in words, what it rests on, and the caution beside it."""
     dec = run.decision
@@ -111,6 +123,7 @@ def summary_html(run: SampleRecord, card: Any, call: str, n_regions: int) -> str
     else:
         basis = "<li>The call was recorded without its basis in fields; its numbers are under Technical details.</li>"
     regions = f"{n_regions:,} suspected region{'s' if n_regions != 1 else ''} found, listed below for review."
+    basis += roi_html(getattr(run.input, "roi", None))
     words = {"positive": "Parasites suspected", "negative": "No parasites suspected", "needs review": "Needs review by a specialist",
              "not computed": "No call computed"}.get(call.lower(), call)
     return (f"<section id='summary'><h2>Result: {_call_badge(call)} <span class='call-words'>{_e(words)}</span></h2>"

@@ -170,7 +170,7 @@ def build_layers(sample_dir: str | Path, *, image: str | None = None, open_sourc
     layers: list[LayerTuple] = []
     uri = image or inp.uri
     if open_source:
-        src = open_image(uri)
+        src = open_image(uri, backend=inp.backend or "auto")
         levels = [LazyLevel(src, i) for i in range(len(src.levels))]
         layers.append((levels if len(levels) > 1 else levels[0],
                        {"name": f"{run.sample_id} (source)", "rgb": src.n_channels in (3, 4), "multiscale": len(levels) > 1,

@@ -33,8 +33,9 @@ def blocks_to_read(plan: SamplePlan, blocks: Sequence[Block]) -> set[int]:
 
     The blocks folder is listed once (one LIST on object storage), not looked up block by block.
     """
-    done = set(list_children(plan.blocks_dir))
-    return {b.index for b in blocks if plan.block_has_foreground(b) and f"{b.key}.json" not in done}
+    todo = [b for b in blocks if plan.block_has_foreground(b)]
+    done = set(list_children(plan.blocks_dir)) if todo else set()
+    return {b.index for b in todo if f"{b.key}.json" not in done}
 
 
 def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, recipe: BlockRecipe,
@@ -68,28 +69,34 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, recipe: Block
               pixels: np.ndarray | None = None, seconds_read: float | None = None) -> BlockRecord:
     """Score one block and write its own chunks; record completion after the chunks are written.
 
+    A block without foreground costs microseconds: no read, no chunk, no completion record (its
+    record says so: every patch it owns skipped as background).
+
     ``pixels`` (with the ``seconds_read`` they took) are the block's prepared pixels read ahead by
     :func:`iter_block_pixels`; without them the block is read here.
     """
+    p, c = block.patches, block.cells
+    o = plan.grid.owned_patches(c)
+    valid = plan.valid[p.y : p.y1, p.x : p.x1]
+    if not valid.any():
+        # no foreground: nothing to read, score or write (its chunks stay absent and read as "not scored"),
+        # and no completion record — there is nothing to resume, and verify checks it against the plan
+        n_owned = (min(o.y1, p.y1) - max(o.y, p.y)) * (min(o.x1, p.x1) - max(o.x, p.x))
+        return BlockRecord(block.key, 0, n_owned, 0.0, 0.0, 0.0)
     marker = plan.block_marker(block)
     done = _read_marker(marker)
     if done is not None:
         return done
-    p, c = block.patches, block.cells
-    valid = plan.valid[p.y : p.y1, p.x : p.x1]
     n_valid = int(valid.sum())
     t0 = time.perf_counter()
-    t1 = t2 = t0
-    if n_valid:
-        if pixels is None:
-            pixels = recipe.read(reader, plan.level, block.read)
-        t1 = time.perf_counter()
-        prob = recipe.cells(pixels, valid, (p.y, p.x), c)
-        t2 = time.perf_counter()
-        mz.write_block(plan.mosaic_path, plan.mosaic, block.cells, prob)
+    if pixels is None:
+        pixels = recipe.read(reader, plan.level, block.read)
+    t1 = time.perf_counter()
+    prob = recipe.cells(pixels, valid, (p.y, p.x), c)
+    t2 = time.perf_counter()
+    mz.write_block(plan.mosaic_path, plan.mosaic, block.cells, prob)
     t3 = time.perf_counter()
     # each patch is counted by exactly one block (PatchGrid.owned_patches): counts add up over blocks
-    o = plan.grid.owned_patches(c)
     owned = valid[max(o.y, p.y) - p.y : min(o.y1, p.y1) - p.y, max(o.x, p.x) - p.x : min(o.x1, p.x1) - p.x]
     n_owned = int(owned.sum())
     read_s = t1 - t0 if seconds_read is None else seconds_read

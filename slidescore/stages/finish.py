@@ -33,6 +33,7 @@ from slidescore.io import mosaic as mz
 from slidescore.io.outputs import join, write_csv, write_json
 from slidescore.model.card import ModelCard
 from slidescore.stages.layout import IMAGES, MASK, MOSAIC
+from slidescore.stages.limits import dicom_record
 from slidescore.stages.overview import render_overview
 from slidescore.stages.plan import SamplePlan, open_for_plan
 from slidescore.stages.records import (
@@ -54,7 +55,7 @@ from slidescore.stages.records import (
     Timings,
     code_version,
 )
-from slidescore.stages.verify import read_level0_verified
+from slidescore.stages.verify import covered_cell_count, read_level0_verified
 from slidescore.version import __version__
 
 OVERVIEW_THREADS = 4  # at most this many overview PNGs drawn at once (samples of several images)
@@ -130,7 +131,7 @@ def _decision(plans: list[SamplePlan], per_image: list[list[BlockRecord]], regio
         # positions (mostly outside the image) as area
         grid = plans[0].grid
         k2 = (grid.patch_px // grid.stride_px) ** 2
-        n_units = sum(int(p.grid.covered_cells(p.valid).sum()) for p in plans) // k2
+        n_units = sum(covered_cell_count(p) for p in plans) // k2
         counts = {c: sum(1 for r in regions if r.class_name == c) for c in card.classes}
         decision["sample_call"] = policy.sample_call(n_units, counts, unit="patch field")
     return DecisionRecord.from_dict(decision)  # the decide layer's record, typed here
@@ -236,7 +237,9 @@ def _image_run(plan: SamplePlan, records: list[BlockRecord], prob: np.ndarray) -
                           conversion=recipe.to_dict() if recipe else None,
                           resampled_from_level=recipe.resample_from_level if recipe else None,
                           resample_scale=recipe.scale if recipe and recipe.resample_from_level is not None else 1.0,
-                          georeference=plan.georeference),
+                          georeference=plan.georeference, roi=plan.roi,
+                          backend=None if plan.open_options.get("backend", "auto") == "auto" else plan.open_options["backend"],
+                          fetch=plan.input_fetch, dicom=dicom_record(plan.open_options)),
         grid=GridRecord(patch_px=plan.grid.patch_px, stride_px=plan.grid.stride_px, cells_shape=list(plan.grid.cells_shape),
                         patches_shape=list(plan.grid.patches_shape), border_policy=BORDER_POLICY),
         patches=PatchCounts(total=plan.grid.n_patches, scored=sum(r.patches_scored for r in records),

@@ -27,9 +27,34 @@ from slidescore.io.adapt import InputRecipe
 from slidescore.io.base import SlideReader
 
 
-def reader_options(cfg: JobConfig) -> dict[str, Any]:
-    """Keyword arguments of ``open_image`` that carry the config's limits to the reader."""
-    return {"max_tile_bytes": cfg.limits.max_tile_bytes}
+def reader_options(cfg: JobConfig, backend: str = "auto") -> dict[str, Any]:
+    """Keyword arguments of ``open_image`` that carry the config's limits, reader backend (a sample's
+    own ``backend`` unless ``auto``), slide cache and, when set, DICOM plane (``input.dicom``) to the reader."""
+    inp = cfg.input
+    options = {"max_tile_bytes": cfg.limits.max_tile_bytes, "backend": inp.backend if backend == "auto" else backend,
+               "cache_dir": inp.cache_dir, "cache_max_bytes": inp.cache_max_bytes}
+    if not inp.dicom.is_default():  # left out otherwise: a plan's open_options stay as before input.dicom
+        from slidescore.io.dicom import DicomOptions
+
+        options["dicom"] = DicomOptions(inp.dicom.optical_path, inp.dicom.focal_plane)
+    return options
+
+
+def drop_default_reader(input_section: dict[str, Any]) -> None:
+    """Take ``backend`` and ``dicom`` out of a config's ``input`` section (``to_dict()``, in place)
+    when they are the defaults, so run keys of runs from before these settings do not change."""
+    if input_section.get("backend") == "auto":
+        input_section.pop("backend")
+    if input_section.get("dicom") == {"optical_path": None, "focal_plane": None}:
+        input_section.pop("dicom")
+
+
+def dicom_record(open_options: dict[str, Any]) -> dict[str, Any] | None:
+    """run.json's ``input.dicom`` of an image: the plane asked for (``input.dicom``), ``None`` when default."""
+    opts = open_options.get("dicom")
+    if opts is None:
+        return None
+    return {"optical_path": opts.optical_path, "focal_plane": opts.focal_plane}
 
 
 def mask_level(levels: tuple[LevelInfo, ...], mpp0: float, mask_mpp: float) -> int:

@@ -1,7 +1,8 @@
 """``overview.png``: a thumbnail of the sample with the probability overlay and region outlines.
 
-What a person wants to see first: where the model fired. The thumbnail comes from the coarsest
-source level that is at least ``max_px`` wide (or the finest, if all are smaller), the overlay is the
+What a person wants to see first: where the model fired. The thumbnail comes from the finest
+source level at most ``max_px`` on its long side (or the coarsest level, if all are larger, read in
+strips and decimated as they come, so memory stays at one strip), the overlay is the
 first class's probability (transparent where low or not scored) in that class's colour from the
 model card — the colour the mosaic, the report, QuPath, napari and the web viewer use — and the top
 regions are drawn as numbered boxes.
@@ -42,7 +43,10 @@ def render_overview(
     fits = [lv for lv in levels if max(lv.height, lv.width) <= max_px]
     lv = max(fits, key=lambda v: v.width) if fits else min(levels, key=lambda v: v.width)
     step = max(1, int(np.ceil(max(lv.height, lv.width) / max_px)))
-    thumb = np.asarray(reader.read(lv.index, Box(0, 0, lv.height, lv.width)))[::step, ::step]
+    # strips of the level, decimated as they come: memory stays at one strip even when no level is small
+    strips = [np.asarray(reader.read(lv.index, Box(y, 0, min(2048, lv.height - y), lv.width)))[(-y) % step :: step, ::step]
+              for y in range(0, lv.height, 2048)]
+    thumb = np.concatenate(strips, axis=0) if len(strips) > 1 else strips[0]
     if thumb.shape[-1] == 1:
         thumb = np.repeat(thumb, 3, axis=-1)
     thumb = thumb[..., :3].astype(np.float32)

@@ -15,13 +15,14 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from slidescore.config import JobConfig, SampleSpec
-from slidescore.core.mask import cell_fractions, detect_foreground, patch_fractions, reduce_mean
+from slidescore.core.mask import CellFractions, detect_foreground, patch_fractions, reduce_mean
+from slidescore.core.roi import apply_roi
 from slidescore.core.tiling import PatchGrid, choose_level, level_count, plan_blocks
 from slidescore.core.types import Block, Box
 from slidescore.decide import DecisionPolicy
@@ -29,12 +30,14 @@ from slidescore.errors import (
     ConfigError,
     InputError,
     ResolutionError,
+    RoiError,
     SlideScoreError,
     UnsupportedImageError,
 )
 from slidescore.io import SlideReader, open_image
 from slidescore.io import mosaic as mz
 from slidescore.io.adapt import AdaptedReader, InputRecipe, open_adapted
+from slidescore.io.open import input_fingerprint as fingerprint
 from slidescore.io.outputs import (
     exists,
     join,
@@ -42,7 +45,7 @@ from slidescore.io.outputs import (
     remove,
     write_text,
 )
-from slidescore.io.storage import fingerprint
+from slidescore.io.roi_source import load_roi
 from slidescore.model.card import ModelCard
 from slidescore.stages import layout
 from slidescore.stages.input_plan import plan_input
@@ -64,7 +67,7 @@ from slidescore.stages.lease import (
     read_run_key_file,
     release_lease,
 )
-from slidescore.stages.limits import check_planned_image, reader_options
+from slidescore.stages.limits import check_planned_image, drop_default_reader, reader_options
 from slidescore.version import __version__
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,9 @@ class SamplePlan:
     max_tile_bytes: int | None = None  # limits.max_tile_bytes, for every reader that opens this image
     image_id: str = ""  # set for the images of a sample of several images ("" for a one-image sample)
     sample_dir: str = ""  # where the sample's regions, run.json and _SUCCESS go ("" = out_dir)
+    open_options: dict[str, Any] = field(default_factory=dict)  # open_image's backend and slide cache, for every reader
+    input_fetch: dict[str, Any] | None = None  # a remote slide fetched into the node's cache: bytes, seconds (io.remote_cache)
+    roi: dict[str, Any] | None = None  # the region of interest used (core.roi.apply_roi's record), None = none
 
     @property
     def level_mpp(self) -> float:
@@ -144,13 +150,15 @@ def resolve_samples(entries: Sequence[str | SampleSpec]) -> list[SampleSpec]:
     unnamed = [i for i, s in enumerate(specs) if not s.sample_id]
     names = layout._unique_names([specs[i].uris[0] for i in unnamed], set(explicit))
     for i, name in zip(unnamed, names, strict=True):
-        specs[i] = SampleSpec(name, specs[i].uris)
+        specs[i] = replace(specs[i], sample_id=name)  # keeps the spec's other fields (roi, …)
     return specs
 
 
-def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: JobConfig) -> str:
-    """Deterministic key of everything that determines a sample's outputs."""
+def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: JobConfig,
+                roi_sha256: str | None = None) -> str:
+    """Deterministic key of everything that determines a sample's outputs (an ROI by its checksum, not its path)."""
     d = cfg.to_dict()
+    d["mask"].pop("roi", None)
     d["output"].pop("uri")
     d["output"].pop("overwrite")
     d["model"].pop("device")
@@ -161,18 +169,24 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
     d.pop("samples", None)
     d.pop("cluster", None)
     d.pop("limits", None)  # limits refuse work; they never change what a finished sample holds
+    for where_cached in ("cache_dir", "cache_max_bytes"):  # where a remote slide is staged, never what it holds
+        d["input"].pop(where_cached, None)
+    drop_default_reader(d["input"])  # input.backend / input.dicom at their defaults: earlier runs' keys stay as they were
     payload = {"input": fp, "model": model_checksum, "card": card.to_dict(), "config": d, "version": __version__,
                "grid": GRID_VERSION}
+    payload.update({"roi": roi_sha256} if roi_sha256 else {})
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sample_run_key_for(fps: Sequence[dict[str, Any]], model_checksum: str, card: ModelCard, cfg: JobConfig,
-                       *, image_ids: Sequence[str]) -> str:
+                       *, image_ids: Sequence[str], roi: str | None = None) -> str:
     """The run key of a sample from its images' fingerprints (in the sample's order): one image →
-    :func:`run_key_for` of its fingerprint; several → of all of them by image id. What the job
-    writes into ``_SUCCESS``, and what intake compares it with."""
+    :func:`run_key_for` of its fingerprint (and of its ROI's checksum: ``roi`` or ``mask.roi``);
+    several → of all of them by image id. What the job writes into ``_SUCCESS``, and what intake
+    compares it with."""
     if len(fps) == 1:
-        return run_key_for(fps[0], model_checksum, card, cfg)
+        roi = roi or cfg.mask.roi
+        return run_key_for(fps[0], model_checksum, card, cfg, load_roi(roi).sha256 if roi else None)
     return run_key_for({"images": [{"image_id": iid, **fp} for iid, fp in zip(image_ids, fps, strict=True)]},
                        model_checksum, card, cfg)
 
@@ -205,10 +219,13 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
     lvl = max(candidates, key=lambda i: mpps[i]) if candidates else int(np.argmin(mpps))
     info = reader.levels[lvl]
     factor = max(1, int(mcfg.mask_mpp / mpps[lvl] + 1e-6))
-    strip = factor * max(1, 2048 // factor)
-    parts = []
-    for y in range(0, info.height, strip):
-        h = min(strip, info.height - y)
+    strip = factor * max(1, 2048 // factor)  # columns per read (the reduction's blocks never straddle two)
+    strip_h = factor * max(1, 512 // factor)  # rows per read: one strip of the mask level in memory, not all of it
+    # reduced strip by strip straight onto the cells (bit for bit what the whole reduced level gives)
+    cells = CellFractions((-(-info.height // factor), -(-info.width // factor)), info.downsample * factor,
+                          grid.cells_shape, grid.stride_px * level_downsample)
+    for y in range(0, info.height, strip_h):
+        h = min(strip_h, info.height - y)
         rows = []
         for x in range(0, info.width, strip):
             w = min(strip, info.width - x)
@@ -218,11 +235,8 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
                 max_brightness=mcfg.max_brightness, nodata_value=mcfg.nodata_value,
             )
             rows.append(reduce_mean(fg, factor))
-        parts.append(np.concatenate(rows, axis=1))
-    frac = np.concatenate(parts, axis=0)
-    src_px0 = info.downsample * factor
-    cell_px0 = grid.stride_px * level_downsample
-    return cell_fractions(frac, src_px0, grid.cells_shape, cell_px0)
+        cells.add_rows(np.concatenate(rows, axis=1))
+    return cells.result()
 
 
 def _finished(sample_dir: str, run_key: str, cfg: JobConfig, sample_id: str, uri: str) -> bool:
@@ -244,10 +258,13 @@ def _finished(sample_dir: str, run_key: str, cfg: JobConfig, sample_id: str, uri
     return False
 
 
+# Long: the steps of docs/architecture.md "Planning" in order, under one open reader and one error boundary.
 def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, out_root: str, sample_id: str | None = None,
                 *, dry_run: bool = False, image_id: str = "", run_key: str | None = None,
-                fp: dict[str, Any] | None = None) -> SamplePlan | None:
-    """Open, choose the level, mask, plan; create or reuse the mosaic. ``None`` = already done.
+                fp: dict[str, Any] | None = None, roi: str | None = None, backend: str = "auto") -> SamplePlan | None:
+    """Open, choose the level, mask (within ``roi``, the sample's region of interest: core.roi), plan;
+    create or reuse the mosaic. ``None`` = already done.
+    ``backend``: the sample's reader (a manifest's ``backend=``; ``auto``: the config's ``input.backend``).
 
     With ``dry_run`` nothing is created or changed under ``out_root`` (the plan is only computed).
     ``image_id`` (with the sample's ``run_key`` and this image's fingerprint ``fp``) plans one image
@@ -257,12 +274,14 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     t0 = time.perf_counter()
     sample_id = sample_id or sample_id_for(uri)
     try:
-        reader = open_image(uri, **reader_options(cfg))
+        open_options = reader_options(cfg, backend)
+        reader = open_image(uri, **open_options)
     except InputError as e:  # name the sample: the reader knows only the file
         raise type(e)(f"sample {sample_id!r}: {e}", **e.context) from None
     try:
         fp = fingerprint(uri) if fp is None else fp
-        run_key = run_key or run_key_for(fp, model_checksum, card, cfg)
+        roi_src = load_roi(roi, sample_id) if roi else None
+        run_key = run_key or run_key_for(fp, model_checksum, card, cfg, roi_src.sha256 if roi_src else None)
         sample_dir = layout.sample_dir(out_root, sample_id)
         out_dir = layout.image_dir(out_root, sample_id, image_id)
         if not image_id and _finished(sample_dir, run_key, cfg, sample_id, uri):
@@ -293,6 +312,10 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
         cell_fg = compute_cell_foreground(reader, cfg, mpp0, grid, info.downsample)
         pf = patch_fractions(cell_fg, grid.k, grid.patches_shape)
         valid = pf >= max(cfg.mask.min_foreground_frac, 1e-6) if cfg.mask.method != "none" else np.ones_like(pf, bool)
+        cell_fg, valid, roi_record = apply_roi(  # the region of interest: inside fractions on the cells, with the mask
+            roi_src, cell_fg, grid, level0_shape=(reader.levels[0].height, reader.levels[0].width),
+            level_downsample=info.downsample, mpp0=mpp0, georeference=getattr(reader, "georeference", None),
+            mcfg=cfg.mask, sample_id=sample_id) if roi_src else (cell_fg, valid, None)
         t_mask = time.perf_counter()
     finally:
         reader.close()
@@ -317,7 +340,9 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
         mpp_source=mpp_source, grid=grid, blocks=blocks, valid=valid, mosaic=spec, input_fingerprint=fp,
         timings={"open_s": t_open - t0, "mask_s": t_mask - t_open},
         image_id=image_id, sample_dir=sample_dir if image_id else "", max_tile_bytes=cfg.limits.max_tile_bytes,
-        input_recipe=recipe, georeference=getattr(reader, "georeference", None),
+        input_recipe=recipe, georeference=getattr(reader, "georeference", None), roi=roi_record,
+        open_options={k: v for k, v in open_options.items() if k != "max_tile_bytes"},
+        input_fetch=getattr(getattr(reader, "inner", reader), "fetch_stats", None),
     )
     if not dry_run:
         _prepare_outputs(plan, cfg, cell_fg)
@@ -333,8 +358,12 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
     """
     sid = spec.sample_id or sample_id_for(spec.uris[0])
     if len(spec.uris) == 1:
-        plan = plan_sample(spec.uris[0], cfg, card, model_checksum, out_root, sid, dry_run=dry_run)
+        plan = plan_sample(spec.uris[0], cfg, card, model_checksum, out_root, sid, dry_run=dry_run,
+                           roi=spec.roi or cfg.mask.roi, backend=spec.backend)
         return None if plan is None else [plan]
+    if spec.roi or cfg.mask.roi:
+        raise RoiError(f"sample {sid!r}: a region of interest (mask.roi / roi=) applies to one image, this sample has "
+                       f"{len(spec.uris)}; list each image as a sample of its own with its roi", uri=sample_label(spec))
     ids = image_ids(spec.uris)
     fps = []
     for iid, uri in zip(ids, spec.uris, strict=True):
@@ -364,7 +393,7 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
     for iid, uri, fp in zip(ids, spec.uris, fps, strict=True):
         try:
             plan = plan_sample(uri, cfg, card, model_checksum, out_root, sid, dry_run=dry_run, image_id=iid,
-                               run_key=run_key, fp=fp)
+                               run_key=run_key, fp=fp, backend=spec.backend)
         except ConfigError:
             raise
         except Exception as e:  # the sample's error boundary names the bad image of a sample of several
@@ -391,7 +420,7 @@ def image_error(sample_id: str, image_id: str, uri: str, err: BaseException) -> 
 def open_for_plan(plan: SamplePlan) -> SlideReader:
     """Open a planned image as the plan reads it (converted to uint8, with its resampled level if any,
     under the same ``limits.max_tile_bytes``)."""
-    return open_adapted(plan.uri, plan.input_recipe, max_tile_bytes=plan.max_tile_bytes)
+    return open_adapted(plan.uri, plan.input_recipe, max_tile_bytes=plan.max_tile_bytes, **plan.open_options)
 
 
 def check_config_for_model(cfg: JobConfig, card: ModelCard) -> None:
@@ -483,7 +512,9 @@ def dry_run_rows(specs: Sequence[SampleSpec], cfg: JobConfig, card: ModelCard, m
 
 
 def _dry_run_image(plan: SamplePlan, cfg: JobConfig) -> dict[str, Any]:
-    done = 0 if cfg.output.overwrite else len({f"{b.key}.json" for b in plan.blocks} & set(list_children(plan.blocks_dir)))
+    fg = [b for b in plan.blocks if plan.block_has_foreground(b)]  # the others have nothing to do, and no marker
+    done = len(plan.blocks) - len(fg) + (0 if cfg.output.overwrite or not fg else
+                                         len({f"{b.key}.json" for b in fg} & set(list_children(plan.blocks_dir))))
     return {"image_id": plan.image_id, "image": plan.uri, "level": plan.level, "level_mpp": plan.level_mpp,
             "level_shape": list(plan.level_shape), "cells_shape": list(plan.grid.cells_shape),
             "blocks": len(plan.blocks), "blocks_done": done, "patches_total": plan.grid.n_patches,

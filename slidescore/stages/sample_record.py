@@ -69,8 +69,17 @@ class InputRecord(_Flat):
     resample_scale: float = 1.0
     # GeoTIFF inputs: the reader's georeference (EPSG, affine, units) as slidescore.io.tiff gives it
     georeference: dict[str, Any] | None = None
+    # the region of interest scored (slidescore.core.roi.apply_roi: uri, kind, sha256, mode, min_inside_frac,
+    # inside_area_um2, rasterised, …); left out without one
+    roi: dict[str, Any] | None = None
+    # the reader backend asked for (input.backend / a manifest's backend=; left out when auto) and, for a
+    # remote slide OpenSlide read, its fetch into the node's cache (slidescore.io.remote_cache: bytes, seconds, hit)
+    backend: str | None = None
+    fetch: dict[str, Any] | None = None
+    # the DICOM plane asked for (input.dicom: optical_path, focal_plane; left out at the defaults)
+    dicom: dict[str, Any] | None = None
 
-    _OPTIONAL = ("etag", "mtime")
+    _OPTIONAL = ("etag", "mtime", "roi", "backend", "fetch", "dicom")
 
 
 @dataclass
