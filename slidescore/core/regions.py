@@ -262,56 +262,110 @@ def find_regions(
     ``prob`` is (C, H, W) with NaN for cells not scored (never part of a region). A cell belongs
     to class c's regions when ``prob[c] >= thresholds[c]``. A region's peak is its first cell (in
     raster order) holding its highest probability. With ``outlines`` each region carries its
-    :class:`Outline`, all of a class's regions traced in one pass over the label image
+    :class:`Outline`, all of a window's regions traced in one pass over its label image
     (:func:`trace_outlines`; callers that need only the measurements, such as threshold sweeps,
     may skip it).
+
+    Memory follows the regions, not the canvas: each class's map is cut into row windows that hold
+    whole components (:func:`_windows`); one window's rows at a time are copied, cropped to the
+    columns holding cells above the threshold, labelled and traced. The windows are taken
+    top to bottom, so the regions come in the order of a labelling of the whole map, and every
+    figure and outline is the one a whole-map pass gives (``tests/test_regions_memory.py``).
     """
+    prob = np.asarray(prob)
     structure = ndimage.generate_binary_structure(2, connectivity)
-    cell_area_um2 = (cell_px0 * mpp0) ** 2
     found: list[dict[str, Any]] = []
     for ci, name in enumerate(class_names):
-        p = np.nan_to_num(prob[ci], nan=0.0)
-        labels, n = ndimage.label(p >= thresholds[ci], structure=structure)
-        if n == 0:
-            continue
-        # per-region measurements in one pass over the labelled cells (bincount and one sort, not
-        # one scan of the map per statistic): count, mean, centroid, first cell of the peak
-        cells = np.flatnonzero(labels)
-        lab = labels.ravel()[cells]
-        val = p.ravel()[cells].astype(np.float64)
-        counts = np.bincount(lab, minlength=n + 1)[1:]
-        means = np.bincount(lab, weights=val, minlength=n + 1)[1:] / counts
-        ys, xs = np.divmod(cells, p.shape[1])
-        cys = np.bincount(lab, weights=ys, minlength=n + 1)[1:] / counts
-        cxs = np.bincount(lab, weights=xs, minlength=n + 1)[1:] / counts
-        order = np.lexsort((-val, lab))  # by region, then value descending; stable: ties in raster order
-        top = order[np.searchsorted(lab[order], np.arange(1, n + 1))]
-        peaks, peak_y, peak_x = val[top], ys[top], xs[top]
-        # bounding boxes (every label 1..n has cells), then the regions large enough, as Python numbers
-        bb = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in ndimage.find_objects(labels)], np.float64)
-        areas = counts * cell_area_um2
-        keep = np.flatnonzero(areas >= min_area_um2)
-        boxes = np.stack([bb[:, 0], bb[:, 1], bb[:, 2] - bb[:, 0], bb[:, 3] - bb[:, 1]], axis=1) * cell_px0
-        cents = np.stack([cys + 0.5, cxs + 0.5], axis=1) * cell_px0
-        peak_pts = np.stack([peak_y + 0.5, peak_x + 0.5], axis=1) * cell_px0
-        columns = zip(peaks[keep].tolist(), means[keep].tolist(), counts[keep].tolist(), areas[keep].tolist(),
-                      boxes[keep].tolist(), cents[keep].tolist(), peak_pts[keep].tolist(), (boxes[keep] * mpp0).tolist(),
-                      (cents[keep] * mpp0).tolist(), strict=True)
-        thr = float(thresholds[ci])
-        traced: list[Outline | None] = [None] * len(keep)
-        if outlines:  # every kept region traced at once (the others' cells left out)
-            kept = labels
-            if len(keep) < n:
-                wanted = np.zeros(n + 1, bool)
-                wanted[keep + 1] = True
-                kept = np.where(wanted[labels], labels, 0)
-            all_parts = trace_outlines(kept, n)
-            traced = [Outline(all_parts[k], float(cell_px0)) for k in keep.tolist()]
-        found += [dict(class_name=name, class_index=ci, peak_probability=pk, mean_probability=mean, n_cells=int(cnt),
-                       area_um2=float(area), bbox_px=tuple(box), centroid_px=tuple(cen), peak_px=tuple(pt), bbox_um=tuple(box_um),
-                       centroid_um=tuple(cen_um), threshold=thr, image=image, outline=outline)
-                  for (pk, mean, cnt, area, box, cen, pt, box_um, cen_um), outline in zip(columns, traced, strict=True)]
+        common = dict(class_name=name, class_index=ci, threshold=float(thresholds[ci]), image=image)
+        for r0, r1 in _windows(prob[ci], thresholds[ci]):
+            p, fg = _above(prob[ci], thresholds[ci], r0, r1)
+            cols = np.flatnonzero(fg.any(axis=0))
+            c0, c1 = int(cols[0]), int(cols[-1]) + 1
+            found += _window_regions(p[:, c0:c1], fg[:, c0:c1], (r0, c0), structure, common, cell_px0=cell_px0, mpp0=mpp0,
+                                     min_area_um2=min_area_um2, outlines=outlines)
     return rank_regions(found)
+
+
+# cells of a class's map that find_regions copies and labels at a time, unless one component's rows
+# hold more (1 Mi cells: 4 MB of float32 for the copy, 4 MB of int32 labels)
+_WINDOW_CELLS = 1 << 20
+
+
+def _above(prob_c: np.ndarray, threshold: float, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``r0:r1`` of one class's map with NaN as 0 (a copy), and its cells at or above the threshold."""
+    p = np.nan_to_num(prob_c[r0:r1], nan=0.0)
+    return p, p >= threshold
+
+
+def _windows(prob_c: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Row ranges ``(r0, r1)``, top to bottom, that hold whole components of the cells at or above the threshold.
+
+    A component never crosses a row without such cells (under either connectivity), so the runs of
+    rows holding some are cut there; consecutive runs are joined while the range stays within
+    :data:`_WINDOW_CELLS` (a longer run is one range). Surveyed in bands: nothing canvas-sized."""
+    h, w = prob_c.shape
+    if h == 0 or w == 0:
+        return []
+    step = max(1, _WINDOW_CELLS // w)
+    rows = np.concatenate([_above(prob_c, threshold, r0, min(h, r0 + step))[1].any(axis=1) for r0 in range(0, h, step)])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.astype(np.int8), [0]])))
+    out: list[tuple[int, int]] = []
+    for r0, r1 in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        if out and (r1 - out[-1][0]) * w <= _WINDOW_CELLS:
+            out[-1] = (out[-1][0], r1)
+        else:
+            out.append((r0, r1))
+    return out
+
+
+def _window_regions(p: np.ndarray, fg: np.ndarray, origin: tuple[int, int], structure: np.ndarray, common: dict[str, Any], *,
+                    cell_px0: float, mpp0: float, min_area_um2: float, outlines: bool) -> list[dict[str, Any]]:
+    """The regions of one window (``p`` its values, ``fg`` its cells above the threshold; ``origin``
+    its top-left cell in the map), measured in map coordinates, in their raster order."""
+    labels, n = ndimage.label(fg, structure=structure)
+    if n == 0:
+        return []
+    y0, x0 = origin
+    # per-region measurements in one pass over the labelled cells (bincount and one sort, not one scan
+    # of the window per statistic): count, mean, centroid, first cell of the peak. Sums run over the
+    # cells in raster order and in map coordinates, as over the whole map: the same float64 sums.
+    cells = np.flatnonzero(labels)
+    lab = labels.ravel()[cells]
+    val = p.ravel()[cells].astype(np.float64)
+    counts = np.bincount(lab, minlength=n + 1)[1:]
+    means = np.bincount(lab, weights=val, minlength=n + 1)[1:] / counts
+    ys, xs = np.divmod(cells, p.shape[1])
+    ys += y0
+    xs += x0
+    cys = np.bincount(lab, weights=ys, minlength=n + 1)[1:] / counts
+    cxs = np.bincount(lab, weights=xs, minlength=n + 1)[1:] / counts
+    order = np.lexsort((-val, lab))  # by region, then value descending; stable: ties in raster order
+    top = order[np.searchsorted(lab[order], np.arange(1, n + 1))]
+    peaks, peak_y, peak_x = val[top], ys[top], xs[top]
+    # bounding boxes (every label 1..n has cells), then the regions large enough, as Python numbers
+    bb = np.array([(sl[0].start + y0, sl[1].start + x0, sl[0].stop + y0, sl[1].stop + x0) for sl in ndimage.find_objects(labels)],
+                  np.float64)
+    areas = counts * (cell_px0 * mpp0) ** 2
+    keep = np.flatnonzero(areas >= min_area_um2)
+    boxes = np.stack([bb[:, 0], bb[:, 1], bb[:, 2] - bb[:, 0], bb[:, 3] - bb[:, 1]], axis=1) * cell_px0
+    cents = np.stack([cys + 0.5, cxs + 0.5], axis=1) * cell_px0
+    peak_pts = np.stack([peak_y + 0.5, peak_x + 0.5], axis=1) * cell_px0
+    columns = zip(peaks[keep].tolist(), means[keep].tolist(), counts[keep].tolist(), areas[keep].tolist(),
+                  boxes[keep].tolist(), cents[keep].tolist(), peak_pts[keep].tolist(), (boxes[keep] * mpp0).tolist(),
+                  (cents[keep] * mpp0).tolist(), strict=True)
+    traced: list[Outline | None] = [None] * len(keep)
+    if outlines:  # every kept region traced at once (the others' cells left out), then moved to map vertices
+        if len(keep) < n:
+            wanted = np.zeros(n + 1, bool)
+            wanted[keep + 1] = True
+            labels[~wanted[labels]] = 0
+        shift = np.array([x0, y0], np.int32)
+        all_parts = trace_outlines(labels, n)
+        traced = [Outline(tuple(tuple(ring + shift for ring in part) for part in all_parts[k]), float(cell_px0))
+                  for k in keep.tolist()]
+    return [dict(common, peak_probability=pk, mean_probability=mean, n_cells=int(cnt), area_um2=float(area), bbox_px=tuple(box),
+                 centroid_px=tuple(cen), peak_px=tuple(pt), bbox_um=tuple(box_um), centroid_um=tuple(cen_um), outline=outline)
+            for (pk, mean, cnt, area, box, cen, pt, box_um, cen_um), outline in zip(columns, traced, strict=True)]
 
 
 def rank_key(peak: float, mean: float, area_um2: float, bbox_px: tuple[float, ...], image_index: int = 0) -> tuple[Any, ...]:
