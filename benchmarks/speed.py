@@ -11,8 +11,11 @@ from other processes hits every method alike:
    0.5 µm/px: slidescore dense, slidescore per-patch (``score_array``) and MONAI
    ``sliding_window_inference`` (roi 64, overlap 0.75 → stride 16, ``mode="constant"``, the
    predictor spreads each patch probability over its 64 × 64 pixels). MONAI's per-pixel map is
-   averaged over each 16 × 16 cell and compared with slidescore's cell map (they are the same
-   numbers in exact arithmetic: a cell's value is the plain mean of the patches covering it).
+   averaged over each 16 × 16 cell and compared with slidescore's cell map on the cells at least
+   k − 1 = patch/stride − 1 cells from the edges (there they are the same numbers in exact
+   arithmetic: a cell's value is the plain mean of the k² patches covering it; nearer the edges
+   slidescore's centred grid also averages the patches that start before the image, which MONAI's
+   windows do not have).
 2. **ResNet-18-style valid network, patch 224 / stride 112** (random weights) on the same kind
    of image: the same three methods (MONAI overlap 0.5 → stride 112).
 3. **Arithmetic limit** of dense scoring for both: multiply-adds of scoring every patch alone /
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -232,10 +236,17 @@ def compare(image: np.ndarray, clf: PatchClassifier, stride_px: int, batch_size:
     print(f"[{label}] timing {list(methods)} × {repeats} …", file=sys.stderr, flush=True)
     times, cpu, outs = best_of(methods, repeats)
     mp = image.shape[0] * image.shape[1] / 1e6
-    ref = outs["MONAI sliding_window_inference"]
+    # slidescore's grid is centred (docs/architecture.md, invariant 1): it also scores the k - 1 patch positions
+    # that start before the image and run past it, so a cell within k - 1 cells of an edge averages padded
+    # patches that MONAI's windows (from 0 to the last one inside) do not have. Inside that margin both
+    # average the same k² in-image patches: compare there.
+    m = clf.card.patch_px // stride_px - 1
+    inner = (slice(None), slice(m, -m or None), slice(m, -m or None))
+    ref = outs["MONAI sliding_window_inference"][inner]
     monai_s = times["MONAI sliding_window_inference"]
     rows = [{"method": k, "seconds": t, "cpu_seconds": cpu[k], "megapixels_per_s": mp / t, "speedup_vs_monai": monai_s / t,
-             "max_abs_diff_vs_monai": float(np.max(np.abs(outs[k] - ref)))} for k, t in times.items()]
+             "max_abs_diff_vs_monai": float(np.max(np.abs(outs[k][inner] - ref))), "cells_compared": int(ref[0].size)}
+            for k, t in times.items()]
     limit = arithmetic_limit(clf, image.shape[0], stride_px)
     dense_vs_pp = times["slidescore per-patch"] / times["slidescore dense"]
     return {"label": label, "image_px": list(image.shape[:2]), "patch_px": clf.card.patch_px, "stride_px": stride_px,
@@ -344,7 +355,8 @@ def markdown(res: dict[str, Any]) -> str:
         a = sec["arithmetic"]
         lines += [f"**{sec['label']}**, patch {sec['patch_px']} / stride {sec['stride_px']}, image "
                   f"{sec['image_px'][0]} × {sec['image_px'][1]} ({a['patches']} patches), batch {sec['batch_size']}, best of {res['repeats']}:", "",
-                  "| method | wall s | CPU s | megapixels/s | × MONAI | max abs diff vs MONAI |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| method | wall s | CPU s | megapixels/s | × MONAI | max abs diff vs MONAI (inner cells) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in sec["rows"]:
             lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['megapixels_per_s']:.3f} | "
                          f"{r['speedup_vs_monai']:.2f}× | {r['max_abs_diff_vs_monai']:.1e} |")
@@ -416,8 +428,12 @@ def main() -> None:
     res: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
                            "repeats": args.repeats, "compare": []}
     smear = load_model("builtin:smearnet", device=args.device)
+    # the network's probabilities for every method: score_array would apply the card's calibration
+    # (temperature 1.09) per patch, which MONAI's windows know nothing of
+    compare_clf = copy.copy(smear)
+    compare_clf.card = dataclasses.replace(smear.card, calibration={})
     if not args.skip_compare:
-        res["compare"].append(compare(np.ascontiguousarray(level1[: args.size, : args.size]), smear, 16, args.batch_size,
+        res["compare"].append(compare(np.ascontiguousarray(level1[: args.size, : args.size]), compare_clf, 16, args.batch_size,
                                       args.repeats, "Built-in SmearNet"))
         resnet = resnet_classifier(args.resnet_width, args.device)
         res["compare"].append(compare(np.ascontiguousarray(level1[: args.resnet_size, : args.resnet_size]), resnet, 112,

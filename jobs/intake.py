@@ -2,8 +2,9 @@
 
 ``python -m jobs.intake --config intake.yaml [--json]``: one poll. Lists new samples under the
 configured prefix (an image each, or a sub-folder of images once it holds ``_READY``) or manifest,
-submits each not-yet-done sample as its own scoring job (Ray job server or KubeRay RayJob), retries
-failed ones on later polls and quarantines those that used up ``max_attempts``. The rules are in
+submits each not-yet-done sample as a scoring job (Ray job server or KubeRay RayJob; up to
+``batch_size`` samples per job, so a job's start-up is paid once per batch), retries failed ones on
+later polls and quarantines those that used up ``max_attempts``. The rules are in
 :mod:`slidescore.intake` and docs/kubernetes.md §7.
 
 Exit codes: 0 the poll completed (per-sample problems are in the summary and under
@@ -26,7 +27,8 @@ EXIT_OK, EXIT_BACKEND, EXIT_USAGE = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.intake", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", required=True, help="intake YAML (intake_prefix, manifest, output, sample_folders, settle_s, max_in_flight, max_attempts, submit, ...)")
+    p.add_argument("--config", "-c", required=True, help="intake YAML (intake_prefix, manifest, output, sample_folders, settle_s, max_in_flight, max_attempts, batch_size, "
+                        "submit, ...)")
     p.add_argument("--json", action="store_true", help="print the poll summary as one JSON object (last line of stdout)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

@@ -3,7 +3,8 @@
 ``python -m jobs.score --config job.yaml [--output DIR] [--uri URI ...] [--sample ID=URI,URI ...] [--overwrite] [--dry-run] [--quiet]``,
 usually through ``ray job submit --working-dir . -- python -m jobs.score --config job.yaml``. The
 samples come from the config (``samples.uris``, ``samples.manifest``, ``samples.prefix``) or, when
-given, only from ``--uri`` / ``--sample`` (the intake poller submits one sample per job so); the pool from ``cluster``. ``--dry-run``
+given, only from ``--uri`` / ``--sample`` (the intake poller submits one sample, or a batch of up to
+``batch_size`` samples, per job so); the pool from ``cluster``. ``--dry-run``
 validates the config, loads the model and plans every sample without writing anything.
 
 Exit codes: 0 all samples ok (or, with ``--dry-run``, all plannable), 1 some samples failed (see

@@ -632,3 +632,81 @@ def test_rayjob_backend_polls_submit_retry_quarantine(tmp_path: Path, random_mod
         assert all(method in ("GET", "POST") for method, _ in api.requests)  # never deletes or patches
     finally:
         api.close()
+
+
+# -- batches: several samples per job, attempts per sample -----------------------------------------
+def test_batches_group_in_order_and_keep_overwrite_apart() -> None:
+    from slidescore.intake.backends import Member, batch_key, decode_members, encode_members
+    from slidescore.intake.poll import batch_command, batches
+
+    ms = [Member(SampleSpec(sid, (f"/in/{sid}.tif",)), f"{i:016x}", 1 + (sid == "b")) for i, sid in enumerate("abcde")]
+    flags = [False, True, False, False, True]
+    got = batches(list(zip(ms, flags, strict=True)), 2)
+    assert [([m.sample.sample_id for m in b], o) for b, o in got] == [(["a", "c"], False), (["d"], False), (["b", "e"], True)]
+    assert batches(list(zip(ms, flags, strict=True)), 1) == [([m], o) for m, o in zip(ms, flags, strict=True) if not o] + \
+        [([m], o) for m, o in zip(ms, flags, strict=True) if o]
+    cmd = batch_command([ms[0].sample, SampleSpec("f", ("/in/x.tif", "/in/y.tif"))], "job.yaml", "s3://out", overwrite=True)
+    assert cmd == ["python", "-m", "jobs.score", "--config", "job.yaml", "--output", "s3://out", "-q", "--uri", "/in/a.tif",
+                   "--sample", "f=/in/x.tif,/in/y.tif", "--overwrite"]
+    assert cmd[:-1] == score_command(ms[0].sample, "job.yaml", "s3://out")[:-2] + ["--uri", "/in/a.tif", "--sample", "f=/in/x.tif,/in/y.tif"]
+    assert decode_members(encode_members(ms)) == [(m.run_key, m.attempt, m.sample.sample_id) for m in ms]
+    assert decode_members("bad k:x:y k:2: :1:z") == []
+    assert batch_key(ms[:2]) == batch_key(ms[1::-1]) != batch_key([ms[0], ms[1]._replace(attempt=3)])
+    with pytest.raises(ConfigError, match="batch_size: expected a positive integer"):
+        IntakeConfig.from_dict({"intake_prefix": "p", "output": "o", "batch_size": 0})
+
+
+def test_rayjob_batches_retry_and_quarantine_per_sample(tmp_path: Path, random_model_dir: Path) -> None:
+    """batch_size 2: one RayJob per two samples; a batch that failed for one of them retries only that
+    one (with a new sample in the same job); the rest is done."""
+    from slidescore.intake import RayJobBackend
+    from slidescore.intake.backends import ANNOTATION_MEMBERS, decode_members
+
+    (template,) = [o for o in render(REPO / "k8s/overlays/example") if o["kind"] == "RayJob"]
+    api = _FakeKubeApi(template)
+    try:
+        inbox, out = tmp_path / "inbox", tmp_path / "out"
+        inbox.mkdir()
+        for i, sid in enumerate("abcde"):
+            write_tiff(inbox / f"{sid}.tif", textured_image(96, 96, seed=i))
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"model": {"name": str(random_model_dir)}}))
+        cfg = IntakeConfig.from_dict({"intake_prefix": str(inbox), "output": str(out), "max_in_flight": 2, "max_attempts": 2,
+                                      "namespace": "imaging", "batch_size": 2}, base_dir=tmp_path)
+        job_cfg, model = load_job_config(cfg), load_model(str(random_model_dir))
+        keys = {sid: sample_run_key(SampleSpec(sid, (str(inbox / f"{sid}.tif"),)), model.checksum, model.card, job_cfg)
+                for sid in "abcde"}
+
+        def run() -> PollSummary:
+            backend = RayJobBackend(cfg.namespace, cfg.rayjob_template, api_url=api.url, token="sa-token")
+            return poll(cfg, job_cfg, backend, model_checksum=model.checksum, card=model.card)
+
+        def finish(*sids: str) -> None:  # what a job does for each sample it scored
+            for sid in sids:
+                (out / sid).mkdir(parents=True, exist_ok=True)
+                (out / sid / "_SUCCESS").write_text(json.dumps({"run_key": keys[sid]}))
+
+        s = run()
+        assert s.submitted == ["a", "b", "c", "d"] and s.deferred == ["e"] and s.in_flight == 2  # two jobs of two
+        ab, cd = s.jobs["a"], s.jobs["c"]
+        assert s.jobs["b"] == ab != cd == s.jobs["d"] and ab.endswith("-a1") and len(ab) <= MAX_RAYJOB_NAME
+        obj = api.objects[ab]
+        assert crd_problems(obj) == [] and check_kuberay_admission([obj]) == []
+        assert f"--uri {inbox / 'a'}.tif --uri {inbox / 'b'}.tif" in obj["spec"]["entrypoint"]
+        assert decode_members(obj["metadata"]["annotations"][ANNOTATION_MEMBERS]) == [(keys["a"], 1, "a"), (keys["b"], 1, "b")]
+        assert run().submitted == []  # both slots busy: nothing new, nothing twice
+        # the first batch fails (b was bad, a finished), the second succeeds
+        finish("a", "c", "d")
+        api.set_status(ab, "Failed", "FAILED", "1 sample(s) failed")
+        api.set_status(cd, "Complete", "SUCCEEDED")
+        s = run()
+        assert sorted(s.done) == ["a", "c", "d"] and s.retried == ["b"] and s.submitted == ["e"] and s.in_flight == 1
+        be = s.jobs["b"]
+        assert s.jobs["e"] == be and be.endswith("-a2")  # b's second attempt shares a job with e's first
+        assert decode_members(api.objects[be]["metadata"]["annotations"][ANNOTATION_MEMBERS]) == [(keys["b"], 2, "b"), (keys["e"], 1, "e")]
+        finish("e")
+        api.set_status(be, "Failed", "FAILED", "b failed again")
+        s = run()
+        assert s.quarantined == ["b"] and sorted(s.done) == ["a", "c", "d", "e"] and s.submitted == s.retried == []
+        assert len(json.loads((out / "_quarantine" / "b.json").read_text())["attempts"]) == 2
+    finally:
+        api.close()

@@ -5,6 +5,12 @@ server through Ray's HTTP job SDK, :class:`RayJobBackend` creates one KubeRay ``
 attempt from a suspended template over plain HTTPS with the pod's service-account token
 (:func:`build_rayjob`, :func:`rayjob_state`). :func:`make_backend` picks one from the intake
 config. No Ray runtime and no Kubernetes client library is needed.
+
+A job scores one sample or a *batch* of several (``batch_size``): :meth:`JobBackend.submit_batch`
+records every member's run key, attempt and sample id with the job (Ray job metadata, RayJob
+annotations), and :meth:`JobBackend.attempts` reports the job as one attempt of each member, so
+the rules of :func:`~slidescore.intake.decide.decide` stay per sample. A batch's name carries a
+hash of its members' keys and attempts (:func:`batch_key`) in place of a run key.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from slidescore.config import SampleSpec
 from slidescore.errors import ConfigError
@@ -33,7 +40,54 @@ from slidescore.intake.sources import _sid
 
 LABEL_RUN_KEY, LABEL_ATTEMPT, LABEL_COMPONENT = "slidescore.io/run-key", "slidescore.io/attempt", "app.kubernetes.io/component"
 ANNOTATION_SAMPLE, ANNOTATION_URIS = "slidescore.io/sample-id", "slidescore.io/uris"
+ANNOTATION_MEMBERS = "slidescore.io/members"
 REASON_CHARS = 4000
+#: left out of the working directory a job uploads (``runtime_env.excludes``, gitignore syntax): the
+#: job needs the package, jobs/ and its configs only; a small package uploads and unpacks fast
+WORKING_DIR_EXCLUDES = (".venv", ".git", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache", ".mypy_cache",
+                        ".hypothesis", ".grimp_cache", ".import_linter_cache", "tests", "docs", "benchmarks", "k8s",
+                        "demo-output", "out", "*.tif", "*.tiff", "*.svs", "*.zarr")
+
+
+class Member(NamedTuple):
+    """One sample of a job: its spec, run key and attempt number."""
+
+    sample: SampleSpec
+    run_key: str
+    attempt: int
+
+
+def batch_key(members: Sequence[Member]) -> str:
+    """The name key of a job of several samples: a hash of its members' run keys and attempts (a
+    batch resubmitted unchanged gets the same name, which the job server refuses a second time)."""
+    import hashlib
+
+    text = " ".join(sorted(f"{m.run_key}:{m.attempt}" for m in members))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_members(members: Sequence[Member]) -> str:
+    """``<run key>:<attempt>:<sample id>`` per member, space-separated (job metadata, annotations)."""
+    return " ".join(f"{m.run_key}:{m.attempt}:{_sid(m.sample)}" for m in members)
+
+
+def decode_members(text: str) -> list[tuple[str, int, str]]:
+    """(run key, attempt, sample id) per member of :func:`encode_members`; malformed entries are left out."""
+    out = []
+    for item in text.split():
+        key, _, rest = item.partition(":")
+        attempt, _, sid = rest.partition(":")
+        if key and attempt.isdigit() and sid:
+            out.append((key, int(attempt), sid))
+    return out
+
+
+def _add_attempts(out: dict[str, list[Attempt]], name: str, state: str, message: str, members: str,
+                  key: str, n: int, sid: str) -> None:
+    """The job as one attempt of each member (a batch), or of its own run key (one sample)."""
+    decoded = decode_members(members) if members else []
+    for m_key, m_n, m_sid in decoded or [(key, n, sid)]:
+        out.setdefault(m_key, []).append(Attempt(name, m_n, state, message, m_sid))
 
 
 # -- job backends -------------------------------------------------------------------------------
@@ -45,6 +99,9 @@ class JobBackend(Protocol):
 
     def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
         """Submit one attempt; ``False`` when a job of that name exists already (another poll's)."""
+
+    def submit_batch(self, name: str, members: Sequence[Member], command: list[str]) -> bool:
+        """Submit one job of several samples (an attempt of each); ``False`` when that name exists already."""
 
     def failure_detail(self, name: str) -> str:
         """Why a finished attempt failed, beyond its one-line message (a log tail), or ``""``."""
@@ -82,8 +139,9 @@ class RayJobsBackend:
             key, n = parsed
             state = _state_of_ray(str(getattr(job.status, "value", job.status)))
             message = (job.message or "").split("\n", 1)[0]  # Ray appends a log tail; failure_detail has it
-            sid = str((job.metadata or {}).get("slidescore_sample_id", ""))
-            out.setdefault(key, []).append(Attempt(name, n, state, message, sid))
+            meta = job.metadata or {}
+            _add_attempts(out, name, state, message, str(meta.get("slidescore_members", "")), key, n,
+                          str(meta.get("slidescore_sample_id", "")))
         return out
 
     def failure_detail(self, name: str) -> str:
@@ -93,18 +151,23 @@ class RayJobsBackend:
             return f"(no logs: {e})"
 
     def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
+        return self.submit_batch(name, [Member(sample, run_key, attempt)], command)
+
+    def submit_batch(self, name: str, members: Sequence[Member], command: list[str]) -> bool:
         import shlex
 
         runtime_env: dict[str, Any] = {}
         if self.working_dir:
-            runtime_env = {"working_dir": self.working_dir,
-                           "excludes": [".venv", ".git", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache", ".mypy_cache"]}
+            runtime_env = {"working_dir": self.working_dir, "excludes": list(WORKING_DIR_EXCLUDES)}
+        first = members[0]
+        metadata = {"slidescore_sample_id": _sid(first.sample), "slidescore_run_key": first.run_key,
+                    "slidescore_attempt": str(first.attempt), "slidescore_uris": " ".join(first.sample.uris)}
+        if len(members) > 1:
+            metadata["slidescore_members"] = encode_members(members)
+            metadata["slidescore_uris"] = " ".join(u for m in members for u in m.sample.uris)
         try:
-            self.client.submit_job(
-                entrypoint=shlex.join(command), submission_id=name, runtime_env=runtime_env or None,
-                metadata={"slidescore_sample_id": _sid(sample), "slidescore_run_key": run_key,
-                          "slidescore_attempt": str(attempt), "slidescore_uris": " ".join(sample.uris)},
-            )
+            self.client.submit_job(entrypoint=shlex.join(command), submission_id=name, runtime_env=runtime_env or None,
+                                   metadata=metadata)
         except RuntimeError as e:
             if "already exists" in str(e):
                 return False
@@ -153,17 +216,27 @@ class RayJobBackend:
                 continue
             key, n = parsed
             state, message = rayjob_state(obj)
-            sid = (obj["metadata"].get("annotations") or {}).get(ANNOTATION_SAMPLE, "")
-            out.setdefault(key, []).append(Attempt(obj["metadata"]["name"], n, state, message[-REASON_CHARS:], sid))
+            notes = obj["metadata"].get("annotations") or {}
+            _add_attempts(out, obj["metadata"]["name"], state, message[-REASON_CHARS:], notes.get(ANNOTATION_MEMBERS, ""),
+                          key, n, notes.get(ANNOTATION_SAMPLE, ""))
         return out
 
     def failure_detail(self, name: str) -> str:
         return ""  # the poller's Role cannot read pod logs: `kubectl logs job/<name>` (docs/kubernetes.md)
 
     def submit(self, name: str, sample: SampleSpec, run_key: str, attempt: int, command: list[str]) -> bool:
+        return self.submit_batch(name, [Member(sample, run_key, attempt)], command)
+
+    def submit_batch(self, name: str, members: Sequence[Member], command: list[str]) -> bool:
         if self._template is None:
             self._template = self._request("GET", f"{self._base()}/{self.template_name}")
-        obj = build_rayjob(self._template, name, sample, run_key, attempt, command)
+        first = members[0]
+        obj = build_rayjob(self._template, name, first.sample, first.run_key, first.attempt, command)
+        parsed = parse_job_name(name)
+        if len(members) > 1 and parsed:  # the labels carry the batch's key and attempt (its name's); the members are annotated
+            obj["metadata"]["labels"].update({LABEL_RUN_KEY: parsed[0], LABEL_ATTEMPT: str(parsed[1])})
+            obj["metadata"]["annotations"].update({ANNOTATION_MEMBERS: encode_members(members),
+                                                   ANNOTATION_URIS: " ".join(u for m in members for u in m.sample.uris)})
         try:
             self._request("POST", self._base(), obj)
         except urllib.error.HTTPError as e:

@@ -34,6 +34,11 @@ class IntakeConfig:
     ``sample_folders`` (default true): each sub-folder of ``intake_prefix`` is one sample of the
     images in it, complete once it holds ``_READY`` or, with ``settle_s``, once no object in it
     changed for ``settle_s`` seconds (false: sub-folders are ignored).
+    ``batch_size`` (default 1): the most samples one job scores. Samples submitted by one poll are
+    grouped into jobs of up to ``batch_size`` samples, so a job's fixed cost (the driver, the actors'
+    start, the model's load) is paid once per batch rather than per sample; ``max_in_flight`` still
+    counts jobs. Each sample keeps its own attempts, retries and quarantine: a failed sample of a
+    batch is retried (possibly in another batch) while its batch mates are done.
     """
 
     output: str
@@ -50,6 +55,7 @@ class IntakeConfig:
     rescore_changed: bool = False
     sample_folders: bool = True
     settle_s: int | None = None
+    batch_size: int = 1
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: str | Path | None = None) -> IntakeConfig:
@@ -57,14 +63,14 @@ class IntakeConfig:
             raise ConfigError(f"intake config: expected a mapping of keys, got {type(data).__name__} {data!r}")
         types_ = {"output": str, "intake_prefix": str, "manifest": str, "job_config": str, "max_in_flight": int,
                   "max_attempts": int, "submit": str, "ray_address": str, "working_dir": str, "namespace": str,
-                  "rayjob_template": str, "rescore_changed": bool, "sample_folders": bool, "settle_s": int}
+                  "rayjob_template": str, "rescore_changed": bool, "sample_folders": bool, "settle_s": int, "batch_size": int}
         unknown = sorted(set(data) - set(types_), key=repr)  # keys need not be strings (YAML `1: x`)
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown key; the intake config accepts {sorted(types_)}")
         for key, value in data.items():
             tp = types_[key]
             optional = key not in ("output", "job_config", "max_in_flight", "max_attempts", "submit", "rayjob_template", "rescore_changed",
-                                   "sample_folders")
+                                   "sample_folders", "batch_size")
             if value is None and optional:
                 continue
             if tp is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

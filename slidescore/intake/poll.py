@@ -3,19 +3,21 @@
 :func:`poll` runs the steps of :mod:`slidescore.intake` in their order against a
 :class:`~slidescore.intake.backends.JobBackend` and returns a :class:`PollSummary`; it reads each
 sample's ``_SUCCESS`` and quarantine record and writes quarantine records and
-``<output>/_intake/last_poll.json`` with the small JSON helpers here.
+``<output>/_intake/last_poll.json`` with the small JSON helpers here. With ``batch_size`` > 1 the
+samples a poll submits go in jobs of up to that many samples (:func:`batches`, :func:`batch_command`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slidescore.config import JobConfig
+from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import InputError, SlideScoreError
-from slidescore.intake.backends import JobBackend
+from slidescore.intake.backends import JobBackend, Member, batch_key
 from slidescore.intake.config import IntakeConfig
 from slidescore.intake.decide import (
     ACTIVE,
@@ -63,6 +65,31 @@ def _key_of(record: Any) -> str | None:
     return str(record.get("run_key")) if isinstance(record, dict) and record.get("run_key") else None
 
 
+# -- batches ------------------------------------------------------------------------------------
+def batch_command(samples: Sequence[SampleSpec], job_config: str, output: str, *, overwrite: bool = False) -> list[str]:
+    """The entrypoint of one job scoring ``samples``: :func:`score_command`'s, with every sample's
+    ``--uri`` / ``--sample`` arguments in turn."""
+    cmds = [score_command(s, job_config, output) for s in samples]
+    start = next(i for i, a in enumerate(cmds[0]) if a in ("--uri", "--sample"))
+    return cmds[0][:start] + [a for c in cmds for a in c[start:]] + (["--overwrite"] if overwrite else [])
+
+
+def batches(members: Sequence[tuple[Member, bool]], size: int) -> list[tuple[list[Member], bool]]:
+    """Members to submit (each with whether it needs ``--overwrite``) in jobs of at most ``size``, in order;
+    samples that need ``--overwrite`` never share a job with samples that do not."""
+    out: list[tuple[list[Member], bool]] = []
+    for flag in (False, True):
+        group = [m for m, o in members if o is flag]
+        out += [(group[i : i + size], flag) for i in range(0, len(group), size)]
+    return out
+
+
+def _job_name(batch: Sequence[Member]) -> str:
+    if len(batch) == 1:
+        return job_name(batch[0].run_key, batch[0].attempt)
+    return job_name(batch_key(batch), max(m.attempt for m in batch))
+
+
 # -- one poll -----------------------------------------------------------------------------------
 @dataclass
 class PollSummary:
@@ -106,7 +133,7 @@ def poll(cfg: IntakeConfig, job_cfg: JobConfig, backend: JobBackend, *, model_ch
     """One intake poll (:mod:`slidescore.intake`); returns what it saw and did."""
     summary = PollSummary()
     known = backend.attempts()  # first: see slidescore.intake, step 1
-    summary.in_flight = sum(a.state == ACTIVE for atts in known.values() for a in atts)
+    summary.in_flight = len({a.name for atts in known.values() for a in atts if a.state == ACTIVE})  # jobs, not samples
     found = find_samples(cfg)
     samples, summary.conflicts, summary.waiting, summary.problems = found.samples, found.conflicts, found.waiting, found.problems
     out = cfg.output.rstrip("/")
@@ -122,18 +149,14 @@ def poll(cfg: IntakeConfig, job_cfg: JobConfig, backend: JobBackend, *, model_ch
         states.append(SampleState(s, key, done, quarantined, tuple(known.get(key, ()))))
     by_id = {_sid(st.sample): st for st in states}
     busy = frozenset(a.sample_id for atts in known.values() for a in atts if a.state == ACTIVE and a.sample_id)
-    for d in decide(states, in_flight=summary.in_flight, max_in_flight=cfg.max_in_flight, max_attempts=cfg.max_attempts,
+    # decide counts samples against free slots; a slot (a job) holds up to batch_size samples
+    b = cfg.batch_size
+    to_submit: list[tuple[Member, bool]] = []
+    for d in decide(states, in_flight=summary.in_flight * b, max_in_flight=cfg.max_in_flight * b, max_attempts=cfg.max_attempts,
                     rescore_changed=cfg.rescore_changed, busy=busy):
         st = by_id[d.sample_id]
         if d.action == "submit":
-            name = job_name(d.run_key, d.attempt)
-            cmd = score_command(st.sample, cfg.job_config, out, overwrite=st.done_key is not None)
-            if backend.submit(name, st.sample, d.run_key, d.attempt, cmd):
-                (summary.retried if d.attempt > 1 else summary.submitted).append(d.sample_id)
-                summary.jobs[d.sample_id] = name
-                summary.in_flight += 1
-            else:
-                summary.refused.append(d.sample_id)
+            to_submit.append((Member(st.sample, d.run_key, d.attempt), st.done_key is not None))
         elif d.action == "quarantine":
             last = max(st.attempts, key=lambda a: a.attempt)
             detail = backend.failure_detail(last.name)
@@ -149,6 +172,21 @@ def poll(cfg: IntakeConfig, job_cfg: JobConfig, backend: JobBackend, *, model_ch
         else:
             {"done": summary.done, "quarantined": summary.still_quarantined, "running": summary.running,
              "deferred": summary.deferred, "changed": summary.changed}[d.action].append(d.sample_id)
+    free_jobs = max(0, cfg.max_in_flight - summary.in_flight)
+    for i, (batch, overwrite) in enumerate(batches(to_submit, b)):
+        if i >= free_jobs:  # batches split by --overwrite can outnumber the free slots: the rest waits
+            summary.deferred += [_sid(m.sample) for m in batch]
+            continue
+        name = _job_name(batch)
+        cmd = batch_command([m.sample for m in batch], cfg.job_config, out, overwrite=overwrite)
+        ids = [_sid(m.sample) for m in batch]
+        if backend.submit_batch(name, batch, cmd):
+            for m, sid in zip(batch, ids, strict=True):
+                (summary.retried if m.attempt > 1 else summary.submitted).append(sid)
+                summary.jobs[sid] = name
+            summary.in_flight += 1
+        else:
+            summary.refused += ids
     _write_json(f"{out}/{INTAKE_DIR}/last_poll.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                        **summary.to_dict()})
     return summary

@@ -10,6 +10,7 @@ It drives the shared sample lifecycle (:mod:`slidescore.run.lifecycle`): each sa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +47,7 @@ def score_sample(uri: str | SampleSpec, model: Any, cfg: JobConfig, out_root: st
     t_start = time.perf_counter()
     spec = uri if isinstance(uri, SampleSpec) else SampleSpec(sample_id, (uri,))
     sid = spec.sample_id or sample_id or sample_id_for(spec.uris[0])
-    spec = SampleSpec(sid, spec.uris)
+    spec = dataclasses.replace(spec, sample_id=sid)  # keeps the spec's roi
     where[0] = "planning"
     plans = plan_images(spec, cfg, model.card, model.checksum, out_root)
     if plans is None:

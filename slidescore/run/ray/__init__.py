@@ -1,12 +1,14 @@
 """Scoring on a Ray cluster: a fixed pool of model-holding actors fed with blocks through ``ray.wait``.
 
-The driver plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
+The driver starts the actors first (when some sample lacks its completion marker), reads the model
+once and puts its bytes into the object store once, for every actor to build its classifier from;
+it plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
 actors, in a driver thread), puts each plan into the object store once, and feeds the blocks of all
 samples to a fixed pool of :class:`ScoringActor` s in sample order with no barrier between samples:
 when one sample's last blocks are in flight, idle actors already take the next sample's blocks.
 Each actor keeps at most ``cluster.max_in_flight_per_actor`` tasks. A sample is finished
 (:func:`~slidescore.run.lifecycle.finish_sample`: pyramid, regions, files, ``_SUCCESS``) on the driver,
-in the same driver thread, as soon as its last block record arrives, while the actors go on.
+in a second driver thread, as soon as its last block record arrives, while the actors go on.
 Sample order (rather than round-robin over samples) finishes the first samples early, keeps few
 readers open per actor, and leaves as many samples finished as possible when a job is stopped.
 Blocks without foreground ride along with the next block that has some, so a task is never empty.
@@ -36,7 +38,9 @@ run folder has per sample the blocks (total, done, resumed), patches scored, ret
 used (``actors``, ``n_actors``), ``actor_seconds`` (sum of the wall time of its accepted actor
 tasks), ``bytes_read`` (sum of the decoded pixel bytes those tasks read: the block + halo boxes
 clipped to the image, for blocks with foreground) and ``seconds_scoring`` (first block dispatched →
-last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``).
+last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``), the
+model's shipped bytes and the driver's ``timings`` (seconds from its start to pool start, model
+ready, first plan, first actor ready, first task, done): where a job's fixed cost goes.
 
 This is the only package that imports ray (``cluster``: connecting and devices; ``actor``: the
 scoring actor; ``driver``: the scheduling loop). The sample lifecycle (states, the error boundary,
@@ -97,6 +101,6 @@ def dry_run_samples(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str)
     from slidescore.model import load_model
 
     actor_device(cfg)
-    model = load_model(cfg.model.name, device="cpu")
+    model = load_model(cfg.model.name, card=cfg.model.card, device="cpu")
     check_config_for_model(cfg, model.card)
     return dry_run_rows(resolve_samples(uris), cfg, model.card, model.checksum, out_root)

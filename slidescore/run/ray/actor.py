@@ -3,6 +3,12 @@
 Each task scores some blocks of one image with the job's :class:`~slidescore.stages.recipe.BlockRecipe`
 through the block stage (:func:`~slidescore.stages.block.score_blocks`, the loop the local runner
 runs too) and returns their small records; the blocks write their own chunks and markers.
+
+The model comes through the object store: the driver resolves ``model.name`` once, reads the
+network file's bytes (:meth:`~slidescore.model.loading.ModelFiles.with_data`, checked against its
+sha256) and puts them there once; every actor builds its classifier from those bytes
+(:func:`~slidescore.model.loading.load_files`), so no worker reads the model from disk or S3 and
+every actor runs exactly the driver's model, whatever its node can see.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -27,6 +33,9 @@ from slidescore.stages.block import score_blocks
 from slidescore.stages.plan import SamplePlan, open_for_plan
 from slidescore.stages.recipe import BlockRecipe
 from slidescore.stages.records import BlockRecord
+
+if TYPE_CHECKING:
+    from slidescore.model.loading import ModelFiles
 
 
 @dataclass(frozen=True)
@@ -64,20 +73,29 @@ class _CountingReader:
 # -- the actor --------------------------------------------------------------------------------
 @ray.remote
 class ScoringActor:
-    """One scoring process: the model loaded once, readers kept open per image URI."""
+    """One scoring process: the model loaded once (:meth:`load`), readers kept open per image URI."""
 
     MAX_OPEN_READERS = 4
 
     def __init__(self, cfg: JobConfig, device: str, crash_on_task: int | None = None, transient_errors: int = 0) -> None:
-        from slidescore.model import load_model
-
-        self.cfg = cfg
-        self.model = load_model(cfg.model.name, **{**cfg.model.runtime_options(), "device": device})
-        self.recipe = BlockRecipe.for_job(self.model, cfg)
+        # no model yet: the process starts (and imports this module) while the driver reads the model
+        self.cfg, self.device = cfg, device
+        self.model: Any = None
+        self.recipe: BlockRecipe | None = None
         self.readers: collections.OrderedDict[str, _CountingReader] = collections.OrderedDict()
         self.tasks = 0
         self._crash_on = crash_on_task
         self._transient = transient_errors
+
+    def load(self, files: ModelFiles) -> dict[str, Any]:
+        """Build the classifier from the model's bytes (an object-store reference, resolved by Ray
+        before this runs); returns :meth:`info`."""
+        from slidescore.model.loading import load_files
+
+        options = {k: v for k, v in self.cfg.model.runtime_options().items() if k not in ("card", "device")}
+        self.model = load_files(files, **options, device=self.device)
+        self.recipe = BlockRecipe.for_job(self.model, self.cfg)
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -93,6 +111,7 @@ class ScoringActor:
             os._exit(1)  # test hook: die like a killed process, mid-run
         if self.tasks <= self._transient:
             raise TransientStorageError(f"injected transient storage error (task {self.tasks})", uri=plan.uri)
+        assert self.recipe is not None, "load() runs before any task"
         reader = self._reader(plan)
         bytes_before = reader.bytes_read
         try:

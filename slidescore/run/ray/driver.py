@@ -1,6 +1,10 @@
 """The driver of a Ray run: plans samples, feeds their blocks to the actor pool, retries, finishes.
 
 See :mod:`slidescore.run.ray` for the design; this module holds the scheduling loop (:class:`Driver`).
+Its fixed cost per job is kept small: the model is read once and shipped to the actors through the
+object store; the actors start as soon as there is work (before the driver has read the model,
+loaded its own copy or planned anything), so their process start and imports overlap the driver's; planning and finishing run in two driver threads, so a sample's finishing never waits
+behind the next sample's planning or the reverse.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import ModelLoadError, SlideScoreError
+from slidescore.io.outputs import exists, join
 from slidescore.run import lifecycle
 from slidescore.run.ray.actor import ScoringActor, TaskResult
 from slidescore.run.ray.cluster import ClusterError, actor_device
-from slidescore.stages.layout import sample_label
+from slidescore.stages.layout import SUCCESS, sample_label
 from slidescore.stages.lease import release_lease
 from slidescore.stages.plan import (
     SamplePlan,
@@ -62,12 +67,16 @@ class FaultInjection:
     ``abort_after_blocks``: the driver raises :class:`RunAborted` after that many block records.
     ``on_blocks_done``: called on the driver with the driver (its ``blocks_done`` and actor
     ``slots``) after each task's records are in; a test removes a node from there, at a known point.
+    ``on_model_shipped``: called with the driver once the model's bytes are in the object store,
+    before any actor is asked to load them (a test removes the model's files there: actors must not
+    need them).
     """
 
     crash_on_task: int | None = None
     transient_errors: int = 0
     abort_after_blocks: int | None = None
     on_blocks_done: Callable[[Any], None] | None = None
+    on_model_shipped: Callable[[Any], None] | None = None
 
 
 # -- driver state -----------------------------------------------------------------------------
@@ -131,14 +140,12 @@ class Driver:
 
     def __init__(self, uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, n_actors: int, progress: bool,
                  fault: FaultInjection | None, wait_for_pool: bool = False) -> None:
-        from slidescore.model import load_model
-
         self.cfg, self.out_root, self.progress = cfg, out_root, progress
         self.fault = fault or FaultInjection()
         self.device = actor_device(cfg)
-        # the driver needs the card and checksum only: load on the CPU, leave the GPUs to the actors
-        self.model = load_model(cfg.model.name, device="cpu")
-        check_config_for_model(cfg, self.model.card)
+        self.model: Any = None  # the driver's CPU copy (card, checksum, explanation maps): _prepare_model
+        self.model_ref: Any = None  # the model's bytes in the object store, shared by every actor
+        self.model_bytes = 0
         self.samples = [_Sample(str(spec.sample_id), spec) for spec in resolve_samples(uris)]
         self.by_id = {s.sid: s for s in self.samples}
         self.to_plan = collections.deque(self.samples)
@@ -146,7 +153,9 @@ class Driver:
         self.delayed: list[_Task] = []
         self.in_flight: dict[Any, tuple[_Task, int, int]] = {}
         self.slots = [_Slot(i) for i in range(n_actors)]
-        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-driver")
+        # one thread plans (one sample ahead), one finishes: neither waits behind the other
+        self.planner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-plan")
+        self.finisher = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidescore-finish")
         self.jobs: dict[cf.Future, tuple[str, _Sample]] = {}
         self.blocks_done = 0
         self.actors_started = 0
@@ -157,6 +166,40 @@ class Driver:
         self.t_pool: float | None = None
         self.t_pool_ready: float | None = None  # when the last actor of the first pool was ready
         self.wait_for_pool = wait_for_pool
+        self.timings: dict[str, float] = {}  # seconds since the driver started, for the run record
+
+    def _mark(self, what: str) -> None:
+        self.timings.setdefault(what, round(time.perf_counter() - self.t0, 3))
+
+    # -- the model ------------------------------------------------------------------------
+    def _prepare_model(self) -> None:
+        """Start the actors if there is work, read the model once and put it into the object store for
+        them, then load the driver's CPU copy (its card and checksum key the runs; it serves the
+        explanation maps). The actors' process start and imports overlap the driver's model reading,
+        loading and planning."""
+        if self._work_likely():
+            self._start_pool()
+        from slidescore.model.loading import load_files, resolve_model
+
+        files = resolve_model(self.cfg.model.name, card=self.cfg.model.card).with_data()
+        assert files.data is not None
+        self.model_ref, self.model_bytes = ray.put(files), len(files.data)
+        if self.fault.on_model_shipped is not None:
+            self.fault.on_model_shipped(self)
+        for slot in self.slots:
+            if slot.actor is not None and slot.ready_ref is None and not slot.ready:
+                slot.ready_ref = slot.actor.load.remote(self.model_ref)
+        self.model = load_files(files, device="cpu")  # the GPUs are left to the actors
+        check_config_for_model(self.cfg, self.model.card)
+        self._mark("model_ready")
+
+    def _work_likely(self, probe: int = 8) -> bool:
+        """Whether one of the first ``probe`` samples has no completion marker (so it will be scored).
+
+        A rerun of finished samples (every marker there) starts no actor and loads no model on the
+        cluster; it is decided by planning, which compares the markers' run keys.
+        """
+        return any(not exists(join(self.out_root, s.sid, SUCCESS)) for s in self.samples[:probe])
 
     # -- actors ---------------------------------------------------------------------------
     def _start(self, slot: _Slot) -> None:
@@ -167,7 +210,8 @@ class Driver:
         # restarts are ours (replace + resubmit, counted per task), not Ray's
         options = {"num_cpus": c.num_cpus_per_actor, "num_gpus": c.num_gpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
         slot.actor = ScoringActor.options(**options).remote(self.cfg, self.device, crash, transient)  # type: ignore[attr-defined]
-        slot.ready_ref = slot.actor.info.remote()
+        # the model's bytes once they are in the object store (a pool started early gets them in _prepare_model)
+        slot.ready_ref = slot.actor.load.remote(self.model_ref) if self.model_ref is not None else None
         slot.ready = False
         slot.in_flight = 0
         self.actors_started += 1
@@ -177,6 +221,7 @@ class Driver:
         if self.t_pool is not None:
             return
         self.t_pool = time.perf_counter()
+        self._mark("pool_start")
         for slot in self.slots:
             self._start(slot)
 
@@ -214,11 +259,13 @@ class Driver:
         self.devices.add(info["device"])
         self.actor_gpus.append({"actor": slot.label, "node_id": info["node_id"], "gpu_ids": info["gpu_ids"],
                                 "cuda_visible_devices": info["cuda_visible_devices"], "device": info["device"]})
+        self._mark("first_actor_ready")
         self._note_pool_ready()
 
     def _note_pool_ready(self) -> None:
         if self.t_pool_ready is None and all(s.ready or s.retired for s in self.slots):
             self.t_pool_ready = time.perf_counter()
+            self._mark("pool_ready")
 
     def _check_start_timeout(self) -> None:
         if self.t_pool is None or any(s.ready for s in self.slots):
@@ -243,10 +290,11 @@ class Driver:
             return
         s = self.to_plan.popleft()
         s.status, s.t_start = "planning", time.perf_counter()
-        fut = self.pool.submit(plan_images, s.spec, self.cfg, self.model.card, self.model.checksum, self.out_root)
+        fut = self.planner.submit(plan_images, s.spec, self.cfg, self.model.card, self.model.checksum, self.out_root)
         self.jobs[fut] = ("plan", s)
 
     def _on_planned(self, s: _Sample, plans: list[SamplePlan] | None) -> None:
+        self._mark("first_plan")
         if plans is None:
             s.status, s.t_end = "skipped", s.t_start
             s.result = lifecycle.skipped(self.out_root, s.spec)
@@ -293,7 +341,8 @@ class Driver:
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
         # the driver's CPU copy of the scoring model (same checksum as the actors') serves the explanation maps: no reload
-        fut = self.pool.submit(lifecycle.finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start, model=self.model)
+        fut = self.finisher.submit(lifecycle.finish_sample, s.plans, records, self.cfg, info, self.model.card, s.t_start,
+                                   model=self.model)
         self.jobs[fut] = ("finish", s)
 
     def _on_job_done(self, fut: cf.Future) -> None:
@@ -342,6 +391,7 @@ class Driver:
             sample.actors.add(slot.label)
             if sample.t_first_task is None:
                 sample.t_first_task = time.perf_counter()
+                self._mark("first_task")
 
     def _on_task_done(self, ref: Any) -> None:
         task, index, gen = self.in_flight.pop(ref)
@@ -419,6 +469,7 @@ class Driver:
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> list[SampleResult]:
         try:
+            self._prepare_model()
             while True:
                 self._maybe_plan()
                 self._dispatch()
@@ -443,8 +494,10 @@ class Driver:
                         self._on_task_done(ref)
                 for fut in [f for f in self.jobs if f.done()]:
                     self._on_job_done(fut)
+            self._mark("done")
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.planner.shutdown(wait=True, cancel_futures=True)
+            self.finisher.shutdown(wait=True, cancel_futures=True)
             for slot in self.slots:
                 if slot.actor is not None:
                     ray.kill(slot.actor, no_restart=True)
@@ -459,6 +512,8 @@ class Driver:
         return results
 
     def _write_run_record(self) -> None:
+        if self.model is None:  # the run stopped before the model loaded: nothing was planned or scored
+            return
         info = model_info(self.model)
         info["device"] = ",".join(sorted(self.devices)) or info["device"]
         c = self.cfg.cluster
@@ -483,6 +538,7 @@ class Driver:
                    "actor_pinning": self.actor_gpus, "blocks_done": self.blocks_done,
                    "seconds": time.perf_counter() - self.t0,
                    "seconds_pool_start": None if self.t_pool is None or self.t_pool_ready is None
-                   else round(self.t_pool_ready - self.t_pool, 3)}
+                   else round(self.t_pool_ready - self.t_pool, 3),
+                   "model_shipped_bytes": self.model_bytes, "timings": dict(self.timings)}
         record = RunRecord(self.cfg.to_dict(), info, "ray", rows, cluster=cluster, seconds=round(time.perf_counter() - self.t0, 3))
         lifecycle.write_run_record(self.out_root, record, self.cfg)
