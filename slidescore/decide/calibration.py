@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, logsumexp
 
 EPS = 1e-7
@@ -54,6 +53,9 @@ def nll(logits: np.ndarray, labels: np.ndarray, head: str, temperature: float = 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, head: str) -> float:
     """The temperature T > 0 that minimises the NLL of ``logits / T`` (searched over log T)."""
+    # imported here, not at import: scipy.optimize costs ~0.3 s in every process that never calibrates
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(lambda lt: nll(logits, labels, head, float(np.exp(lt))), bounds=(-4.0, 4.0),
                           method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))

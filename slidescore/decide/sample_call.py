@@ -22,11 +22,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
 
 from slidescore.errors import ConfigError
 
 CONVENTIONS = ("binomial", "reference")
+
+
+def _binom() -> Any:
+    """scipy.stats.binom, imported on first use: scipy.stats costs ~0.3 s at start-up in every process
+    (the driver, each Ray actor, ``slidescore score``), and most never make a sample call."""
+    from scipy.stats import binom
+
+    return binom
 
 
 def _check(name: str, v: float, lo_open: bool = False) -> None:
@@ -38,8 +45,8 @@ def _p_at_least(m: int, n: int, k: int, s: float, fpr: float) -> float:
     """P(Bin(k, s) + Bin(n − k, fpr) >= m), by convolving the two pmfs."""
     if m <= 0:
         return 1.0
-    a = binom.pmf(np.arange(k + 1), k, s)
-    b = binom.pmf(np.arange(n - k + 1), n - k, fpr)
+    a = _binom().pmf(np.arange(k + 1), k, s)
+    b = _binom().pmf(np.arange(n - k + 1), n - k, fpr)
     below = sum(float(a[i] * b[: max(0, m - i)].sum()) for i in range(min(k, m - 1) + 1))
     return float(min(1.0, max(0.0, 1.0 - below)))
 
@@ -57,7 +64,7 @@ def sample_level(unit_sensitivity: float, unit_specificity: float, n_units: int,
     if convention != "binomial":
         raise ConfigError(f"convention: expected one of {list(CONVENTIONS)}, got {convention!r}")
     k = min(max(int(n_target_units), 1), max(n_units, 1))
-    spec = float(binom.cdf(min_positive - 1, n_units, 1.0 - c))
+    spec = float(_binom().cdf(min_positive - 1, n_units, 1.0 - c))
     sens = _p_at_least(min_positive, max(n_units, k), k, s, 1.0 - c) if n_units else 0.0
     return {"sensitivity": sens, "specificity": spec}
 
@@ -96,7 +103,7 @@ def unit_level(sample_sensitivity: float, sample_specificity: float, n_units: in
     from scipy.optimize import brentq
 
     # specificity: P(Bin(n, 1 − c) < m) rises with c from 0 (c = 0, m <= n) to 1 (c = 1)
-    c = 1.0 if sp >= 1.0 else float(brentq(lambda x: binom.cdf(min_positive - 1, n_units, 1.0 - x) - sp, 0.0, 1.0, xtol=1e-15))
+    c = 1.0 if sp >= 1.0 else float(brentq(lambda x: _binom().cdf(min_positive - 1, n_units, 1.0 - x) - sp, 0.0, 1.0, xtol=1e-15))
     at_zero = _p_at_least(min_positive, n_units, k, 0.0, 1.0 - c)
     if at_zero >= se:  # false positives alone reach Se
         return {"sensitivity": 0.0, "specificity": c}
@@ -113,7 +120,7 @@ def effective_min_positive(n_examined: int, unit_specificity: float, *, alpha: f
     (``n_examined + 1``, never, when no count qualifies)."""
     n, fpr = int(n_examined), 1.0 - float(unit_specificity)
     counts = np.arange(max(1, int(min_positive)), n + 1)
-    ok = counts[binom.sf(counts - 1, n, fpr) <= alpha]
+    ok = counts[_binom().sf(counts - 1, n, fpr) <= alpha]
     return int(ok[0]) if ok.size else n + 1
 
 
@@ -135,7 +142,7 @@ def call_sample(n_examined: int, n_positive_units: int, unit_sensitivity: float,
     # the sample-level figures are those of that rule, not of ">= min_positive"
     needed = effective_min_positive(n, c, alpha=alpha, min_positive=min_positive)
     perf = sample_level(unit_sensitivity, c, n, min_positive=needed) if needed <= n else {"sensitivity": 0.0, "specificity": 1.0}
-    p_fp = float(binom.sf(k - 1, n, 1.0 - c)) if k > 0 else 1.0  # P(>= k false positives | negative)
+    p_fp = float(_binom().sf(k - 1, n, 1.0 - c)) if k > 0 else 1.0  # P(>= k false positives | negative)
     if n < min_examined:
         call, reason = "needs_review", f"only {n} {unit}s examined (< {min_examined})"
     elif k >= min_positive and p_fp <= alpha:
