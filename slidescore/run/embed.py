@@ -25,10 +25,14 @@ from slidescore.stages.records import SampleResult
 from slidescore.version import __version__
 
 Progress = Callable[[int, int], Any]
+# embeds the blocks of a plan, with ``embed_blocks``' signature: in this process, or on a Ray actor pool
+# (slidescore.run.ray.embed_samples_ray); planning, finishing, failures and run records stay here
+EmbedBlocks = Callable[..., list[dict[str, Any]]]
 
 
 def embed_sample(spec: SampleSpec, encoder: Any, cfg: JobConfig, out_root: str, *, write_h5: bool = True,
-                 progress: Progress | None = None, stage: list[str] | None = None) -> SampleResult:
+                 progress: Progress | None = None, stage: list[str] | None = None,
+                 blocks_fn: EmbedBlocks = embed_blocks) -> SampleResult:
     """Plan, embed every block, finish one one-image sample. Raises on a bad sample (callers record it)."""
     where = stage if stage is not None else [""]
     t0 = time.perf_counter()
@@ -46,7 +50,7 @@ def embed_sample(spec: SampleSpec, encoder: Any, cfg: JobConfig, out_root: str, 
         bar = progress(len(ep.plan.blocks), int(ep.plan.valid.sum())) if progress else None
         depth = cfg.model.prefetch_depth(str(getattr(encoder.device, "type", "cpu")), not is_local(spec.uris[0]))
         try:
-            records = embed_blocks(ep, encoder, batch_size=cfg.model.batch_size, depth=depth,
+            records = blocks_fn(ep, encoder, batch_size=cfg.model.batch_size, depth=depth,
                                    progress=(lambda: bar.update(1)) if bar is not None else None)
         finally:
             if bar is not None:
@@ -60,8 +64,10 @@ def embed_sample(spec: SampleSpec, encoder: Any, cfg: JobConfig, out_root: str, 
 
 
 def embed_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: str, encoder: Any, *,
-                  write_h5: bool = True, progress: Progress | None = None) -> list[SampleResult]:
-    """Embed many samples in this process; a failing sample is recorded and the others go on."""
+                  write_h5: bool = True, progress: Progress | None = None, blocks_fn: EmbedBlocks = embed_blocks,
+                  runner: str = "local") -> list[SampleResult]:
+    """Embed many samples (blocks in this process, or wherever ``blocks_fn`` sends them); a failing sample is
+    recorded and the others go on."""
     t0 = time.perf_counter()
     specs = resolve_samples(uris)
     lifecycle.prepare_output_root(out_root)
@@ -70,7 +76,8 @@ def embed_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
         stage = ["planning"]
         t_sample = time.perf_counter()
         try:
-            result = embed_sample(spec, encoder, cfg, out_root, write_h5=write_h5, progress=progress, stage=stage)
+            result = embed_sample(spec, encoder, cfg, out_root, write_h5=write_h5, progress=progress, stage=stage,
+                                  blocks_fn=blocks_fn)
         except Exception as e:
             if lifecycle.classify(e) == "stop":
                 raise
@@ -81,6 +88,6 @@ def embed_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
                      "patches_embedded": (result.run.get("patches") or {}).get("embedded"),
                      "seconds": round(time.perf_counter() - t_sample, 3)})
     write_json(join(out_root, RUN_JSON), {
-        "command": "slidescore embed", "runner": "local", "version": __version__, "encoder": encoder.info(),
+        "command": "slidescore embed", "runner": runner, "version": __version__, "encoder": encoder.info(),
         "config": cfg.to_dict(), "samples": rows, "seconds": round(time.perf_counter() - t0, 3)})
     return results

@@ -194,15 +194,16 @@ def embed_block(ep: EmbedPlan, block: Block, encoder: Any, pixels: np.ndarray | 
 
 
 def embed_blocks(ep: EmbedPlan, encoder: Any, *, batch_size: int, depth: int = 1,
-                 progress: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
-    """Every block of the plan not yet done (read ahead ``depth`` blocks); the block records."""
+                 progress: Callable[[], Any] | None = None, blocks: list[Block] | None = None) -> list[dict[str, Any]]:
+    """Every block of the plan (or of ``blocks``: a Ray task's share) not yet done (read ahead ``depth``
+    blocks); the block records."""
     plan = ep.plan
     recipe = BlockRecipe.create(encoder, plan.grid.stride_px, batch_size=batch_size)
     done = set(list_children(plan.blocks_dir))
     reader = open_for_plan(plan)
     records = []
     try:
-        for block, pixels, _ in iter_block_pixels(plan, plan.blocks, reader, recipe, depth):
+        for block, pixels, _ in iter_block_pixels(plan, plan.blocks if blocks is None else blocks, reader, recipe, depth):
             if f"{block.key}.json" in done:
                 records.append({**read_json(plan.block_marker(block)), "resumed": True})
             elif plan.block_has_foreground(block):

@@ -57,14 +57,14 @@ import ray
 from slidescore.config import JobConfig, SampleSpec
 from slidescore.errors import ConfigError
 from slidescore.run import lifecycle
-from slidescore.run.ray.actor import ScoringActor
+from slidescore.run.ray.actor import EmbeddingActor, ScoringActor
 from slidescore.run.ray.cluster import ClusterError, actor_device, connect
 from slidescore.run.ray.driver import Driver, FaultInjection, RunAborted
 from slidescore.stages.plan import check_config_for_model, dry_run_rows, resolve_samples
 from slidescore.stages.records import SampleResult
 
-__all__ = ["ClusterError", "FaultInjection", "RunAborted", "ScoringActor", "actor_device", "connect", "dry_run_samples",
-           "score_samples_ray"]
+__all__ = ["ClusterError", "EmbeddingActor", "FaultInjection", "RunAborted", "ScoringActor", "actor_device", "connect",
+           "dry_run_samples", "embed_samples_ray", "score_samples_ray"]
 
 
 def score_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, *, n_actors: int | None = None,
@@ -104,3 +104,47 @@ def dry_run_samples(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str)
     model = load_model(cfg.model.name, card=cfg.model.card, device="cpu")
     check_config_for_model(cfg, model.card)
     return dry_run_rows(resolve_samples(uris), cfg, model.card, model.checksum, out_root)
+
+
+def embed_samples_ray(uris: list[str | SampleSpec], cfg: JobConfig, out_root: str, encoder: Any, *,
+                      n_actors: int | None = None, write_h5: bool = True) -> list[SampleResult]:
+    """``slidescore embed`` on a Ray cluster: :func:`slidescore.run.embed.embed_samples` (planning, finishing,
+    failures, run records: one code path) with each sample's blocks embedded by a pool of
+    :class:`EmbeddingActor` s. The encoder goes into the object store once; each sample's plan once.
+    Samples run one after another (no overlap between samples, no actor replacement: a lost actor
+    fails the sample, whose finished blocks a rerun resumes)."""
+    from slidescore.run.embed import embed_samples
+
+    n = cfg.cluster.n_actors if n_actors is None else n_actors
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"cluster.n_actors: expected a positive integer, got {n!r}")
+    lifecycle.prepare_output_root(out_root)
+    connected = connect(cfg.cluster)
+    actors: list[Any] = []
+    try:
+        c, ref = cfg.cluster, ray.put(encoder)
+        actors += [EmbeddingActor.options(num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor,  # type: ignore[attr-defined]
+                                         max_restarts=0).remote(ref, cfg, actor_device(cfg)) for _ in range(n)]
+        for got in ray.get([a.checksum.remote() for a in actors]):
+            if got != encoder.checksum:
+                raise ConfigError(f"encoder {encoder.source}: an actor holds checksum {got[:12]}…, not {encoder.checksum[:12]}…")
+
+        def blocks_fn(ep: Any, _encoder: Any, *, progress: Any = None, **_: Any) -> list[dict[str, Any]]:
+            plan_ref = ray.put(ep)
+            todo = [b.index for b in ep.plan.blocks if ep.plan.block_has_foreground(b)]
+            refs = [actors[k % n].embed.remote(plan_ref, todo[k::n]) for k in range(min(n, len(todo)))]
+            try:
+                done = ray.get(refs)
+            except ray.exceptions.RayTaskError as e:  # the block's own error (InputError …), for the failure record
+                raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+            if progress is not None:
+                for _b in ep.plan.blocks:
+                    progress()
+            return [r for part in done for r in part]
+
+        return embed_samples(uris, cfg, out_root, encoder, write_h5=write_h5, blocks_fn=blocks_fn, runner="ray")
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if connected:
+            ray.shutdown()

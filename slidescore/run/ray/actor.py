@@ -137,3 +137,29 @@ class ScoringActor:
         reader = self.readers.pop(uri, None)
         if reader is not None:
             reader.close()
+
+
+@ray.remote
+class EmbeddingActor:
+    """One embedding process: the encoder (shipped once through the object store by the driver, as an
+    object reference Ray resolves before this runs) moved to this actor's device; embeds blocks with
+    :func:`~slidescore.stages.embed.embed_blocks`, the loop ``slidescore embed`` runs in one process."""
+
+    def __init__(self, encoder: Any, cfg: JobConfig, device: str) -> None:
+        from slidescore.model.vit import PatchEncoder
+
+        if device != "cpu" and encoder.device.type == "cpu":
+            encoder = PatchEncoder(encoder.module, encoder.card, device=device, checksum=encoder.checksum,
+                                   source=encoder.source, amp=cfg.model.amp,
+                                   arch=encoder.arch)
+        self.encoder, self.cfg = encoder, cfg
+
+    def checksum(self) -> str:
+        return str(self.encoder.checksum)
+
+    def embed(self, ep: Any, block_indices: list[int]) -> list[dict[str, Any]]:
+        from slidescore.stages.embed import embed_blocks
+
+        depth = self.cfg.model.prefetch_depth(self.encoder.device.type, not is_local(ep.plan.uri))
+        return embed_blocks(ep, self.encoder, batch_size=self.cfg.model.batch_size, depth=depth,
+                            blocks=[ep.plan.blocks[i] for i in block_indices])
