@@ -311,6 +311,20 @@ def _jobs(head: Head) -> dict[str, dict]:
     return {j["submission_id"]: j for j in head_get(head, "/api/jobs/") if (j.get("submission_id") or "").startswith("slidescore-")}
 
 
+def _job_summary(head: Head, jobs: dict[str, dict]) -> str:
+    """Each job's status and message, and the tail of a failed job's log (for an assertion message)."""
+    lines = []
+    for sid, j in sorted(jobs.items()):
+        lines.append(f"{sid}: {j['status']} {j.get('message', '')!r}")
+        if j["status"] != "SUCCEEDED":
+            try:
+                logs = head_get(head, f"/api/jobs/{sid}/logs").get("logs", "")
+            except (OSError, ValueError) as e:
+                logs = f"(no logs: {e})"
+            lines.append("    " + "\n    ".join(str(logs).splitlines()[-25:]))
+    return "\n".join(lines)
+
+
 def _wait_all(head: Head, timeout_s: float = 300) -> dict[str, dict]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -379,7 +393,8 @@ def test_intake_end_to_end(ray_head: Head, tmp_path: Path, random_model_dir: Pat
     assert sorted(s["submitted"]) == ["a", "b", "c"] and s["in_flight"] == 3, text
     assert "intake: 3 submitted, 0 retried" in text
     jobs = _wait_all(head)
-    assert sorted(jobs) == sorted(s["jobs"].values()) and all(j["status"] == "SUCCEEDED" for j in jobs.values()), jobs
+    assert sorted(jobs) == sorted(s["jobs"].values()) and all(j["status"] == "SUCCEEDED" for j in jobs.values()), \
+        _job_summary(head, jobs)
     cfg = load_intake_config(intake_yaml)
     model = load_model(str(random_model_dir))
     job_cfg = load_job_config(cfg)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,10 +89,13 @@ def classify(err: BaseException) -> Outcome:
 def prepare_output_root(out_root: str) -> None:
     """Create the output root and prove it writable (one small file written and removed), before any work.
 
+    The probe's name is unique to the call, so runs sharing a root never remove each other's probe.
     A file in the way, a read-only folder, a missing bucket or wrong credentials doom every sample:
     they raise :class:`~slidescore.errors.OutputLocationError` (the run stops, exit code 2).
     """
-    probe = join(out_root, ".slidescore-write-probe")
+    # a name of its own: jobs that share an output root (an intake poll submits several at once) probe it
+    # at the same moment, and one's remove must not take away the other's probe (it failed that job)
+    probe = join(out_root, f".slidescore-write-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         make_dirs(out_root)
         write_bytes(probe, b"ok\n")
