@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_intake_config(args.config)
         job_cfg = load_job_config(cfg)
         # the card and checksum make the run key; the weights stay on the CPU and are not used
-        model = load_model(job_cfg.model.name, device="cpu")
+        model = load_model(job_cfg.model.name, card=job_cfg.model.card, device="cpu")
         check_config_for_model(job_cfg, model.card)
         backend = make_backend(cfg)
     except (ConfigError, ModelLoadError) as e:
