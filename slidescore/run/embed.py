@@ -72,21 +72,13 @@ def embed_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
     specs = resolve_samples(uris)
     lifecycle.prepare_output_root(out_root)
     results, rows = [], []
-    for spec in specs:
-        stage = ["planning"]
-        t_sample = time.perf_counter()
-        try:
-            result = embed_sample(spec, encoder, cfg, out_root, write_h5=write_h5, progress=progress, stage=stage,
-                                  blocks_fn=blocks_fn)
-        except Exception as e:
-            if lifecycle.classify(e) == "stop":
-                raise
-            result = lifecycle.failed(out_root, spec, e, stage[0])
+    for result, seconds in lifecycle.each_sample(
+            specs, out_root, lambda spec, stage: embed_sample(spec, encoder, cfg, out_root, write_h5=write_h5,
+                                                              progress=progress, stage=stage, blocks_fn=blocks_fn)):
         results.append(result)
         rows.append({"sample_id": result.sample_id, "uri": result.uri, "status": result.status,
                      "out_dir": result.out_dir, "error": result.error or None,
-                     "patches_embedded": (result.run.get("patches") or {}).get("embedded"),
-                     "seconds": round(time.perf_counter() - t_sample, 3)})
+                     "patches_embedded": (result.run.get("patches") or {}).get("embedded"), "seconds": seconds})
     write_json(join(out_root, RUN_JSON), {
         "command": "slidescore embed", "runner": runner, "version": __version__, "encoder": encoder.info(),
         "config": cfg.to_dict(), "samples": rows, "seconds": round(time.perf_counter() - t0, 3)})

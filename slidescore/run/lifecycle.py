@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +115,27 @@ def describe(err: BaseException) -> str:
     else:  # an error nobody anticipated (a model, codec or library bug): say what it was
         text = f"unexpected {type(err).__name__}: {err}"
     return " ".join(text.split()) or type(err).__name__
+
+
+def each_sample(specs: Sequence[SampleSpec], out_root: str,
+                work: Callable[[SampleSpec, list[str]], SampleResult]) -> Iterator[tuple[SampleResult, float]]:
+    """``(result, seconds)`` of ``work(spec, stage)`` for every sample, in order, behind the error boundary.
+
+    ``work`` keeps ``stage[0]`` up to date (planning, scoring, finishing …) for the failure record. An
+    error that dooms every sample (:func:`classify` says ``stop``) ends the run; any other fails that
+    sample alone (:func:`failed`) and the next one starts. The one loop of the local scoring and
+    embedding runners.
+    """
+    for spec in specs:
+        stage = ["planning"]
+        t0 = time.perf_counter()
+        try:
+            result = work(spec, stage)
+        except Exception as e:  # the sample's error boundary: classified, recorded, the run goes on
+            if classify(e) == "stop":
+                raise
+            result = failed(out_root, spec, e, stage[0])
+        yield result, round(time.perf_counter() - t0, 3)
 
 
 def failed(out_root: str, spec: SampleSpec, err: BaseException, stage: str) -> SampleResult:

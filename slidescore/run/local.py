@@ -110,17 +110,10 @@ def score_samples(uris: Sequence[str | SampleSpec], cfg: JobConfig, out_root: st
     specs = resolve_samples(uris)
     lifecycle.prepare_output_root(out_root)
     results, rows = [], []
-    for spec in specs:
-        stage = ["planning"]
-        t_sample = time.perf_counter()
-        try:
-            result = score_sample(spec, model, cfg, out_root, progress=progress, stage=stage)
-        except Exception as e:
-            if lifecycle.classify(e) == "stop":
-                raise
-            result = lifecycle.failed(out_root, spec, e, stage[0])
+    for result, seconds in lifecycle.each_sample(
+            specs, out_root, lambda spec, stage: score_sample(spec, model, cfg, out_root, progress=progress, stage=stage)):
         results.append(result)
-        rows.append(lifecycle.sample_row(result, seconds=round(time.perf_counter() - t_sample, 3)))
+        rows.append(lifecycle.sample_row(result, seconds=seconds))
     record = RunRecord(cfg.to_dict(), model_info(model), "local", rows, seconds=round(time.perf_counter() - t0, 3))
     lifecycle.write_run_record(out_root, record, cfg)
     return results
