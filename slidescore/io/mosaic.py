@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -363,74 +362,6 @@ def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray
         a_labels[cells.y : cells.y1, cells.x : cells.x1] = labels
 
     _storage_guard(path, f"writing the mosaic chunks of cells {cells}", write)
-
-
-def build_pyramid(path: str | Path, spec: MosaicSpec, prob0: np.ndarray | None = None) -> np.ndarray:
-    """Fill levels 1… from level 0 (probabilities and labels); return level 0 as probabilities.
-
-    Level 0 is read once (or given as ``prob0``, as :func:`read_level` returns it) and each level is
-    computed from the stored values of the level below (decoded: a cell not scored is NaN to
-    :func:`nanmean_2x2` whatever the mosaic stores for it); then every level array is written with one
-    call each, the calls side by side (zarr splits each into whole chunks, written concurrently; a
-    chunk holding only "not scored" is not written, ``write_empty_chunks`` off).
-    """
-    root = _storage_guard(path, "opening the mosaic", lambda: _open(path, "r+"))
-    enc = spec.encoding
-    if prob0 is None:
-        prob0 = decode(_storage_guard(path, "reading mosaic level 0", lambda: np.asarray(_arr(root, "0")[...])), enc)
-    cur = prob0
-    labels = _storage_guard(path, "reading the level-0 labels", lambda: np.asarray(_arr(root, "labels/suspect/0")[...]))
-    levels: list[tuple[str, np.ndarray]] = []
-    for lvl in range(1, spec.n_levels):
-        stored = encode(_nanmean_2x2_banded(cur, spec.chunk), enc)  # cur is decoded: not scored = NaN, whatever is stored
-        labels = max_2x2(labels)
-        levels += [(str(lvl), stored), (f"labels/suspect/{lvl}", labels)]
-        cur = decode(stored, enc)  # the next level averages what is stored, as a reader would
-
-    def write(item: tuple[str, np.ndarray]) -> None:
-        name, data = item
-
-        def put() -> None:
-            _arr(root, name)[...] = data
-
-        _storage_guard(path, f"writing mosaic array {name}", put)
-
-    if levels:
-        with ThreadPoolExecutor(max_workers=min(len(levels), 8), thread_name_prefix="slidescore-pyramid") as pool:
-            list(pool.map(write, levels))  # the first error, if any, raised here
-    return prob0
-
-
-def nanmean_2x2(a: np.ndarray) -> np.ndarray:
-    """2×2 mean over the last two axes ignoring NaN (all-NaN → NaN); odd edges average what exists."""
-    *lead, h, w = a.shape
-    hh, ww = h + h % 2, w + w % 2
-    pad = np.full((*lead, hh, ww), np.nan, np.float32)
-    pad[..., :h, :w] = a
-    blocks = pad.reshape(*lead, hh // 2, 2, ww // 2, 2)
-    ok = ~np.isnan(blocks)
-    n = ok.sum(axis=(-3, -1))
-    s = np.where(ok, blocks, 0).sum(axis=(-3, -1))
-    out = np.full(n.shape, np.nan, np.float32)
-    np.divide(s, n, out=out, where=n > 0)
-    return out
-
-
-def _nanmean_2x2_banded(a: np.ndarray, rows: int) -> np.ndarray:
-    """:func:`nanmean_2x2` band by band (``rows`` output rows at a time): the same values, with the
-    temporaries of one band instead of several copies of the whole level."""
-    *lead, h, w = a.shape
-    out = np.empty((*lead, -(-h // 2), -(-w // 2)), np.float32)
-    for y in range(0, out.shape[-2], rows):
-        out[..., y : y + rows, :] = nanmean_2x2(a[..., 2 * y : 2 * (y + rows), :])
-    return out
-
-
-def max_2x2(a: np.ndarray) -> np.ndarray:
-    h, w = a.shape
-    pad = np.zeros((h + h % 2, w + w % 2), a.dtype)
-    pad[:h, :w] = a
-    return pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).max(axis=(1, 3))
 
 
 def read_box(path: str | Path, level: int, cells: Box) -> np.ndarray:

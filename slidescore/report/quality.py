@@ -75,12 +75,16 @@ class TileStats:
         return TileStats(cat("n_px"), cat("fg_frac"), cat("gray"), cat("lap_var"), cat("rgb_mean"), level=level, level_mpp=level_mpp)
 
 
-def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85) -> TileStats:
-    """Measure the tiles of one (h, w, 3) uint8 block; partial tiles at the edge measure what they have."""
+def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85,
+               focus: bool = True) -> TileStats:
+    """Measure the tiles of one (h, w, 3) uint8 block; partial tiles at the edge measure what they have.
+
+    Counts and colour sums are whole numbers, summed exactly in integers; brightness is summed per tile
+    in float32. ``focus=False`` skips the Laplacian (``lap_var`` is 0): what a survey of blank tiles needs.
+    """
     h, w = rgb.shape[:2]
     fg = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
     gray = rgb[..., :3].astype(np.float32) @ _LUMA
-    lap = ndimage.laplace(gray, mode="reflect")
     th, tw = -(-h // tile_px), -(-w // tile_px)
 
     def tiles(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -88,17 +92,26 @@ def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, m
         pad[:h, :w] = a
         return pad.reshape(th, tile_px, tw, tile_px, *a.shape[2:]).swapaxes(1, 2).reshape(th * tw, tile_px * tile_px, *a.shape[2:])
 
-    valid = tiles(np.ones((h, w), np.float32))
-    n = valid.sum(axis=1)
-    lap_t = tiles(lap)
-    mean_lap = lap_t.sum(axis=1) / n
-    lap_var = (lap_t**2).sum(axis=1) / n - mean_lap**2
+    def counts(a: np.ndarray) -> np.ndarray:  # exact per-tile sums of small whole numbers, as float32
+        pad = np.zeros((th * tile_px, tw * tile_px, *a.shape[2:]), a.dtype)
+        pad[:h, :w] = a
+        sums = pad.reshape(th, tile_px, tw, tile_px, *a.shape[2:]).sum(axis=(1, 3), dtype=np.int64)
+        return sums.reshape(th * tw, *a.shape[2:]).astype(np.float32)
+
+    n = np.outer(np.minimum(tile_px, h - np.arange(th) * tile_px), np.minimum(tile_px, w - np.arange(tw) * tile_px))
+    n = n.astype(np.float32).ravel()
+    if focus:
+        lap_t = tiles(ndimage.laplace(gray, mode="reflect"))
+        mean_lap = lap_t.sum(axis=1) / n
+        lap_var = np.maximum((lap_t**2).sum(axis=1) / n - mean_lap**2, 0)
+    else:
+        lap_var = np.zeros(th * tw, np.float32)
     return TileStats(
         n_px=n,
-        fg_frac=tiles(fg.astype(np.float32)).sum(axis=1) / n,
+        fg_frac=counts(fg) / n,
         gray=tiles(gray).sum(axis=1) / n,
-        lap_var=np.maximum(lap_var, 0),
-        rgb_mean=tiles(rgb[..., :3].astype(np.float32)).sum(axis=1) / n[:, None],
+        lap_var=lap_var,
+        rgb_mean=counts(rgb[..., :3]) / n[:, None],
         level=0,
         level_mpp=0.0,
     )
@@ -127,15 +140,14 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
     info = reader.levels[lvl]
     step = max(th.tile_px, block_px // th.tile_px * th.tile_px)  # blocks hold whole tiles
     survey = _survey(reader, lvl, th.tile_px, step, max_survey_ratio)
+    grid = _SurveyGrid(survey[0], survey[1], th.tile_px, info.height, info.width) if survey is not None else None
     parts = []
     for y in range(0, info.height, step):
         for x in range(0, info.width, step):
             box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
-            if survey is not None:
-                coarse, r = survey
-                cy, cx, ch, cw = y // r, x // r, -(-box.h // r), -(-box.w // r)
-                stats = tile_stats(coarse[cy : cy + ch, cx : cx + cw], th.tile_px // r)
-                if not (stats.fg_frac >= th.blank_tile_fg / 2).any():  # blank by the survey: not read again
+            if grid is not None:
+                stats = grid.block(box)
+                if len(stats.n_px) and not (stats.fg_frac >= th.blank_tile_fg / 2).any():  # blank by the survey: not read again
                     parts.append(_blank_tiles(stats, box, th.tile_px))
                     continue
             pix = np.asarray(reader.read(lvl, box))
@@ -164,6 +176,35 @@ def _survey(reader: SlideReader, lvl: int, tile_px: int, step: int, max_ratio: i
     if pix.shape[-1] == 1:
         pix = np.repeat(pix, 3, axis=-1)
     return pix[..., :3].astype(np.uint8, copy=False), best[1]
+
+
+class _SurveyGrid:
+    """The survey's tile statistics, measured once over the whole coarse image and cut per block.
+
+    The coarse image is cropped to the extent the quality level's blocks cover (``⌈h / r⌉ × ⌈w / r⌉``), so
+    every block's coarse tiles are whole tiles of this one grid (blocks hold whole tiles, ``r`` divides the
+    tile): a block's statistics are bit for bit those of :func:`tile_stats` on its own slice of the coarse
+    image (every tile sums the same pixels in the same order), at one pass over the survey instead of one
+    call per block — a sparse giant slide has hundreds of blank blocks.
+    """
+
+    def __init__(self, coarse: np.ndarray, r: int, tile_px: int, height: int, width: int) -> None:
+        self.r, self.tc = r, tile_px // r
+        coarse = coarse[: -(-height // r), : -(-width // r)]
+        self.shape = coarse.shape[:2]
+        self.ty, self.tx = -(-self.shape[0] // self.tc), -(-self.shape[1] // self.tc)
+        self.stats = tile_stats(coarse, self.tc, focus=False)  # blank tiles need no sharpness
+
+    def block(self, box: Box) -> TileStats:
+        """The coarse tiles of ``box`` (quality-level pixels), row-major, as :func:`tile_stats` of its slice gives them."""
+        cy, cx = box.y // self.r, box.x // self.r
+        y1 = min(self.shape[0], cy + -(-box.h // self.r))
+        x1 = min(self.shape[1], cx + -(-box.w // self.r))
+        rows = np.arange(cy // self.tc, -(-y1 // self.tc))
+        cols = np.arange(cx // self.tc, -(-x1 // self.tc))
+        idx = (rows[:, None] * self.tx + cols[None, :]).ravel()
+        s = self.stats
+        return TileStats(s.n_px[idx], s.fg_frac[idx], s.gray[idx], s.lap_var[idx], s.rgb_mean[idx], level=0, level_mpp=0.0)
 
 
 def _blank_tiles(coarse: TileStats, box: Box, tile_px: int) -> TileStats:

@@ -29,8 +29,8 @@ from slidescore.core.regions import (
     regions_map_geojson,
 )
 from slidescore.decide import DecisionPolicy
-from slidescore.io import mosaic as mz
 from slidescore.io.outputs import join, write_csv, write_json
+from slidescore.io.pyramid import build_pyramid
 from slidescore.model.card import ModelCard
 from slidescore.stages.layout import IMAGES, MASK, MOSAIC
 from slidescore.stages.limits import dicom_record
@@ -101,7 +101,7 @@ def write_outputs(plans: list[SamplePlan], per_image: list[list[BlockRecord]], c
     outlined.set_result(regions[: cfg.regions.top_k])  # what the region files list, and the overviews outline
     t1 = time.perf_counter()
     for plan, prob in zip(plans, probs, strict=True):
-        mz.build_pyramid(plan.mosaic_path, plan.mosaic, prob0=prob)
+        build_pyramid(plan.mosaic_path, plan.mosaic, prob0=prob)
     t_pyramid = time.perf_counter() - t1
     decision = _decision(plans, per_image, regions, cfg, card)
     written = _georeferenced(regions[: cfg.regions.top_k], plans)  # GeoTIFF: map coordinates too

@@ -234,7 +234,7 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
                 pix, mcfg.method, min_saturation=mcfg.min_saturation,
                 max_brightness=mcfg.max_brightness, nodata_value=mcfg.nodata_value,
             )
-            rows.append(reduce_mean(fg, factor))
+            rows.append(fg if factor == 1 else reduce_mean(fg, factor))  # booleans sum as the 0.0/1.0 they mean
         cells.add_rows(np.concatenate(rows, axis=1))
     return cells.result()
 

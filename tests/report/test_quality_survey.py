@@ -1,0 +1,95 @@
+"""The quality survey measures the coarse level once and cuts it per block: bit for bit what measuring
+each block's slice of the coarse level gave (#16), on images whose sizes are not multiples of anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from slidescore.core.mask import detect_foreground
+from slidescore.core.types import Box
+from slidescore.io import open_image
+from slidescore.report.quality import (
+    _LUMA,
+    QualityThresholds,
+    TileStats,
+    _blank_tiles,
+    _survey,
+    measure_tiles,
+    quality_level,
+)
+from tests.conftest import textured_image, write_tiff
+
+
+def _old_tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85) -> TileStats:
+    """tile_stats as it was (float32 sums of everything, the Laplacian always): the reference."""
+    h, w = rgb.shape[:2]
+    fg = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
+    gray = rgb[..., :3].astype(np.float32) @ _LUMA
+    lap = ndimage.laplace(gray, mode="reflect")
+    th, tw = -(-h // tile_px), -(-w // tile_px)
+
+    def tiles(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        pad = np.full((th * tile_px, tw * tile_px, *a.shape[2:]), fill, np.float32)
+        pad[:h, :w] = a
+        return pad.reshape(th, tile_px, tw, tile_px, *a.shape[2:]).swapaxes(1, 2).reshape(th * tw, tile_px * tile_px, *a.shape[2:])
+
+    valid = tiles(np.ones((h, w), np.float32))
+    n = valid.sum(axis=1)
+    lap_t = tiles(lap)
+    mean_lap = lap_t.sum(axis=1) / n
+    lap_var = (lap_t**2).sum(axis=1) / n - mean_lap**2
+    return TileStats(
+        n_px=n,
+        fg_frac=tiles(fg.astype(np.float32)).sum(axis=1) / n,
+        gray=tiles(gray).sum(axis=1) / n,
+        lap_var=np.maximum(lap_var, 0),
+        rgb_mean=tiles(rgb[..., :3].astype(np.float32)).sum(axis=1) / n[:, None],
+        level=0,
+        level_mpp=0.0,
+    )
+
+
+def _measure_block_by_block(reader, mpp0: float, th: QualityThresholds, block_px: int, max_ratio: int) -> TileStats:
+    """The survey as it was: the old tile_stats on every block's own slice of the coarse level."""
+    lvl = quality_level(reader, mpp0, th.quality_mpp)
+    info = reader.levels[lvl]
+    step = max(th.tile_px, block_px // th.tile_px * th.tile_px)
+    coarse, r = _survey(reader, lvl, th.tile_px, step, max_ratio)
+    parts = []
+    for y in range(0, info.height, step):
+        for x in range(0, info.width, step):
+            box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
+            cy, cx, ch, cw = y // r, x // r, -(-box.h // r), -(-box.w // r)
+            stats = _old_tile_stats(coarse[cy : cy + ch, cx : cx + cw], th.tile_px // r)
+            if not (stats.fg_frac >= th.blank_tile_fg / 2).any():
+                parts.append(_blank_tiles(stats, box, th.tile_px))
+                continue
+            pix = np.asarray(reader.read(lvl, box))[..., :3]
+            parts.append(_old_tile_stats(pix, th.tile_px))
+    return TileStats.concat(parts, lvl, mpp0 * info.downsample)
+
+
+@pytest.mark.parametrize("shape", [(2000, 2320), (2048, 2048), (1104, 720)])
+def test_survey_grid_equals_the_block_by_block_survey(tmp_path: Path, shape: tuple[int, int]) -> None:
+    h, w = shape
+    img = np.full((h, w, 3), 233, np.uint8)
+    img[h // 3 : h // 3 + 150, w // 5 : w // 5 + 170] = textured_image(150, 170, seed=3)
+    img[h - 90 :, w - 60 :] = textured_image(90, 60, seed=4)  # tissue in the partial edge tiles
+    img[40:100, w // 2 : w // 2 + 40] = 30  # a dark pen mark
+    path = write_tiff(tmp_path / "s.tif", img, mpp=0.25, n_levels=5, compression="zlib", tile_px=128)
+    th = QualityThresholds()
+    reader = open_image(str(path))
+    try:
+        assert _survey(reader, 2, th.tile_px, 128, 16) is not None  # levels of exact ratios: the survey runs
+        new = measure_tiles(reader, 0.25, th, block_px=128)
+        old = _measure_block_by_block(reader, 0.25, th, 128, 16)
+    finally:
+        reader.close()
+    assert len(new.n_px) == len(old.n_px) >= 15
+    for key in ("n_px", "fg_frac", "gray", "lap_var", "rgb_mean"):
+        assert np.array_equal(getattr(new, key), getattr(old, key)), key
+    assert (new.fg_frac > 0).any() and (new.fg_frac == 0).any()  # both kinds of block were met

@@ -1,0 +1,41 @@
+"""Cell fractions of a sparse mask: only the cell columns beside foreground are computed, bit for bit what
+the whole product gives (#16: a sparse slide's empty mask bands cost one ``any`` each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slidescore.core.mask import CellFractions, _overlap_matrix
+
+
+def _whole_product(frac: np.ndarray, src_px: float, cells_shape: tuple[int, int], cell_px: float) -> np.ndarray:
+    """The cell fractions as one product over the whole image (the computation before banding and skipping)."""
+    rx = _overlap_matrix(cells_shape[1], cell_px, frac.shape[1], src_px)
+    ry = _overlap_matrix(cells_shape[0], cell_px, frac.shape[0], src_px)
+    return np.clip(np.asarray(ry @ (rx @ frac.astype(np.float64).T).T, dtype=np.float32), 0.0, 1.0)
+
+
+@pytest.mark.parametrize(("src_px", "cell_px", "band"), [(16.0, 16.0, 64), (16.0, 24.0, 37), (8.0, 32.0, 100), (12.0, 5.0, 50)])
+def test_sparse_bands_equal_the_whole_product(src_px: float, cell_px: float, band: int) -> None:
+    rng = np.random.default_rng(int(src_px * cell_px))
+    h, w = 400, 530
+    frac = np.zeros((h, w), np.float32)
+    frac[30:60, 400:460] = rng.random((30, 60))  # islands of foreground in empty bands and columns
+    frac[200:205, 3:9] = 1.0
+    frac[390:400, 520:530] = rng.random((10, 10))  # at the far edges
+    frac[250:300] = rng.random((50, w)) > 0.3  # a band that is mostly foreground: the whole-product branch
+    cells = (int(np.ceil(h * src_px / cell_px)), int(np.ceil(w * src_px / cell_px)))
+    out = CellFractions(frac.shape, src_px, cells, cell_px)
+    for y in range(0, h, band):
+        out.add_rows(frac[y : y + band])
+    got = out.result()
+    want = _whole_product(frac, src_px, cells, cell_px)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert (got > 0).sum() > 50 and (got == 0).sum() > 50
+
+
+def test_an_empty_mask_is_all_zero_cells() -> None:
+    out = CellFractions((300, 300), 16.0, (150, 150), 32.0)
+    out.add_rows(np.zeros((300, 300), np.float32))
+    assert not out.result().any()
