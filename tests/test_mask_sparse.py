@@ -39,3 +39,19 @@ def test_an_empty_mask_is_all_zero_cells() -> None:
     out = CellFractions((300, 300), 16.0, (150, 150), 32.0)
     out.add_rows(np.zeros((300, 300), np.float32))
     assert not out.result().any()
+
+
+@pytest.mark.parametrize(("k", "band_rows"), [(2, 7), (4, 16), (3, 256), (1, 5)])
+def test_patch_fractions_skip_empty_bands_bit_for_bit(k: int, band_rows: int) -> None:
+    from slidescore.core.mask import patch_fractions
+    from tests.stages.test_sparse import _old_patch_fractions  # the whole-canvas integral images
+
+    rng = np.random.default_rng(k * band_rows)
+    cells = np.zeros((300, 170), np.float32)
+    cells[40:47, 100:130] = rng.random((7, 30))  # islands between long empty bands
+    cells[150, 3] = 1.0
+    cells[290:, 160:] = rng.random((10, 10))  # touching the bottom-right edge
+    shape = (300 + k - 1, 170 + k - 1)
+    got = patch_fractions(cells, k, shape, band_rows=band_rows)
+    assert np.array_equal(got, _old_patch_fractions(cells, k, shape))
+    assert (got > 0).sum() > 100 and (got == 0).sum() > 1000

@@ -199,16 +199,23 @@ def patch_fractions(cell_frac: np.ndarray, k: int, patches_shape: tuple[int, int
     for a0 in range(0, py, band_rows):
         a1 = min(py, a0 + band_rows)
         upto = a1 + k - 1  # integral rows a0 … a1 + k − 1 are needed: padded rows up to upto − 1
-        pad = np.zeros((upto - made, need_x))
         lo, hi = max(made, m), min(upto, m + h)
-        if hi > lo:
+        if hi > lo and cell_frac[lo - m : hi - m, :w].any():
+            pad = np.zeros((upto - made, need_x))
             pad[lo - made : hi - made, m : m + w] = cell_frac[lo - m : hi - m, :w]
-        col = np.cumsum(np.concatenate([carry[None], pad]), axis=0)[1:]
-        carry = col[-1]
-        rows = np.zeros((len(col), need_x + 1))
-        rows[:, 1:] = col.cumsum(1)
+            col = np.cumsum(np.concatenate([carry[None], pad]), axis=0)[1:]
+            carry = col[-1]
+            rows = np.zeros((len(col), need_x + 1))
+            rows[:, 1:] = col.cumsum(1)
+        else:  # rows without foreground add zeros: every new integral row is the one above, bit for bit
+            rows = np.zeros((upto - made, need_x + 1))
+            rows[:, 1:] = carry.cumsum()
         integral = np.concatenate([integral[a0 - i0 :], rows])
         i0, made = a0, upto
+        c0, c1 = max(0, a0 - m), min(h, a1)  # the cells this band's patches cover
+        if not (c1 > c0 and cell_frac[c0:c1, :w].any()):  # equal integral rows: every total is exactly 0
+            out[a0:a1] = 0.0
+            continue
         lo_rows, hi_rows = integral[: a1 - a0], integral[k : k + a1 - a0]
         total = (hi_rows[:, k : k + px] - lo_rows[:, k : k + px] - hi_rows[:, :px] + lo_rows[:, :px])
         count = np.outer(ny[a0:a1], nx)

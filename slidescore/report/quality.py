@@ -75,16 +75,29 @@ class TileStats:
         return TileStats(cat("n_px"), cat("fg_frac"), cat("gray"), cat("lap_var"), cat("rgb_mean"), level=level, level_mpp=level_mpp)
 
 
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    """Brightness (ITU-R 601 luma) per pixel in float32, pixel by pixel: the same value for a pixel whatever
+    the array around it (a matrix product's rounding depends on the array's shape and alignment)."""
+    x = rgb[..., :3].astype(np.float32)
+    return x[..., 0] * _LUMA[0] + x[..., 1] * _LUMA[1] + x[..., 2] * _LUMA[2]
+
+
 def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85,
-               focus: bool = True) -> TileStats:
+               focus: bool = True, crop: tuple[int, int, int, int] | None = None) -> TileStats:
     """Measure the tiles of one (h, w, 3) uint8 block; partial tiles at the edge measure what they have.
 
     Counts and colour sums are whole numbers, summed exactly in integers; brightness is summed per tile
     in float32. ``focus=False`` skips the Laplacian (``lap_var`` is 0): what a survey of blank tiles needs.
+    ``crop`` (top, left, h, w): measure that part of ``rgb``, whose pixels around it only feed the Laplacian.
     """
+    gray = _gray(rgb)
+    lap = ndimage.laplace(gray, mode="reflect") if focus else None
+    if crop is not None:
+        top, left, ch, cw = crop
+        rgb, gray = rgb[top : top + ch, left : left + cw], gray[top : top + ch, left : left + cw]
+        lap = lap[top : top + ch, left : left + cw] if lap is not None else None
     h, w = rgb.shape[:2]
     fg = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
-    gray = rgb[..., :3].astype(np.float32) @ _LUMA
     th, tw = -(-h // tile_px), -(-w // tile_px)
 
     def tiles(a: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -95,13 +108,14 @@ def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, m
     def counts(a: np.ndarray) -> np.ndarray:  # exact per-tile sums of small whole numbers, as float32
         pad = np.zeros((th * tile_px, tw * tile_px, *a.shape[2:]), a.dtype)
         pad[:h, :w] = a
-        sums = pad.reshape(th, tile_px, tw, tile_px, *a.shape[2:]).sum(axis=(1, 3), dtype=np.int64)
+        rows = pad.reshape(th, tile_px, -1).sum(axis=1, dtype=np.uint32)  # a tile's rows first: whole-row vector adds
+        sums = rows.reshape(th, tw, tile_px, *a.shape[2:]).sum(axis=2, dtype=np.int64)
         return sums.reshape(th * tw, *a.shape[2:]).astype(np.float32)
 
     n = np.outer(np.minimum(tile_px, h - np.arange(th) * tile_px), np.minimum(tile_px, w - np.arange(tw) * tile_px))
     n = n.astype(np.float32).ravel()
-    if focus:
-        lap_t = tiles(ndimage.laplace(gray, mode="reflect"))
+    if lap is not None:
+        lap_t = tiles(lap)
         mean_lap = lap_t.sum(axis=1) / n
         lap_var = np.maximum((lap_t**2).sum(axis=1) / n - mean_lap**2, 0)
     else:
@@ -129,8 +143,8 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
     """Tile statistics of the image at the quality level, read in ``block_px`` squares where there is tissue.
 
     A survey of a coarser level (up to ``max_survey_ratio``× coarser, one read of a few megapixels)
-    says which blocks hold any tile that may not be blank; only those are read at the quality level.
-    The other blocks' tiles are blank by the survey (less than half of ``blank_tile_fg`` foreground at
+    says which tiles may not be blank; only those, with a ring of one tile around them, are read at the
+    quality level. The other tiles are blank by the survey (less than half of ``blank_tile_fg`` foreground at
     the coarse level) and not dark: they enter the statistics with their area and the brightness the
     survey measured. A sparse slide therefore costs in proportion to its tissue; an image without a
     coarse enough level is read whole at the quality level, as before.
@@ -147,14 +161,46 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
             box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
             if grid is not None:
                 stats = grid.block(box)
-                if len(stats.n_px) and not (stats.fg_frac >= th.blank_tile_fg / 2).any():  # blank by the survey: not read again
-                    parts.append(_blank_tiles(stats, box, th.tile_px))
+                if len(stats.n_px):
+                    hot = stats.fg_frac >= th.blank_tile_fg / 2
+                    # blank by the survey: not read again; else only its tiles that may hold tissue
+                    parts.append(_measure_hot_tiles(reader, lvl, box, stats, hot, th) if hot.any() else
+                                 _blank_tiles(stats, box, th.tile_px))
                     continue
-            pix = np.asarray(reader.read(lvl, box))
-            if pix.shape[-1] == 1:
-                pix = np.repeat(pix, 3, axis=-1)
-            parts.append(tile_stats(pix[..., :3].astype(np.uint8, copy=False), th.tile_px))
+            parts.append(tile_stats(_read_rgb(reader, lvl, box), th.tile_px))
     return TileStats.concat(parts, lvl, mpp0 * info.downsample)
+
+
+def _read_rgb(reader: SlideReader, lvl: int, box: Box) -> np.ndarray:
+    pix = np.asarray(reader.read(lvl, box))
+    if pix.shape[-1] == 1:
+        pix = np.repeat(pix, 3, axis=-1)
+    return pix[..., :3].astype(np.uint8, copy=False)
+
+
+def _measure_hot_tiles(reader: SlideReader, lvl: int, box: Box, coarse: TileStats, hot: np.ndarray,
+                       th: QualityThresholds) -> TileStats:
+    """The tiles of a block that the survey finds tissue in, and a ring of one tile around them, measured at
+    the quality level (read with a one-pixel margin inside the block, so each tile's Laplacian is the one the
+    whole block gives); the block's other tiles are blank by the survey, as a blank block's are."""
+    t = th.tile_px
+    ty, tx = -(-box.h // t), -(-box.w // t)
+    if len(coarse.n_px) != ty * tx:  # the coarse level rounds its size differently: the whole block
+        return tile_stats(_read_rgb(reader, lvl, box), t)
+    rows, cols = np.nonzero(hot.reshape(ty, tx))
+    r0, r1 = max(0, int(rows.min()) - 1), min(ty, int(rows.max()) + 2)
+    c0, c1 = max(0, int(cols.min()) - 1), min(tx, int(cols.max()) + 2)
+    y0, y1, x0, x1 = r0 * t, min(box.h, r1 * t), c0 * t, min(box.w, c1 * t)
+    my0, mx0, my1, mx1 = min(1, y0), min(1, x0), min(1, box.h - y1), min(1, box.w - x1)
+    pix = _read_rgb(reader, lvl, Box(box.y + y0 - my0, box.x + x0 - mx0, y1 - y0 + my0 + my1, x1 - x0 + mx0 + mx1))
+    part = tile_stats(pix, t, crop=(my0, mx0, y1 - y0, x1 - x0))
+    blank = _blank_tiles(coarse, box, t)
+    idx = (np.arange(r0, r1)[:, None] * tx + np.arange(c0, c1)[None, :]).ravel()
+    fields = {}
+    for key in ("n_px", "fg_frac", "gray", "lap_var", "rgb_mean"):
+        fields[key] = getattr(blank, key).copy()  # (blank tiles share one array of zeros)
+        fields[key][idx] = getattr(part, key)
+    return TileStats(**fields, level=0, level_mpp=0.0)
 
 
 def _survey(reader: SlideReader, lvl: int, tile_px: int, step: int, max_ratio: int) -> tuple[np.ndarray, int] | None:

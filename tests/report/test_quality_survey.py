@@ -1,5 +1,6 @@
-"""The quality survey measures the coarse level once and cuts it per block: bit for bit what measuring
-each block's slice of the coarse level gave (#16), on images whose sizes are not multiples of anything."""
+"""The quality survey measures the coarse level once and cuts it per block, and a block with tissue is read
+only around the tiles the survey finds it in (#16): the tiles measured are bit for bit what measuring the
+whole block gave (its Laplacian included), on images whose sizes are not multiples of anything."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from slidescore.core.mask import detect_foreground
 from slidescore.core.types import Box
 from slidescore.io import open_image
 from slidescore.report.quality import (
-    _LUMA,
     QualityThresholds,
     TileStats,
     _blank_tiles,
+    _gray,
     _survey,
     measure_tiles,
     quality_level,
@@ -28,7 +29,7 @@ def _old_tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.
     """tile_stats as it was (float32 sums of everything, the Laplacian always): the reference."""
     h, w = rgb.shape[:2]
     fg = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
-    gray = rgb[..., :3].astype(np.float32) @ _LUMA
+    gray = _gray(rgb)  # the one line changed: a matrix product's rounding depended on the array's shape
     lap = ndimage.laplace(gray, mode="reflect")
     th, tw = -(-h // tile_px), -(-w // tile_px)
 
@@ -53,8 +54,12 @@ def _old_tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.
     )
 
 
+PARTIAL: list[bool] = []  # per block with tissue: whether only part of it counts as measured
+
+
 def _measure_block_by_block(reader, mpp0: float, th: QualityThresholds, block_px: int, max_ratio: int) -> TileStats:
-    """The survey as it was: the old tile_stats on every block's own slice of the coarse level."""
+    """The old tile_stats on every block's own slice of the coarse level and on whole blocks, with the
+    rule of which tiles count as measured applied afterwards."""
     lvl = quality_level(reader, mpp0, th.quality_mpp)
     info = reader.levels[lvl]
     step = max(th.tile_px, block_px // th.tile_px * th.tile_px)
@@ -69,12 +74,26 @@ def _measure_block_by_block(reader, mpp0: float, th: QualityThresholds, block_px
                 parts.append(_blank_tiles(stats, box, th.tile_px))
                 continue
             pix = np.asarray(reader.read(lvl, box))[..., :3]
-            parts.append(_old_tile_stats(pix, th.tile_px))
+            whole = _old_tile_stats(pix, th.tile_px)  # every tile of the block measured, as before
+            # the rule now: tiles more than one tile away from any the survey finds tissue in are blank by it
+            t = th.tile_px
+            ty, tx = -(-box.h // t), -(-box.w // t)
+            hot = (stats.fg_frac >= th.blank_tile_fg / 2).reshape(ty, tx)
+            near = ndimage.binary_dilation(hot, np.ones((3, 3), bool))
+            rows, cols = np.nonzero(near)
+            keep = np.zeros((ty, tx), bool)
+            keep[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True  # the bounding box of the ring
+            blank = _blank_tiles(stats, box, t)
+            fields = {k: np.where(keep.ravel()[:, None] if k == "rgb_mean" else keep.ravel(), getattr(whole, k), getattr(blank, k))
+                      for k in ("n_px", "fg_frac", "gray", "lap_var", "rgb_mean")}
+            parts.append(TileStats(**fields, level=0, level_mpp=0.0))
+            PARTIAL.append(not keep.all())
     return TileStats.concat(parts, lvl, mpp0 * info.downsample)
 
 
+@pytest.mark.parametrize("block_px", [128, 512])
 @pytest.mark.parametrize("shape", [(2000, 2320), (2048, 2048), (1104, 720)])
-def test_survey_grid_equals_the_block_by_block_survey(tmp_path: Path, shape: tuple[int, int]) -> None:
+def test_survey_grid_equals_the_block_by_block_survey(tmp_path: Path, shape: tuple[int, int], block_px: int) -> None:
     h, w = shape
     img = np.full((h, w, 3), 233, np.uint8)
     img[h // 3 : h // 3 + 150, w // 5 : w // 5 + 170] = textured_image(150, 170, seed=3)
@@ -84,12 +103,15 @@ def test_survey_grid_equals_the_block_by_block_survey(tmp_path: Path, shape: tup
     th = QualityThresholds()
     reader = open_image(str(path))
     try:
-        assert _survey(reader, 2, th.tile_px, 128, 16) is not None  # levels of exact ratios: the survey runs
-        new = measure_tiles(reader, 0.25, th, block_px=128)
-        old = _measure_block_by_block(reader, 0.25, th, 128, 16)
+        assert _survey(reader, 2, th.tile_px, block_px, 16) is not None  # levels of exact ratios: the survey runs
+        new = measure_tiles(reader, 0.25, th, block_px=block_px)
+        PARTIAL.clear()
+        old = _measure_block_by_block(reader, 0.25, th, block_px, 16)
     finally:
         reader.close()
     assert len(new.n_px) == len(old.n_px) >= 15
     for key in ("n_px", "fg_frac", "gray", "lap_var", "rgb_mean"):
         assert np.array_equal(getattr(new, key), getattr(old, key)), key
     assert (new.fg_frac > 0).any() and (new.fg_frac == 0).any()  # both kinds of block were met
+    # 2 × 2 tiles a block: the ring is the whole block; 8 × 8 with the tissue in one corner: only part of it
+    assert any(PARTIAL) == (block_px == 512 and shape == (2000, 2320))
