@@ -7,6 +7,7 @@ slide's pyramid costs its tissue, not its canvas; the values are those of the wh
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def _scored_chunks(prob: np.ndarray, chunk: int) -> np.ndarray:
     h, w = scored.shape
     pad = np.zeros((-(-h // chunk) * chunk, -(-w // chunk) * chunk), bool)
     pad[:h, :w] = scored
-    return pad.reshape(pad.shape[0] // chunk, chunk, pad.shape[1] // chunk, chunk).any(axis=(1, 3))
+    return np.asarray(pad.reshape(pad.shape[0] // chunk, chunk, pad.shape[1] // chunk, chunk).any(axis=(1, 3)))
+
+
+def _read(arr: zarr.Array, where: tuple[slice, ...]) -> np.ndarray:
+    return np.asarray(arr[where])
 
 
 def _build_sparse_pyramid(path: str | Path, root: zarr.Group, spec: MosaicSpec, prob0: np.ndarray, hot: np.ndarray) -> None:
@@ -81,7 +86,7 @@ def _build_sparse_pyramid(path: str | Path, root: zarr.Group, spec: MosaicSpec, 
     cur: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for cy, cx in zip(*np.nonzero(hot), strict=True):
         ys, xs = slice(cy * c, min(h, (cy + 1) * c)), slice(cx * c, min(w, (cx + 1) * c))
-        labels = _storage_guard(path, "reading the level-0 labels", lambda ys=ys, xs=xs: np.asarray(a_labels0[ys, xs]))
+        labels = _storage_guard(path, "reading the level-0 labels", functools.partial(_read, a_labels0, (ys, xs)))
         cur[(int(cy), int(cx))] = (prob0[:, ys, xs], labels)
     writes: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     for lvl in range(1, spec.n_levels):
