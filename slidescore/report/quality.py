@@ -78,8 +78,10 @@ class TileStats:
 def _gray(rgb: np.ndarray) -> np.ndarray:
     """Brightness (ITU-R 601 luma) per pixel in float32, pixel by pixel: the same value for a pixel whatever
     the array around it (a matrix product's rounding depends on the array's shape and alignment)."""
-    x = rgb[..., :3].astype(np.float32)
-    return x[..., 0] * _LUMA[0] + x[..., 1] * _LUMA[1] + x[..., 2] * _LUMA[2]
+    gray = rgb[..., 0].astype(np.float32) * _LUMA[0]
+    gray += rgb[..., 1].astype(np.float32) * _LUMA[1]
+    gray += rgb[..., 2].astype(np.float32) * _LUMA[2]
+    return gray
 
 
 def tile_stats(rgb: np.ndarray, tile_px: int, *, min_saturation: float = 0.08, max_brightness: float = 0.85,
@@ -154,7 +156,7 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
     info = reader.levels[lvl]
     step = max(th.tile_px, block_px // th.tile_px * th.tile_px)  # blocks hold whole tiles
     survey = _survey(reader, lvl, th.tile_px, step, max_survey_ratio)
-    grid = _SurveyGrid(survey[0], survey[1], th.tile_px, info.height, info.width) if survey is not None else None
+    grid = _SurveyGrid(survey[0], survey[1], th.tile_px, info.height, info.width, step) if survey is not None else None
     parts = []
     for y in range(0, info.height, step):
         for x in range(0, info.width, step):
@@ -234,12 +236,15 @@ class _SurveyGrid:
     call per block — a sparse giant slide has hundreds of blank blocks.
     """
 
-    def __init__(self, coarse: np.ndarray, r: int, tile_px: int, height: int, width: int) -> None:
+    def __init__(self, coarse: np.ndarray, r: int, tile_px: int, height: int, width: int, step: int) -> None:
         self.r, self.tc = r, tile_px // r
         coarse = coarse[: -(-height // r), : -(-width // r)]
         self.shape = coarse.shape[:2]
         self.ty, self.tx = -(-self.shape[0] // self.tc), -(-self.shape[1] // self.tc)
-        self.stats = tile_stats(coarse, self.tc, focus=False)  # blank tiles need no sharpness
+        band = step // r  # one row of blocks at a time: temporaries of a band, not of the whole survey
+        # blank tiles need no sharpness (focus off)
+        parts = [tile_stats(coarse[y : y + band], self.tc, focus=False) for y in range(0, self.shape[0], band)]
+        self.stats = TileStats.concat(parts, 0, 0.0)
 
     def block(self, box: Box) -> TileStats:
         """The coarse tiles of ``box`` (quality-level pixels), row-major, as :func:`tile_stats` of its slice gives them."""
