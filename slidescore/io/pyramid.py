@@ -1,5 +1,5 @@
 """The mosaic's pyramid: levels 1… as 2 × 2 reductions of the level below (probabilities: NaN-aware mean;
-labels: max), written after every block of level 0 is in (docs/architecture.md, "Finishing").
+labels: max), written after every block of level 0 is in (docs/architecture.md, "Where an output value comes from", step 11).
 
 A mostly-background level 0 is reduced chunk by chunk above its scored chunks only, so a giant sparse
 slide's pyramid costs its tissue, not its canvas; the values are those of the whole-level reduction.

@@ -262,32 +262,58 @@ class PatchClassifier:
 
     # -- scoring --------------------------------------------------------------------------
     def score_dense(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True,
-                    valid: np.ndarray | None = None) -> np.ndarray:
+                    valid: np.ndarray | None = None, first: tuple[int, int] = (0, 0)) -> np.ndarray:
         """Every patch of a block: (h, w, c) pixels → (C, Py, Px) float32.
 
         One pass per tile of about :attr:`dense_tile_px` pixels (each with its own patch halo): a
         valid-padding network whose stride divides ``stride_px`` gives every tile's patches as one
         pass over the whole block would, up to float rounding. With ``valid`` (the block's (Py, Px)
-        patches to score), tiles holding none are skipped (NaN there); the tiles stay where they
-        are, anchored at the block's first patch, so the patches scored are bit for bit what a pass
-        over every tile gives (the rounding of a pass depends on its input's shape).
+        patches to score), tiles holding none are skipped (NaN there) and ``pixels`` need only hold
+        the tiles that run, from the block's patch ``first`` on (:meth:`patches_needed`). The tiles
+        stay where they are, anchored at the block's first patch: a pass's rounding depends on its
+        input's shape and on where in it a patch lies, so only the same tile gives the same bits.
         """
         card = self.card
         p = card.patch_px
-        py = (pixels.shape[0] - p) // stride_px + 1
-        px = (pixels.shape[1] - p) // stride_px + 1
-        # patches per tile edge: dense_tile_px of cells plus the k − 1 patches the centred grid adds
-        # around them (a block of c cells has c + k − 1 patches), so a block or image of dense_tile_px
-        # is one pass, not one pass and slivers of k − 1 patches (4× the passes, 3× slower)
-        n = max(1, self.dense_tile_px // stride_px + max(0, p // stride_px - 1))
-        if py <= n and px <= n:
+        if valid is None:
+            py = (pixels.shape[0] - p) // stride_px + 1
+            px = (pixels.shape[1] - p) // stride_px + 1
+        else:
+            py, px = valid.shape
+        n = self._dense_tile_patches(stride_px)
+        if valid is None and py <= n and px <= n:
             return self._score_dense_pass(pixels, stride_px, amp=amp)
         out = np.full((card.n_classes, py, px), np.nan, np.float32)
         for a, b in dense_tiles((py, px), n, valid):
             na, nb = min(n, py - a), min(n, px - b)
-            tile = pixels[a * stride_px : (a + na - 1) * stride_px + p, b * stride_px : (b + nb - 1) * stride_px + p]
+            tile = _patch_pixels(pixels, (a - first[0], b - first[1], na, nb), stride_px, p)
             out[:, a : a + na, b : b + nb] = self._score_dense_pass(tile, stride_px, amp=amp)
         return out
+
+    def _dense_tile_patches(self, stride_px: int) -> int:
+        """Patches per edge of one dense tile: dense_tile_px of cells plus the k − 1 patches the centred grid
+        adds around them (a block of c cells has c + k − 1 patches), so a block or image of dense_tile_px is
+        one pass, not one pass and slivers of k − 1 patches (4× the passes, 3× slower)."""
+        return max(1, self.dense_tile_px // stride_px + max(0, self.card.patch_px // stride_px - 1))
+
+    def patches_needed(self, valid: np.ndarray, stride_px: int, mode: str = "auto") -> tuple[int, int, int, int]:
+        """The block patches ``(a0, b0, a1, b1)`` (ends exclusive) whose pixels :meth:`score_block` reads to
+        score ``valid``: the dense tiles holding a valid patch where scoring may run densely, else the valid
+        patches' bounding box (which those tiles contain). A block's pixels may be read for this range only.
+
+        It depends on the card, ``stride_px`` and ``mode`` alone, not on the one-time dense check, so boxes
+        chosen before the check (read ahead) still hold what the scoring after it needs.
+        """
+        ys, xs = np.nonzero(valid)
+        if not len(ys):
+            raise ValueError("patches_needed: no valid patch")
+        if mode != "per_patch" and self.card.dense and stride_px % self.card.network_stride_px == 0:
+            py, px = valid.shape
+            n = self._dense_tile_patches(stride_px)
+            tiles = np.array(dense_tiles((py, px), n, valid))
+            return (int(tiles[:, 0].min()), int(tiles[:, 1].min()),
+                    min(py, int(tiles[:, 0].max()) + n), min(px, int(tiles[:, 1].max()) + n))
+        return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
 
     @torch.inference_mode()
     def _score_dense_pass(self, pixels: np.ndarray, stride_px: int, *, amp: bool = True) -> np.ndarray:
@@ -368,16 +394,17 @@ class PatchClassifier:
         return capable and (not self.dense_checked or bool(self.dense_used))
 
     def _check_dense(self, pixels: np.ndarray, dense: np.ndarray | None, valid: np.ndarray,
-                     stride_px: int, mode: str, batch_size: int) -> bool:
-        """Compare dense scores with per-patch scores on a sample of this block's valid patches."""
+                     stride_px: int, mode: str, batch_size: int, first: tuple[int, int] = (0, 0)) -> bool:
+        """Compare dense scores with per-patch scores on a sample of this block's valid patches
+        (``pixels`` hold the block's patches from ``first`` on, as in :meth:`score_block`)."""
         ys, xs = np.nonzero(valid)
         pick = np.unique(np.linspace(0, len(ys) - 1, min(len(ys), DENSE_CHECK_PATCHES)).round().astype(int))
         ys, xs = ys[pick], xs[pick]
         if dense is not None and self.amp != "off":  # the check is about the network, not precision
-            dense = self.score_dense(pixels, stride_px, amp=False)
+            dense = self.score_dense(pixels, stride_px, amp=False, valid=valid, first=first)
         # per patch first: a model that is broken per patch too (NaN, an error) fails here with its own
         # error, and the card's dense claim is not blamed for it
-        single = self._score_grid(pixels, ys, xs, stride_px, batch_size, amp=False)
+        single = self._score_grid(pixels, ys - first[0], xs - first[1], stride_px, batch_size, amp=False)
         if dense is None:
             diff = float("inf")
         else:
@@ -399,11 +426,13 @@ class PatchClassifier:
         log.warning("%s — scoring per patch from now on (set dense: false in the card)", msg)
         return False
 
-    def score_block(self, pixels: np.ndarray, valid: np.ndarray, stride_px: int, *, mode: str = "auto", batch_size: int = 256) -> np.ndarray:
+    def score_block(self, pixels: np.ndarray, valid: np.ndarray, stride_px: int, *, mode: str = "auto", batch_size: int = 256,
+                    first: tuple[int, int] = (0, 0)) -> np.ndarray:
         """Scores of the patches of a block; NaN where ``valid`` is False.
 
-        ``pixels`` is the block's read box (patch (0, 0) of the block at its top-left corner);
-        ``valid`` is the (Py, Px) grid of patches to score.
+        ``valid`` is the block's (Py, Px) grid of patches to score; ``pixels`` hold its patches from patch
+        ``first`` on (that patch at their top-left corner): the whole read box with ``first`` (0, 0), or
+        only the patches :meth:`patches_needed` names (what the block stage reads). The scores are the same.
         """
         py, px = valid.shape
         out = np.full((self.card.n_classes, py, px), np.nan, np.float32)
@@ -412,7 +441,7 @@ class PatchClassifier:
         if self._dense_wanted(mode, stride_px):
             checking = not self.dense_checked
             try:
-                scores: np.ndarray | None = self.score_dense(pixels, stride_px, valid=valid)
+                scores: np.ndarray | None = self.score_dense(pixels, stride_px, valid=valid, first=first)
             except (ModelLoadError, ModelOutputError) as e:
                 if not checking or mode == "dense":
                     raise
@@ -421,7 +450,7 @@ class PatchClassifier:
                 # model itself is broken
                 log.info("model %r: the dense pass failed the dense check: %s", self.card.name, e)
                 scores = None
-            if not checking or self._check_dense(pixels, scores, valid, stride_px, mode, batch_size):
+            if not checking or self._check_dense(pixels, scores, valid, stride_px, mode, batch_size, first):
                 assert scores is not None
                 out[:, valid] = scores[:, valid]
                 return out
@@ -429,8 +458,8 @@ class PatchClassifier:
         # only the pixels of the valid patches' bounding box go to the device: normalising is elementwise
         # and every batch holds the same patches in the same order, so the scores are those of the whole block
         a0, b0 = int(ys.min()), int(xs.min())
-        box = pixels[a0 * stride_px : int(ys.max()) * stride_px + self.card.patch_px,
-                     b0 * stride_px : int(xs.max()) * stride_px + self.card.patch_px]
+        box = _patch_pixels(pixels, (a0 - first[0], b0 - first[1], int(ys.max()) + 1 - a0, int(xs.max()) + 1 - b0),
+                            stride_px, self.card.patch_px)
         out[:, ys, xs] = self._score_grid(box, ys - a0, xs - b0, stride_px, batch_size).T
         return out
 
@@ -446,6 +475,16 @@ def dense_tiles(shape: tuple[int, int], n: int, valid: np.ndarray | None = None)
     pad[:py, :px] = valid
     hit = pad.reshape(ty, n, tx, n).any(axis=(1, 3))
     return [(int(i) * n, int(j) * n) for i, j in zip(*np.nonzero(hit), strict=True)]
+
+
+def _patch_pixels(pixels: np.ndarray, patches: tuple[int, int, int, int], stride_px: int, patch_px: int) -> np.ndarray:
+    """The pixels of ``patches`` (a, b, rows, cols; ``pixels`` start at patch (0, 0)): a view, exactly their extent."""
+    a, b, na, nb = patches
+    y1, x1 = (a + na - 1) * stride_px + patch_px, (b + nb - 1) * stride_px + patch_px
+    if a < 0 or b < 0 or y1 > pixels.shape[0] or x1 > pixels.shape[1]:
+        raise ValueError(f"the block's pixels {pixels.shape[:2]} do not hold patches {patches} (rows, cols from the "
+                         f"first patch they hold); read PatchClassifier.patches_needed's box")
+    return pixels[a * stride_px : y1, b * stride_px : x1]
 
 
 def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module | None:

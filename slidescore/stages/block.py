@@ -2,7 +2,8 @@
 
 A block owns whole output chunks; it reads its box plus the halo every patch touching those chunks
 needs, so it finishes its cell values alone and a retried block rewrites the same bytes
-(docs/architecture.md, invariants 2 and 6). Blocks without foreground are neither read nor written.
+(docs/architecture.md, invariants 2 and 6). Of that box it reads only the part its valid patches'
+scoring looks at (:func:`scoring_box`). Blocks without foreground are neither read nor written.
 :func:`score_blocks` is the loop both runners run: in this process (:mod:`slidescore.run.local`)
 and in each Ray actor (:mod:`slidescore.run.ray`).
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from slidescore.core.types import Block
+from slidescore.core.types import Block, Box
 from slidescore.io import SlideReader
 from slidescore.io import mosaic as mz
 from slidescore.io.base import expect_reads
@@ -38,18 +39,28 @@ def blocks_to_read(plan: SamplePlan, blocks: Sequence[Block]) -> set[int]:
     return {b.index for b in todo if f"{b.key}.json" not in done}
 
 
+def scoring_box(plan: SamplePlan, block: Block, recipe: BlockRecipe) -> Box:
+    """The part of a block (with foreground) of ``plan``'s level its scoring reads: the pixels of the dense tiles
+    holding its valid patches, or of those patches' bounding box (:meth:`BlockRecipe.needed_box`)."""
+    p = block.patches
+    return recipe.needed_box(block.read, plan.valid[p.y : p.y1, p.x : p.x1])
+
+
 def iter_block_pixels(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, recipe: BlockRecipe,
-                      depth: int) -> Iterator[tuple[Block, np.ndarray | None, float | None]]:
+                      depth: int, box: Callable[[Block], Box] | None = None,
+                      ) -> Iterator[tuple[Block, np.ndarray | None, float | None]]:
     """``(block, pixels, read_seconds)`` in order, read ``depth`` blocks ahead in background threads.
 
-    The read boxes of the blocks to be read are announced to the reader first, so the tiles their
-    halos share are decoded once. ``pixels`` is ``None`` for a block that is done or has no foreground.
+    ``pixels`` are those of ``box(block)`` (default: the block's whole read box). The boxes of the blocks
+    to be read are announced to the reader first, so the tiles their halos share are decoded once.
+    ``pixels`` is ``None`` for a block that is done or has no foreground.
     """
     todo = blocks_to_read(plan, blocks)
-    expect_reads(reader, plan.level, [b.read for b in blocks if b.index in todo])
+    boxes = {b.index: b.read if box is None else box(b) for b in blocks if b.index in todo}
+    expect_reads(reader, plan.level, list(boxes.values()))
 
     def read(b: Block) -> np.ndarray | None:
-        return recipe.read(reader, plan.level, b.read) if b.index in todo else None
+        return recipe.read(reader, plan.level, boxes[b.index]) if b.index in todo else None
 
     return prefetch(blocks, read, depth=depth)
 
@@ -72,8 +83,10 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, recipe: Block
     A block without foreground costs microseconds: no read, no chunk, no completion record (its
     record says so: every patch it owns skipped as background).
 
-    ``pixels`` (with the ``seconds_read`` they took) are the block's prepared pixels read ahead by
-    :func:`iter_block_pixels`; without them the block is read here.
+    ``pixels`` (with the ``seconds_read`` they took) are the block's prepared pixels of
+    :func:`scoring_box` read ahead by :func:`iter_block_pixels`; without them that box is read here.
+    Outside it the block's read box is never read: the scoring does not look there, so the values are
+    those of the whole box, and a retried block writes the same bytes.
     """
     p, c = block.patches, block.cells
     o = plan.grid.owned_patches(c)
@@ -88,11 +101,14 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, recipe: Block
     if done is not None:
         return done
     n_valid = int(valid.sum())
+    box = scoring_box(plan, block, recipe)
+    s = recipe.stride_px
+    first = ((box.y - block.read.y) // s, (box.x - block.read.x) // s)  # the block patch at the box's corner
     t0 = time.perf_counter()
     if pixels is None:
-        pixels = recipe.read(reader, plan.level, block.read)
+        pixels = recipe.read(reader, plan.level, box)
     t1 = time.perf_counter()
-    prob = recipe.cells(pixels, valid, (p.y, p.x), c)
+    prob = recipe.cells(pixels, valid, (p.y, p.x), c, first)
     t2 = time.perf_counter()
     mz.write_block(plan.mosaic_path, plan.mosaic, block.cells, prob)
     t3 = time.perf_counter()
@@ -108,5 +124,6 @@ def run_block(plan: SamplePlan, block: Block, reader: SlideReader, recipe: Block
 def score_blocks(plan: SamplePlan, blocks: Sequence[Block], reader: SlideReader, recipe: BlockRecipe,
                  depth: int) -> Iterator[BlockRecord]:
     """Score ``blocks`` of one planned image in order, reading ``depth`` blocks ahead; their records."""
-    for block, pixels, read_s in iter_block_pixels(plan, blocks, reader, recipe, depth):
+    for block, pixels, read_s in iter_block_pixels(plan, blocks, reader, recipe, depth,
+                                                   lambda b: scoring_box(plan, b, recipe)):
         yield run_block(plan, block, reader, recipe, pixels=pixels, seconds_read=read_s)

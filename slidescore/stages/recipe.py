@@ -4,7 +4,8 @@
 "Where an output value comes from"):
 
 1. **read** the block's box plus halo, padded past the image edge with the card's ``pad_value``
-   (:func:`~slidescore.io.read_padded`; the border policy of the global patch grid);
+   (:func:`~slidescore.io.read_padded`; the border policy of the global patch grid) — of it, only the
+   part the scoring of the block's valid patches looks at (:meth:`BlockRecipe.needed_box`);
 2. **channels**: image channels → model channels (:func:`~slidescore.model.inputs.prepare_pixels`);
 3. **normalise and score**: the classifier normalises on its device and scores every valid patch
    of the block, densely (one pass) or patch by patch
@@ -85,21 +86,32 @@ class BlockRecipe:
         return prepare_pixels(pixels, self.model.card)
 
     def read(self, reader: SlideReader, level: int, box: Box) -> np.ndarray:
-        """Steps 1–2: the model-ready pixels of ``box`` (a block's read box), padded past the edge."""
+        """Steps 1–2: the model-ready pixels of ``box`` (a block's read box or part of it), padded past the edge."""
         return self.prepare(read_padded(reader, level, box, self.fill))
 
-    def patch_probabilities(self, pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def needed_box(self, read: Box, valid: np.ndarray) -> Box:
+        """The part of a block's read box ``read`` that scoring its (Py, Px) ``valid`` patches looks at (the
+        dense tiles holding a valid patch, or the valid patches' bounding box:
+        :meth:`~slidescore.model.scoring.PatchClassifier.patches_needed`); reading only it gives the same scores."""
+        a0, b0, a1, b1 = self.model.patches_needed(valid, self.stride_px, self.mode)
+        s, p = self.stride_px, self.model.card.patch_px
+        return Box(read.y + a0 * s, read.x + b0 * s, (a1 - a0 - 1) * s + p, (b1 - b0 - 1) * s + p)
+
+    def patch_probabilities(self, pixels: np.ndarray, valid: np.ndarray, first: tuple[int, int] = (0, 0)) -> np.ndarray:
         """Steps 3–4: (K, Py, Px) calibrated probabilities of the block's patches (NaN where not valid)."""
-        scores = self.model.score_block(pixels, valid, self.stride_px, mode=self.mode, batch_size=self.batch_size)
+        scores = self.model.score_block(pixels, valid, self.stride_px, mode=self.mode, batch_size=self.batch_size,
+                                        first=first)
         return self.policy.transform(scores)
 
-    def cells(self, pixels: np.ndarray, valid: np.ndarray, patch_origin: tuple[int, int], cells: Box) -> np.ndarray:
+    def cells(self, pixels: np.ndarray, valid: np.ndarray, patch_origin: tuple[int, int], cells: Box,
+              first: tuple[int, int] = (0, 0)) -> np.ndarray:
         """Steps 3–5: the blended (K, h, w) values of the block's own ``cells``.
 
-        ``pixels`` are the prepared pixels of the block's read box, ``valid`` its (Py, Px) patches to
-        score and ``patch_origin`` the global index of its first patch.
+        ``pixels`` are the prepared pixels of the block's read box from its patch ``first`` on (the whole
+        box, or :meth:`needed_box`), ``valid`` its (Py, Px) patches to score and ``patch_origin`` the
+        global index of its first patch.
         """
-        scores = self.patch_probabilities(pixels, valid)
+        scores = self.patch_probabilities(pixels, valid, first)
         # patch index a covers cells [a − k + 1, a] (the centred grid): blend from the first cell it covers
         margin = self.kernel.shape[0] - 1
         first_cells = (patch_origin[0] - margin, patch_origin[1] - margin)

@@ -98,6 +98,28 @@ def test_dense_tiles_give_the_scores_of_one_pass(tile_px: int) -> None:
     np.testing.assert_allclose(tiled.score_dense(pixels, 16), whole, atol=1e-5, rtol=0)
 
 
+def test_resnet_scores_a_block_from_the_pixels_of_its_needed_tiles_only(resnet: nn.Module) -> None:
+    """A fresh classifier's first block (the one-time dense check included) scored from only the tiles holding
+    its valid patches (a corner island in the clipped last tile row and column) gets the bits of every tile."""
+    s, p = 16, 224
+    card = _card("resnet", p, 16)
+    pixels = np.random.default_rng(8).integers(0, 256, ((25 - 1) * s + p, (24 - 1) * s + p, 3), np.uint8)
+    valid = np.zeros((25, 24), bool)
+    valid[15:22, 16:20] = True  # tiles of 4 + 13 = 17 patches: rows 0–16 | 17–24, columns 0–16 | 17–23
+    whole = PatchClassifier(resnet, card, device="cpu", dense_tile_px=64).score_dense(pixels, s)
+    clf = PatchClassifier(resnet, card, device="cpu", dense_tile_px=64)
+    assert clf.patches_needed(valid, s) == (0, 0, 25, 24)  # the island lies in all four tiles
+    valid[15:22, 16:20] = False
+    valid[18:22, 18:20] = True
+    a0, b0, a1, b1 = clf.patches_needed(valid, s)
+    assert (a0, b0, a1, b1) == (17, 17, 25, 24)
+    assert clf.patches_needed(valid, s, "per_patch") == (18, 18, 22, 20)
+    part = pixels[a0 * s : (a1 - 1) * s + p, b0 * s : (b1 - 1) * s + p]
+    got = clf.score_block(part, valid, s, mode="auto", batch_size=8, first=(a0, b0))
+    assert clf.dense_checked and clf.dense_used
+    assert np.array_equal(got[:, valid], whole[:, valid]) and np.isnan(got[:, ~valid]).all()
+
+
 def test_dense_tile_px_is_a_model_option() -> None:
     cfg = JobConfig.from_dict({"model": {"dense_tile_px": 512}})
     assert cfg.model.runtime_options()["dense_tile_px"] == 512

@@ -42,8 +42,8 @@ def sparse_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(random_model_dir: Path) -> Any:
-    # small dense tiles (8 patches a side), so a block's 11 × 11 patches are cut into four tiles and those
-    # without foreground are skipped
+    # dense tiles of 128 px: 8 cells + 3 patches of halo = 11 patches a side, a whole block of 8 cells (11 × 11
+    # patches) in one pass; test_blocks_read_only_what_their_valid_patches_are_scored_from cuts blocks into tiles
     return load_model(str(random_model_dir), device="cpu", dense_tile_px=128)
 
 
@@ -292,3 +292,112 @@ def test_score_block_on_sparse_patches_equals_the_whole_block(model: Any, mode: 
         whole[:, ys, xs] = model._score_grid(pixels, ys, xs, s, 256).T  # the whole block normalised, as before
     got = model.score_block(pixels, valid, s, mode=mode)
     assert np.array_equal(got[:, valid], whole[:, valid]) and np.isnan(got[:, ~valid]).all()
+
+
+def _anchored_union(valid: np.ndarray, n: int) -> tuple[int, int, int, int]:
+    """(a0, b0, a1, b1): the bounding patches of the block-anchored n × n tiles (the last row and column
+    clipped to the block) that hold a valid patch — computed here without slidescore's tiling code."""
+    py, px = valid.shape
+    rows = sorted({a // n for a in np.nonzero(valid)[0]})
+    cols = sorted({b // n for b in np.nonzero(valid)[1]})
+    return int(rows[0]) * n, int(cols[0]) * n, min(py, int(rows[-1] + 1) * n), min(px, int(cols[-1] + 1) * n)
+
+
+@pytest.mark.parametrize("mode", ["dense", "per_patch"])
+def test_blocks_read_only_what_their_valid_patches_are_scored_from(sparse_slide: Path, random_model_dir: Path,
+                                                                   tmp_path: Path, mode: str) -> None:
+    """Tiles of 5 patches (a block's 11 patches: tiles at 0 and 5, and a clipped last tile of 1): each block
+    reads only the tiles holding a valid patch (dense) or the valid patches' bounding box (per patch), the
+    one-time dense check runs on such a part, and every block's cells equal the whole read box's, bit for bit."""
+    model = load_model(str(random_model_dir), device="cpu", dense_tile_px=32)  # fresh: its dense check is ahead
+    n = 32 // 16 + 64 // 16 - 1
+    cfg = _cfg(tmp_path)
+    (plan,) = plan_images(SampleSpec("s", (str(sparse_slide),)), cfg, model.card, model.checksum, str(tmp_path))
+    recipe = BlockRecipe.create(model, cfg.tiling.stride_px, mode=mode)
+    fg = [b for b in plan.blocks if plan.block_has_foreground(b)]
+    reader = CountingReader(open_for_plan(plan))
+    try:
+        list(score_blocks(plan, plan.blocks, reader, recipe, depth=2))
+    finally:
+        reader.close()
+    assert model.dense_checked is (mode == "dense") and model.dense_used is (True if mode == "dense" else None)
+    h, w = plan.level_shape
+    s, p = recipe.stride_px, model.card.patch_px
+    expected = []
+    for b in fg:
+        valid = plan.valid[b.patches.y : b.patches.y1, b.patches.x : b.patches.x1]
+        if mode == "dense":
+            a0, b0, a1, b1 = _anchored_union(valid, n)
+        else:
+            ys, xs = np.nonzero(valid)
+            a0, b0, a1, b1 = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+        box = Box(b.read.y + a0 * s, b.read.x + b0 * s, (a1 - a0 - 1) * s + p, (b1 - b0 - 1) * s + p)
+        assert b.read.y <= box.y and box.y1 <= b.read.y1 and b.read.x <= box.x and box.x1 <= b.read.x1
+        expected.append((plan.level, repr(box.clip(h, w))))
+    assert sorted((lvl, repr(bx)) for lvl, bx in reader.boxes) == sorted(expected)  # once per block, that part only
+    read_px = sum(bx.h * bx.w for _, bx in reader.boxes)
+    assert read_px < 0.8 * sum(b.read.clip(h, w).h * b.read.clip(h, w).w for b in fg)
+    # islands straddle tiles and reach the clipped last tile row / column of some blocks
+    zones = set()
+    for b in fg:
+        ys, xs = np.nonzero(plan.valid[b.patches.y : b.patches.y1, b.patches.x : b.patches.x1])
+        zones |= {(a // n, c // n) for a, c in zip(ys, xs, strict=True)}
+    assert {z for z in zones if 2 in z} and len(zones) >= 4
+    level0 = mz.read_level(plan.mosaic_path, 0)
+    ref = np.full_like(level0, np.nan)
+    plain = open_for_plan(plan)
+    try:
+        for b in fg:
+            if mode == "dense":
+                cells = _reference_block(plan, b, plain, recipe, model)
+            else:  # the whole read box's patches one by one, as before
+                pv = plan.valid[b.patches.y : b.patches.y1, b.patches.x : b.patches.x1]
+                ys, xs = np.nonzero(pv)
+                scores = np.full((model.card.n_classes, *pv.shape), np.nan, np.float32)
+                scores[:, ys, xs] = model._score_grid(recipe.read(plain, plan.level, b.read), ys, xs, s, 256).T
+                m = recipe.kernel.shape[0] - 1
+                c = b.cells
+                cells = blend_cells(recipe.policy.transform(scores), pv, recipe.kernel, (b.patches.y - m, b.patches.x - m),
+                                    (c.y, c.x, c.h, c.w))
+            ref[:, b.cells.y : b.cells.y1, b.cells.x : b.cells.x1] = cells
+    finally:
+        plain.close()
+    assert np.array_equal(level0, ref, equal_nan=True) and np.isfinite(level0).any()
+
+
+VALID_LAYOUTS = {
+    "island across the interior tile corner": [(slice(6, 10), slice(5, 9))],
+    "island into the clipped last row and column": [(slice(12, 16), slice(13, 17))],
+    "only the clipped corner": [(slice(15, 17), slice(16, 18))],
+    "only the last patch": [(16, 17)],
+    "two islands, two zones": [(slice(0, 2), slice(0, 3)), (slice(14, 17), slice(3, 5))],
+    # inside one tile, off its corner: a tile of the same shape moved onto the island changes one of its
+    # patches by 1 ulp with this model (a pass's rounding depends on where in it a patch lies)
+    "island inside one tile": [(slice(3, 9), slice(1, 6))],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(VALID_LAYOUTS))
+def test_score_block_on_the_needed_pixels_only_equals_every_tile(random_model_dir: Path, layout: str) -> None:
+    """A block of 17 × 18 patches in tiles of 7 (zones: 0–13 in whole tiles, 14–16 / 14–17 clipped): scored from
+    only the pixels :meth:`patches_needed` names, the valid patches get the bits of every tile of the whole box."""
+    model = load_model(str(random_model_dir), device="cpu", dense_tile_px=64)
+    s, p, n = 16, 64, 64 // 16 + 3
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, ((17 - 1) * s + p, (18 - 1) * s + p, 3), dtype=np.uint8)
+    valid = np.zeros((17, 18), bool)
+    for ys, xs in VALID_LAYOUTS[layout]:
+        valid[ys, xs] = True
+    model.score_block(pixels, valid, s, mode="dense")  # the one-time check, out of the way
+    whole = model.score_dense(pixels, s)  # every tile of the whole box
+    a0, b0, a1, b1 = model.patches_needed(valid, s)
+    assert (a0, b0, a1, b1) == _anchored_union(valid, n)
+    part = pixels[a0 * s : (a1 - 1) * s + p, b0 * s : (b1 - 1) * s + p].copy()
+    got = model.score_block(part, valid, s, mode="dense", first=(a0, b0))
+    assert np.array_equal(got[:, valid], whole[:, valid]) and np.isnan(got[:, ~valid]).all()
+    if (a1 - a0) * (b1 - b0) < valid.size:  # too few pixels for the tiles: an error, not a wrong map
+        with pytest.raises(ValueError, match="do not hold patches"):
+            model.score_block(part[s:], valid, s, mode="dense", first=(a0, b0))
+    per_patch = model.score_block(part, valid, s, mode="per_patch", first=(a0, b0))
+    ys, xs = np.nonzero(valid)
+    assert np.array_equal(per_patch[:, ys, xs].T, model._score_grid(pixels, ys, xs, s, 256))  # the whole box, as before
