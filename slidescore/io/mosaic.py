@@ -366,12 +366,23 @@ def write_block(path: str | Path, spec: MosaicSpec, cells: Box, prob: np.ndarray
 
 def read_box(path: str | Path, level: int, cells: Box) -> np.ndarray:
     """A box of one level as float32 probabilities (c, h, w), the labels of level 0 read too (both decode)."""
+    return box_reader(path, level)(cells)
+
+
+def box_reader(path: str | Path, level: int) -> Callable[[Box], np.ndarray]:
+    """:func:`read_box` for many boxes of one level: the mosaic opened once."""
     root = zarr.open_group(_store(path, read_only=True), mode="r")
     arr = _arr(root, str(level))
-    out = decode(np.asarray(arr[:, cells.y : cells.y1, cells.x : cells.x1]), read_encoding(root, arr))
-    if level == 0:
-        np.asarray(_arr(root, "labels/suspect/0")[cells.y : cells.y1, cells.x : cells.x1])
-    return out
+    enc = read_encoding(root, arr)
+    labels = _arr(root, "labels/suspect/0") if level == 0 else None
+
+    def read(cells: Box) -> np.ndarray:
+        out = decode(np.asarray(arr[:, cells.y : cells.y1, cells.x : cells.x1]), enc)
+        if labels is not None:
+            np.asarray(labels[cells.y : cells.y1, cells.x : cells.x1])
+        return out
+
+    return read
 
 
 def read_level(path: str | Path, level: int = 0) -> np.ndarray:
@@ -408,9 +419,14 @@ def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -
     }
     _create(path, {"": GroupMetadata(attributes=attrs, zarr_format=2), "0": _v2_meta(one.shape, (1, spec.chunk, spec.chunk), "uint8", 0)})
     arr = _arr(_open(path, "r+"), "0")
-    band = spec.chunk * max(1, 2**20 // max(1, spec.chunk * frac.shape[1]))  # whole chunk rows, ~1 M cells at a time
-    for y in range(0, frac.shape[0], band):  # no full-canvas float copies; all-zero chunks are not written
-        arr[0, y : y + band] = np.rint(np.clip(frac[y : y + band], 0, 1) * 255).astype(np.uint8)
+    c = spec.chunk
+    for y in range(0, frac.shape[0], c):  # a row of chunks at a time: no full-canvas float copies
+        q = np.rint(np.clip(frac[y : y + c], 0, 1) * 255).astype(np.uint8)
+        hot = np.flatnonzero(np.pad(q.any(axis=0), (0, -q.shape[1] % c)).reshape(-1, c).any(axis=1))
+        # only runs of chunks holding foreground are written (all-zero chunks are not stored either way)
+        for run in np.split(hot, np.flatnonzero(np.diff(hot) > 1) + 1) if hot.size else ():
+            x0, x1 = int(run[0]) * c, min(q.shape[1], (int(run[-1]) + 1) * c)
+            arr[0, y : y + q.shape[0], x0:x1] = q[:, x0:x1]
     write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(one))
 
 

@@ -45,6 +45,7 @@ from slidescore.io.outputs import (
     remove,
     write_text,
 )
+from slidescore.io.prefetch import prefetch
 from slidescore.io.roi_source import load_roi
 from slidescore.model.card import ModelCard
 from slidescore.stages import layout
@@ -224,12 +225,14 @@ def compute_cell_foreground(reader: SlideReader, cfg: JobConfig, mpp0: float, gr
     # reduced strip by strip straight onto the cells (bit for bit what the whole reduced level gives)
     cells = CellFractions((-(-info.height // factor), -(-info.width // factor)), info.downsample * factor,
                           grid.cells_shape, grid.stride_px * level_downsample)
-    for y in range(0, info.height, strip_h):
+    def read_strip(y: int) -> list[np.ndarray]:
         h = min(strip_h, info.height - y)
+        return [reader.read(lvl, Box(y, x, h, min(strip, info.width - x))) for x in range(0, info.width, strip)]
+
+    # the next strip is decoded in the background while this one is measured
+    for _, pixels, _ in prefetch(range(0, info.height, strip_h), read_strip, depth=1):
         rows = []
-        for x in range(0, info.width, strip):
-            w = min(strip, info.width - x)
-            pix = reader.read(lvl, Box(y, x, h, w))
+        for pix in pixels or ():
             fg = detect_foreground(
                 pix, mcfg.method, min_saturation=mcfg.min_saturation,
                 max_brightness=mcfg.max_brightness, nodata_value=mcfg.nodata_value,

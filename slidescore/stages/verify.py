@@ -13,10 +13,11 @@ blocks (docs/architecture.md, invariant 6).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
-from slidescore.core.types import Block
+from slidescore.core.types import Block, Box
 from slidescore.errors import InputError, TransientStorageError
 from slidescore.io import mosaic as mz
 from slidescore.io.outputs import remove
@@ -38,12 +39,14 @@ def read_level0_verified(plan: SamplePlan) -> np.ndarray:
     missing: list[Block] = []
     n_missing = 0
     first_error: Exception | None = None
+    read: Callable[[Box], np.ndarray] | None = None  # the mosaic opened once, at the first block with foreground
     for b in plan.blocks:
         c = b.cells
         if not plan.block_has_foreground(b):
             continue
         try:
-            values = mz.read_box(plan.mosaic_path, 0, c)  # probabilities and labels
+            read = read or mz.box_reader(plan.mosaic_path, 0)
+            values = read(c)  # probabilities and labels
         except TransientStorageError:
             raise
         except Exception as e:  # noqa: BLE001 — a chunk that does not decode: name its block, then say so

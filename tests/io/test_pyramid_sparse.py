@@ -62,3 +62,25 @@ def test_sparse_pyramid_writes_the_whole_level_pyramid(tmp_path: Path, dtype: st
     assert any(k.startswith(f"{spec.n_levels - 1}/") for k in a)  # the top level was written
     for lvl in range(1, spec.n_levels):
         assert np.isfinite(mz.read_level(sparse_path, lvl)).any()
+
+
+def test_mask_image_writes_only_foreground_chunks_as_the_whole_write_did(tmp_path: Path) -> None:
+    """write_fraction_image writes runs of chunks holding foreground: the same files as one write per band."""
+    import zarr
+
+    rng = np.random.default_rng(5)
+    frac = np.zeros((157, 203), np.float32)
+    frac[3:20, 30:70] = rng.random((17, 40))
+    frac[150:, 190:] = 1.0  # the partial corner chunk
+    frac[60:64, :] = 0.002  # rounds to 0 stored: an all-zero chunk row that is not written
+    frac[90:95, 100:101] = 1e-9
+    spec = _spec("uint8", frac.shape, k=1)
+    new = tmp_path / "new.ome.zarr"
+    mz.write_fraction_image(new, frac, spec)
+    old = tmp_path / "old.ome.zarr"
+    mz.write_fraction_image(old, np.zeros_like(frac), spec)  # the same metadata, no chunks
+    zarr.open_group(str(old), mode="r+")["0"][0] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)  # one whole write
+    assert _files(new) == _files(old)
+    q = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+    hot = {(y // 16, x // 16) for y, x in zip(*np.nonzero(q), strict=True)}
+    assert {k for k in _files(new) if k.startswith("0/0/")} == {f"0/0/{y}/{x}" for y, x in hot}
