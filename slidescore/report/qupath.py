@@ -98,7 +98,6 @@ def tile_heatmap_geojson(prob: np.ndarray, class_names: list[str] | tuple[str, .
     scored = _scored(prob)
     f = tile_factor(scored, max_tiles)
     row_scored = np.asarray(scored.any(axis=1))  # bands without a scored cell hold no tile: skipped
-    del scored
     tile_px = f * cell_px0
     # gathered band by band as Python values (per-tile numpy indexing and reductions made this the report's slow part)
     cols: dict[str, list[Any]] = {"ty": [], "tx": [], "mean": [], "peak": [], "has": [], "frac": []}
@@ -107,15 +106,26 @@ def tile_heatmap_geojson(prob: np.ndarray, class_names: list[str] | tuple[str, .
         t1 = min(-(-h0 // f), t0 + rows.step)
         if not row_scored[t0 * f: t1 * f].any():
             continue
-        mean, peak, n_ok, n_in = _tile_means(prob, f, t0, t1)
-        any_ok = n_ok.max(axis=0)
-        tys, txs = np.nonzero(any_ok > 0)
-        cols["ty"] += (tys + t0).tolist()
-        cols["tx"] += txs.tolist()
-        cols["mean"] += mean[:, tys, txs].T.tolist()
-        cols["peak"] += peak[:, tys, txs].T.tolist()
-        cols["has"] += (n_ok[:, tys, txs] > 0).T.tolist()
-        cols["frac"] += (any_ok[tys, txs] / n_in[tys, txs]).tolist()
+        # only the runs of tile columns holding a scored cell (each tile reduces its own cells: the same figures)
+        any_col = scored[t0 * f: t1 * f].any(axis=0)
+        hot = np.flatnonzero(np.pad(any_col, (0, -w0 % f)).reshape(-1, f).any(axis=1))
+        found = []
+        for run in np.split(hot, np.flatnonzero(np.diff(hot) > 1) + 1):
+            x0 = int(run[0])
+            mean, peak, n_ok, n_in = _tile_means(prob[:, :, x0 * f: (int(run[-1]) + 1) * f], f, t0, t1)
+            any_ok = n_ok.max(axis=0)
+            tys, txs = np.nonzero(any_ok > 0)
+            found.append((tys + t0, txs + x0, mean[:, tys, txs].T, peak[:, tys, txs].T, (n_ok[:, tys, txs] > 0).T,
+                          any_ok[tys, txs] / n_in[tys, txs]))
+        ty, tx, mean_, peak_, has_, frac_ = (np.concatenate(parts) for parts in zip(*found, strict=True))
+        order = np.lexsort((tx, ty))  # row by row, as one pass over the band lists them
+        cols["ty"] += ty[order].tolist()
+        cols["tx"] += tx[order].tolist()
+        cols["mean"] += mean_[order].tolist()
+        cols["peak"] += peak_[order].tolist()
+        cols["has"] += has_[order].tolist()
+        cols["frac"] += frac_[order].tolist()
+    del scored
     features = []
     for i, (ty, tx) in enumerate(zip(cols["ty"], cols["tx"], strict=True)):
         y, x = float(ty * tile_px), float(tx * tile_px)
