@@ -7,12 +7,14 @@ slide's pyramid costs its tissue, not its canvas; the values are those of the wh
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from slidescore.io.mosaic import MosaicSpec, _arr, _open, _storage_guard, decode, encode
 
@@ -112,17 +114,11 @@ def _build_sparse_pyramid(path: str | Path, root: zarr.Group, spec: MosaicSpec, 
         cur, h, w = nxt, h1, w1
     arrays = {name: _arr(root, name) for name in {name for name, _, _ in writes}}
 
-    def write(item: tuple[str, tuple[slice, ...], np.ndarray]) -> None:
-        name, where, data = item
+    async def put_all() -> None:  # every chunk write at once in zarr's event loop (one thread hop, not one per chunk)
+        await asyncio.gather(*(arrays[name].async_array.setitem(where, data) for name, where, data in writes))
 
-        def put() -> None:
-            arrays[name][where] = data
-
-        _storage_guard(path, f"writing mosaic array {name}", put)
-
-    if writes:
-        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="slidescore-pyramid") as pool:
-            list(pool.map(write, writes))  # the first error, if any, raised here
+    if writes:  # whole-chunk writes are idempotent: a retried batch leaves the same bytes
+        _storage_guard(path, "writing the mosaic's pyramid chunks", lambda: zarr_sync(put_all()))
 
 
 def nanmean_2x2(a: np.ndarray) -> np.ndarray:
