@@ -1,7 +1,7 @@
 """Cost follows the tissue: a giant sparse slide vs a dense slide with the same tissue (issue #16).
 
 Usage: ``.venv/bin/python benchmarks/sparse.py [--sparse-size 100000] [--dense-size 8192] [--giant-size 200000]
-[--report-off] [--workdir /tmp/slidescore-sparse] [--out benchmarks/results/sparse]``
+[--report-off] [--aligned] [--workdir /tmp/slidescore-sparse] [--out benchmarks/results/sparse]``
 
 Writes two (or three) JPEG-tiled pyramidal TIFFs at 0.25 µm/px (512-px tiles, JPEG q90 YCbCr
 4:2:0 as ``slidescore.io.tiff.write_tiff_pyramid`` writes them, levels down to ~1024 px) holding
@@ -57,11 +57,28 @@ def tissue(seed: int = 3) -> np.ndarray:
     return render_region(layout, 0, 0, ISLAND, ISLAND)
 
 
-def island_origins(size: int, n_side: int = 4) -> list[tuple[int, int]]:
-    """Islands on an n × n grid, centred in their cells, on multiples of 128 px (whole pixels at every level)."""
+BLOCK_PX = 4096  # a block at the default config: chunk_cells 128 × the built-in model's 32-px stride, level 0
+
+
+def island_origins(size: int, n_side: int = 4, like: int | None = None) -> list[tuple[int, int]]:
+    """Islands on an n × n grid, centred in their cells, on multiples of 128 px (whole pixels at every level).
+
+    ``like``: move each island to the nearest origin that has, within its :data:`BLOCK_PX` block, the offset
+    the same island has on a ``like``² slide — the same islands in the same places within their blocks, so
+    the two slides differ in canvas only, not in how their islands fall across blocks.
+    """
     step = size / n_side
-    return [(int((step * i + (step - ISLAND) / 2) // 128 * 128), int((step * j + (step - ISLAND) / 2) // 128 * 128))
+    grid = [(int((step * i + (step - ISLAND) / 2) // 128 * 128), int((step * j + (step - ISLAND) / 2) // 128 * 128))
             for i in range(n_side) for j in range(n_side)]
+    if like is None:
+        return grid
+
+    def snap(c: int, ref: int) -> int:
+        off = ref % BLOCK_PX
+        return min((q * BLOCK_PX + off for q in range(size // BLOCK_PX + 1) if q * BLOCK_PX + off + ISLAND <= size),
+                   key=lambda v: abs(v - c))
+
+    return [(snap(y, ry), snap(x, rx)) for (y, x), (ry, rx) in zip(grid, island_origins(like, n_side), strict=True)]
 
 
 def encode(tile: np.ndarray) -> bytes:
@@ -137,6 +154,9 @@ def main() -> None:
     ap.add_argument("--giant-size", type=int, default=0, help="also a sparse slide of this size (200000: the ≤ 1 GiB target); 0 = skip")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of dense and sparse (best and median kept)")
     ap.add_argument("--report-off", action="store_true", help="report.enabled: false (default: the default config, report on)")
+    ap.add_argument("--aligned", action="store_true",
+                    help="place the sparse (and giant) slide's islands at the dense slide's offsets within their "
+                         f"{BLOCK_PX}-px blocks (default: centred in a 4 × 4 grid, where some fall across blocks)")
     ap.add_argument("--workdir", default="/tmp/slidescore-sparse")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sparse"))
     args = ap.parse_args()
@@ -148,10 +168,11 @@ def main() -> None:
     for name, size in (("dense", args.dense_size), ("sparse", args.sparse_size), ("giant", args.giant_size)):
         if not size:
             continue
-        tif = work / f"{name}-{size}.tif"
+        like = args.dense_size if args.aligned and name != "dense" else None
+        tif = work / f"{name}-{size}{'-aligned' if like else ''}.tif"
         if not tif.exists():
             t = time.perf_counter()
-            write_slide(tif, size, patch, island_origins(size))
+            write_slide(tif, size, patch, island_origins(size, like=like))
             print(f"wrote {tif} ({tif.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         slides[name] = tif
     config = None
@@ -185,7 +206,7 @@ def table(res: dict[str, Any]) -> str:
     s, a = res["summary"], res["args"]
     d, p = s["dense"], s["sparse"]
     lines = [f"dense {a['dense_size']}² px vs sparse {a['sparse_size']}² px, 16 islands of {ISLAND}² px each, {MPP} µm/px; "
-             f"report {'off' if a['report_off'] else 'on'}; {res['machine']['nproc']} CPUs, load average "
+             f"report {'off' if a['report_off'] else 'on'}; islands {'block-aligned' if a.get('aligned') else 'on a grid'}; {res['machine']['nproc']} CPUs, load average "
              f"{res['machine']['load_average']} at start, {res['load_average_end']} at end; best of {a['rounds']} interleaved rounds "
              "(median in brackets)", ""]
     hdr = f"| | {a['dense_size']}² slide | {a['sparse_size']}² slide | ratio (best) | ratio (median) |"

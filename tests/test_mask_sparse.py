@@ -55,3 +55,22 @@ def test_patch_fractions_skip_empty_bands_bit_for_bit(k: int, band_rows: int) ->
     got = patch_fractions(cells, k, shape, band_rows=band_rows)
     assert np.array_equal(got, _old_patch_fractions(cells, k, shape))
     assert (got > 0).sum() > 100 and (got == 0).sum() > 1000
+
+
+@pytest.fixture(scope="module")
+def every_colour() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    v = np.arange(2**24, dtype=np.uint32)
+    rgb = np.stack([(v >> 16) & 255, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    x = rgb.astype(np.int32)
+    return rgb, x.max(axis=-1).astype(np.float64), x.min(axis=-1).astype(np.float64), x.sum(axis=-1).astype(np.float64)
+
+
+@pytest.mark.parametrize(("min_saturation", "max_brightness"), [(0.08, 0.85), (1.0, 0.0), (0.05, 2.0)])
+def test_brightfield_rule_on_every_colour(every_colour: tuple[np.ndarray, ...], min_saturation: float,
+                                          max_brightness: float) -> None:
+    """The integer, planar brightfield rule agrees with its definition in floats on all 2²⁴ colours."""
+    from slidescore.core.mask import detect_foreground
+
+    rgb, mx, mn, total = every_colour
+    got = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
+    assert np.array_equal(got, (mx - mn > min_saturation * mx) | (total < 3 * 255 * max_brightness))
