@@ -163,7 +163,7 @@ def measure_tiles(reader: SlideReader, mpp0: float, th: QualityThresholds | None
             box = Box(y, x, min(step, info.height - y), min(step, info.width - x))
             if grid is not None:
                 stats = grid.block(box)
-                if len(stats.n_px):
+                if len(stats.n_px) == -(-box.h // th.tile_px) * -(-box.w // th.tile_px):  # else: read the whole block
                     hot = stats.fg_frac >= th.blank_tile_fg / 2
                     # blank by the survey: not read again; else only its tiles that may hold tissue
                     parts.append(_measure_hot_tiles(reader, lvl, box, stats, hot, th) if hot.any() else
@@ -187,8 +187,6 @@ def _measure_hot_tiles(reader: SlideReader, lvl: int, box: Box, coarse: TileStat
     whole block gives); the block's other tiles are blank by the survey, as a blank block's are."""
     t = th.tile_px
     ty, tx = -(-box.h // t), -(-box.w // t)
-    if len(coarse.n_px) != ty * tx:  # the coarse level rounds its size differently: the whole block
-        return tile_stats(_read_rgb(reader, lvl, box), t)
     rows, cols = np.nonzero(hot.reshape(ty, tx))
     r0, r1 = max(0, int(rows.min()) - 1), min(ty, int(rows.max()) + 2)
     c0, c1 = max(0, int(cols.min()) - 1), min(tx, int(cols.max()) + 2)
@@ -207,13 +205,19 @@ def _measure_hot_tiles(reader: SlideReader, lvl: int, box: Box, coarse: TileStat
 
 def _survey(reader: SlideReader, lvl: int, tile_px: int, step: int, max_ratio: int) -> tuple[np.ndarray, int] | None:
     """The coarsest level ``r``× coarser than ``lvl`` (r a power of two, 4 ≤ r ≤ ``max_ratio``, dividing the
-    tile and block sizes) read whole as RGB, with ``r``; ``None`` when there is none."""
-    base = reader.levels[lvl].downsample
+    tile and block sizes) read whole as RGB, with ``r``; ``None`` when there is none.
+
+    A level is ``r``× coarser when its size is that of ``lvl`` divided by ``r``, rounded either way (pyramids
+    halve odd sizes up or down, so its downsample is only about ``r``: 25,000 px → 1,563 px is 15.995×); its
+    pixel ``i`` then covers pixels ``[i·r, (i + 1)·r)`` of ``lvl``. A level rounded down lacks the last
+    partial pixel: blocks at that edge are read whole at the quality level (:func:`measure_tiles`)."""
+    q = reader.levels[lvl]
     best = None
     for lv in reader.levels:
-        ratio = lv.downsample / base
-        r = int(round(ratio))
-        if abs(ratio - r) > 1e-6 * r or r < 4 or r > max_ratio or r & (r - 1) or tile_px % r or step % r:
+        r = int(round(lv.downsample / q.downsample))
+        if r < 4 or r > max_ratio or r & (r - 1) or tile_px % r or step % r:
+            continue
+        if lv.height not in (q.height // r, -(-q.height // r)) or lv.width not in (q.width // r, -(-q.width // r)):
             continue
         if best is None or r > best[1]:
             best = (lv.index, r)

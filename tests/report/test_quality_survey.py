@@ -115,3 +115,36 @@ def test_survey_grid_equals_the_block_by_block_survey(tmp_path: Path, shape: tup
     assert (new.fg_frac > 0).any() and (new.fg_frac == 0).any()  # both kinds of block were met
     # 2 × 2 tiles a block: the ring is the whole block; 8 × 8 with the tissue in one corner: only part of it
     assert any(PARTIAL) == (block_px == 512 and shape == (2000, 2320))
+
+
+def test_a_survey_level_rounded_down_still_finds_tissue_at_its_edge(tmp_path: Path) -> None:
+    """Pyramids that halve odd sizes down lose the last partial pixel at the coarse level; tissue there is
+    still measured (the edge blocks are read whole at the quality level)."""
+    import tifffile
+
+    h, w = 2000, 2312  # 500 × 578 at 1 µm/px; its 4× coarser level, rounded down, is 125 × 144 (not 145)
+    img = np.full((h, w, 3), 233, np.uint8)
+    img[:, w - 10 :] = (120, 40, 160)  # stained tissue in the last 2.5 px at 1 µm/px: inside the lost column
+    path = tmp_path / "floor.tif"
+    with tifffile.TiffWriter(path) as tw:
+        opts = {"tile": (128, 128), "compression": "zlib", "photometric": "rgb", "resolutionunit": "CENTIMETER"}
+        tw.write(img, subifds=4, resolution=(1e4 / 0.25, 1e4 / 0.25), **opts)
+        for k in range(1, 5):
+            ds = 2**k
+            tw.write(img[::ds, ::ds][: h // ds, : w // ds], subfiletype=1, resolution=(1e4 / (0.25 * ds),) * 2, **opts)
+    reader = open_image(str(path))
+    try:
+        assert [lv.width for lv in reader.levels] == [2312, 1156, 578, 289, 144]
+        th = QualityThresholds()
+        assert _survey(reader, 2, th.tile_px, 512, 16) is not None  # the rounded-down level is used for the survey
+        new = measure_tiles(reader, 0.25, th, block_px=512)
+        full = measure_tiles(reader, 0.25, th, block_px=512, max_survey_ratio=1)  # no survey: every tile measured
+    finally:
+        reader.close()
+    right = []  # per tile, in the order measure_tiles lists them (block by block, row-major in each): last column?
+    for y in range(0, 500, 512):
+        for x in range(0, 578, 512):
+            bh, bw = min(512, 500 - y), min(512, 578 - x)
+            right += [x + (j + 1) * 64 >= 578 for _ in range(-(-bh // 64)) for j in range(-(-bw // 64))]
+    assert (full.fg_frac[right] > 0).all()
+    assert np.array_equal(new.fg_frac[right], full.fg_frac[right]) and np.array_equal(new.n_px, full.n_px)
