@@ -371,7 +371,10 @@ class ClusterConfig:
     ``num_gpus_per_actor`` GPUs (fractional values share a GPU; 0 on CPU-only clusters) and gets
     at most ``max_in_flight_per_actor`` tasks at a time. A task whose actor died or that hit a
     transient storage error is retried up to ``max_retries`` times. The run fails with a clear
-    error when no actor has started after ``actor_start_timeout_s`` seconds.
+    error when no actor has started after ``actor_start_timeout_s`` seconds. ``keep_warm_s`` > 0
+    keeps the actors (and their resources) after the job, for the next job of the same code,
+    runtime environment and resources to take over, until idle that long (0: off; see
+    ``slidescore.run.ray.pool``).
     """
 
     address: str | None = None
@@ -381,6 +384,7 @@ class ClusterConfig:
     max_in_flight_per_actor: int = 2
     max_retries: int = 3
     actor_start_timeout_s: float = 600.0
+    keep_warm_s: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.address is not None and not self.address.strip():
@@ -397,6 +401,8 @@ class ClusterConfig:
             raise ConfigError(f"{prefix}.num_cpus_per_actor: an actor must reserve some CPU or GPU; got 0 CPUs and 0 GPUs")
         _number(self.actor_start_timeout_s, f"{prefix}.actor_start_timeout_s", "a finite positive number of seconds",
                 lambda v: v > 0)
+        _number(self.keep_warm_s, f"{prefix}.keep_warm_s", "a finite number of seconds >= 0 (0: no warm pool)",
+                lambda v: v >= 0)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Scoring on a Ray cluster: a fixed pool of model-holding actors fed with blocks through ``ray.wait``.
 
 The driver starts the actors first (when some sample lacks its completion marker), reads the model
-once and puts its bytes into the object store once, for every actor to build its classifier from;
-it plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
+once and puts its bytes into the object store once, for every actor to build its classifier from
+(:mod:`~slidescore.run.ray.shipping`: the driver plans with the card and checksum and builds its
+own copy only for the report's explanation maps; every actor's card and checksum are checked
+against them); it plans every sample (:func:`~slidescore.stages.plan.plan_images`, one sample ahead of the
 actors, in a driver thread), puts each plan into the object store once, and feeds the blocks of all
 samples to a fixed pool of :class:`ScoringActor` s in sample order with no barrier between samples:
 when one sample's last blocks are in flight, idle actors already take the next sample's blocks.
@@ -39,11 +41,20 @@ used (``actors``, ``n_actors``), ``actor_seconds`` (sum of the wall time of its 
 tasks), ``bytes_read`` (sum of the decoded pixel bytes those tasks read: the block + halo boxes
 clipped to the image, for blocks with foreground) and ``seconds_scoring`` (first block dispatched →
 last block record in); per run the pool (actors started / replaced, ``seconds_pool_start``), the
-model's shipped bytes and the driver's ``timings`` (seconds from its start to pool start, model
-ready, first plan, first actor ready, first task, done): where a job's fixed cost goes.
+model's shipped bytes, the driver's ``timings`` (seconds from its start to pool start, model
+ready, first plan, first actor ready, first task, done) with its CPU seconds at each
+(``driver_cpu_s``), its process age and CPU when the driver started (``driver_startup``: Python,
+imports, ``ray.init``), and per actor its CPU seconds and process age when it was ready and how many
+jobs it has served (``actor_pinning``; ``actors_warm``): where a job's fixed cost goes.
+
+Warm pool (``cluster.keep_warm_s`` > 0, off by default): the actors are detached named actors that
+outlive the job, and the next job of the same code, runtime environment and resources takes them
+over instead of starting processes (:mod:`~slidescore.run.ray.pool`: leases, idle exit, stale pools
+retired, replaced when dead).
 
 This is the only package that imports ray (``cluster``: connecting and devices; ``actor``: the
-scoring actor; ``driver``: the scheduling loop). The sample lifecycle (states, the error boundary,
+scoring actor; ``driver``: the scheduling loop; ``state``: its bookkeeping; ``shipping``: the model
+on the driver; ``pool``: the warm pool; ``record``: the run record). The sample lifecycle (states, the error boundary,
 failure records, finishing, the run record) is :mod:`slidescore.run.lifecycle`, shared with the
 local runner; this module keeps what is Ray's: the actor pool, the task queue and the retries.
 """
