@@ -8,9 +8,9 @@ slide's pyramid costs its tissue, not its canvas; the values are those of the wh
 from __future__ import annotations
 
 import asyncio
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -68,10 +68,6 @@ def _scored_chunks(prob: np.ndarray, chunk: int) -> np.ndarray:
     return np.asarray(pad.reshape(pad.shape[0] // chunk, chunk, pad.shape[1] // chunk, chunk).any(axis=(1, 3)))
 
 
-def _read(arr: zarr.Array, where: tuple[slice, ...]) -> np.ndarray:
-    return np.asarray(arr[where])
-
-
 def _build_sparse_pyramid(path: str | Path, root: zarr.Group, spec: MosaicSpec, prob0: np.ndarray, hot: np.ndarray) -> None:
     """:func:`build_pyramid` chunk by chunk, for the chunks above scored level-0 chunks only.
 
@@ -85,11 +81,15 @@ def _build_sparse_pyramid(path: str | Path, root: zarr.Group, spec: MosaicSpec, 
     c, enc = spec.chunk, spec.encoding
     h, w = prob0.shape[1:]
     a_labels0 = _arr(root, "labels/suspect/0")
-    cur: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    for cy, cx in zip(*np.nonzero(hot), strict=True):
-        ys, xs = slice(cy * c, min(h, (cy + 1) * c)), slice(cx * c, min(w, (cx + 1) * c))
-        labels = _storage_guard(path, "reading the level-0 labels", functools.partial(_read, a_labels0, (ys, xs)))
-        cur[(int(cy), int(cx))] = (prob0[:, ys, xs], labels)
+    where = {(int(cy), int(cx)): (slice(cy * c, min(h, (cy + 1) * c)), slice(cx * c, min(w, (cx + 1) * c)))
+             for cy, cx in zip(*np.nonzero(hot), strict=True)}
+
+    async def get_all() -> list[Any]:  # every label chunk read at once in zarr's event loop
+        return list(await asyncio.gather(*(a_labels0.async_array.getitem(sel) for sel in where.values())))
+
+    labels0 = _storage_guard(path, "reading the level-0 labels", lambda: zarr_sync(get_all()))
+    cur: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {
+        key: (prob0[:, ys, xs], np.asarray(lab)) for (key, (ys, xs)), lab in zip(where.items(), labels0, strict=True)}
     writes: list[tuple[str, tuple[slice, ...], np.ndarray]] = []
     for lvl in range(1, spec.n_levels):
         nxt: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
