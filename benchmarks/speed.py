@@ -389,8 +389,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=1024, help="SmearNet image edge (px at 0.5 µm/px); (size − 64) % 16 == 0")
-    ap.add_argument("--resnet-size", type=int, default=672, help="ResNet image edge; (size − 224) % 112 == 0")
+    ap.add_argument("--size", type=int, default=1024, help="SmearNet image edge (px at 0.5 µm/px); (size − 64) %% 16 == 0")
+    ap.add_argument("--resnet-size", type=int, default=672, help="ResNet image edge; (size − 224) %% 112 == 0")
     ap.add_argument("--resnet-width", type=int, default=64, help="ResNet base width (64 = ResNet-18)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
