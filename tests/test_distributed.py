@@ -354,3 +354,39 @@ def test_node_loss_mid_run_leaves_output_identical(tmp_path: Path, images, rando
     assert rec["blocks"] == {"total": 25, "done": 25, "resumed": 0}
     assert run["cluster"]["actors_replaced"] >= 1  # the actor on the removed node was lost and replaced
     assert rec["retries"] >= 1 and rec["n_actors"] >= 2  # its in-flight blocks were resubmitted to the other actor
+
+
+def test_progress_counts_the_blocks_with_foreground(ray_cluster, tmp_path: Path, images, random_model_dir: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """Both runners' progress bars count the blocks with tissue (#16): a sparse slide's empty blocks cost
+    nothing and do not make the bar jump or look stuck."""
+    from slidescore.stages.plan import plan_sample
+
+    cfg = _cfg(tmp_path / "ray", random_model_dir, 8).replace(report={"enabled": False})
+    model = load_model(str(random_model_dir))
+    plan = plan_sample(str(images["slide"]), cfg, model.card, model.checksum, str(tmp_path / "dry"), dry_run=True)
+    n_all, n_fg = len(plan.blocks), sum(plan.block_has_foreground(b) for b in plan.blocks)
+    assert 0 < n_fg < n_all and plan.blocks_with_foreground == n_fg
+    # one process: a recording bar
+    bars: list[dict[str, int]] = []
+
+    class Bar:
+        def __init__(self, total: int, _patches: int) -> None:
+            bars.append({"total": total, "done": 0})
+
+        def update(self, n: int) -> None:
+            bars[-1]["done"] += n
+
+        def set_postfix(self, **_: object) -> None: ...
+
+        def close(self) -> None: ...
+
+    local_cfg = cfg.replace(output={"uri": str(tmp_path / "local")})
+    (loc,) = score_samples([str(images["slide"])], local_cfg, str(tmp_path / "local"), model=model, progress=Bar)
+    assert loc.status == "ok" and bars == [{"total": n_fg, "done": n_fg}]
+    # on Ray: tqdm's own bar on stderr
+    capfd.readouterr()
+    (res,) = score_samples_ray([str(images["slide"])], cfg, str(tmp_path / "ray"), n_actors=1, progress=True)
+    assert res.status == "ok", res.error
+    err = capfd.readouterr().err  # not a terminal: tqdm draws the bar when it opens (its total), then every 15 s
+    assert f"/{n_fg} [" in err and f"/{n_all} [" not in err

@@ -76,13 +76,14 @@ def score_image(plan: SamplePlan, model: Any, recipe: BlockRecipe, cfg: JobConfi
                 progress: Progress | None = None) -> list[BlockRecord]:
     """Score every block of one planned image in this process; the block records in block order."""
     reader = open_for_plan(plan)
-    bar = progress(len(plan.blocks), plan.grid.n_patches) if progress else None
+    # progress in blocks with foreground: a sparse slide's empty blocks cost nothing and are not counted
+    bar = progress(plan.blocks_with_foreground, plan.grid.n_patches) if progress else None
     try:
         records = []
         depth = cfg.model.prefetch_depth(model.device.type, not is_local(plan.uri))
-        for rec in score_blocks(plan, plan.blocks, reader, recipe, depth):
+        for block, rec in zip(plan.blocks, score_blocks(plan, plan.blocks, reader, recipe, depth), strict=True):
             records.append(rec)
-            if bar is not None:
+            if bar is not None and plan.block_has_foreground(block):
                 bar.update(1)
                 bar.set_postfix(patches=rec.patches_scored, refresh=False)
     finally:

@@ -127,6 +127,10 @@ class SamplePlan:
         return bool(self.valid[p.y : p.y1, p.x : p.x1].any())
 
     @property
+    def blocks_with_foreground(self) -> int:
+        return sum(self.block_has_foreground(b) for b in self.blocks)
+
+    @property
     def cell_px0(self) -> float:
         """Level-0 pixels per output cell."""
         return self.grid.stride_px * self.level_downsample

@@ -309,8 +309,8 @@ class Driver:
         if self.progress:
             from tqdm import tqdm
 
-            s.bar = tqdm(total=s.n_blocks, unit="block", desc=s.sid, leave=False, dynamic_ncols=True,
-                         mininterval=0.1 if sys.stderr.isatty() else 15.0)  # job logs are files: few lines
+            s.bar = tqdm(total=sum(p.blocks_with_foreground for p in plans), unit="block", desc=s.sid, leave=False,
+                         dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0)  # job logs: few lines
 
     def _fail(self, s: SampleState, err: BaseException, stage: str) -> None:
         if s.status in ("failed", "ok", "skipped"):
@@ -440,7 +440,8 @@ class Driver:
         self.blocks_done += len(records)
         if s.bar is not None:
             rate = s.patches_scored / max(1e-9, time.perf_counter() - (s.t_first_task or s.t_start))
-            s.bar.update(len(records))
+            plan = (s.plans or [])[task.image]  # progress in blocks with foreground, as in one process
+            s.bar.update(sum(plan.block_has_foreground(plan.blocks[i]) for i in task.blocks))
             s.bar.set_postfix_str(f"{rate:,.0f} patches/s", refresh=False)
         if len(s.records) == s.n_blocks:
             self._finish(s)
