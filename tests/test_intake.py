@@ -211,6 +211,26 @@ def test_run_key_follows_input_model_and_config(tmp_path: Path, random_model_dir
     assert key != sample_run_key(s, model.checksum, model.card, cfg)
 
 
+def test_a_samples_own_reader_is_in_its_run_key(tmp_path: Path, random_model_dir: Path) -> None:
+    """A manifest's ``backend=`` keys the run as ``input.backend`` does (decoders may differ in pixels, so a
+    rerun with another reader starts afresh instead of resuming blocks another decoder wrote); the key the
+    poller computes is the one the job writes."""
+    img = write_tiff(tmp_path / "a.tif", textured_image(128, 128, seed=1))
+    model, cfg = load_model(str(random_model_dir)), JobConfig()
+    auto, own = SampleSpec("a", (str(img),)), SampleSpec("a", (str(img),), backend="openslide")
+    key_auto, key_own = (sample_run_key(s, model.checksum, model.card, cfg) for s in (auto, own))
+    assert key_auto != key_own
+    assert key_own == sample_run_key(auto, model.checksum, model.card, cfg.replace(input={"backend": "openslide"}))
+    for spec, key in ((auto, key_auto), (own, key_own)):
+        plans = plan_images(spec, cfg, model.card, model.checksum, str(tmp_path / "out"), dry_run=True)
+        assert plans is not None and {p.run_key for p in plans} == {key}
+    two = SampleSpec("b", (str(img), str(write_tiff(tmp_path / "b.tif", textured_image(96, 96, seed=2)))), backend="openslide")
+    plans = plan_images(two, cfg, model.card, model.checksum, str(tmp_path / "out"), dry_run=True)
+    assert plans is not None and {p.run_key for p in plans} == {sample_run_key(two, model.checksum, model.card, cfg)}
+    assert sample_run_key(two, model.checksum, model.card, cfg) != sample_run_key(
+        SampleSpec("b", two.uris), model.checksum, model.card, cfg)
+
+
 def test_job_names_carry_run_key_and_attempt() -> None:
     key = "0123456789abcdef"
     assert job_name(key, 1) == "slidescore-0123456789abcdef-a1" and parse_job_name(job_name(key, 12)) == (key, 12)

@@ -99,9 +99,10 @@ def test_intake_key_is_the_jobs_with_roi_and_backend(tmp_path: Path, random_mode
     bare = SampleSpec("s1", (str(img),))
     assert key != sample_run_key(bare, model.checksum, model.card, job_cfg)
     assert key != sample_run_key(SampleSpec("s1", (str(img),), roi=str(other)), model.checksum, model.card, job_cfg)
-    # the job config's mask.roi stands in for a sample without one, on both sides
-    cfg_roi = job_cfg.replace(mask={"roi": str(roi)})
+    # the job config's mask.roi and input.backend stand in for a sample without them, on both sides
+    cfg_roi = job_cfg.replace(mask={"roi": str(roi)}, input={"backend": "tifffile"})
     assert sample_run_key(bare, model.checksum, model.card, cfg_roi) == key
+    assert sample_run_key(bare, model.checksum, model.card, job_cfg.replace(mask={"roi": str(roi)})) != key
 
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps(job))

@@ -29,11 +29,12 @@ def sample_run_key(sample: SampleSpec, model_checksum: str, card: Any, job_cfg: 
     """The key ``jobs.score`` will write into the sample's ``_SUCCESS``.
 
     The job's own :func:`slidescore.stages.plan.sample_run_key_for` of the images' fingerprints, in the
-    sample's order (the order :func:`score_command` passes them in), and of the sample's ``roi``
-    (a manifest's ``roi=``; else the job config's ``mask.roi``), which the job is given with it.
+    sample's order (the order :func:`score_command` passes them in), of the sample's ``roi`` (a manifest's
+    ``roi=``; else the job config's ``mask.roi``) and of its reader (a manifest's ``backend=``), which the
+    job is given with it.
     """
     return sample_run_key_for([fingerprint(u) for u in sample.uris], model_checksum, card, job_cfg,
-                              image_ids=image_ids(sample.uris), roi=sample.roi)
+                              image_ids=image_ids(sample.uris), roi=sample.roi, backend=sample.backend)
 
 
 def job_name(run_key: str, attempt: int) -> str:

@@ -27,6 +27,12 @@ from slidescore.io.adapt import InputRecipe
 from slidescore.io.base import SlideReader
 
 
+def keyed_config(cfg: JobConfig, backend: str) -> JobConfig:
+    """The config a sample's run key covers: a sample's own reader (a manifest's ``backend=``) as ``input.backend``
+    (different decoders may give different pixels, so a resumed run never mixes them)."""
+    return cfg if backend == "auto" else cfg.replace(input={"backend": backend})
+
+
 def reader_options(cfg: JobConfig, backend: str = "auto") -> dict[str, Any]:
     """Keyword arguments of ``open_image`` that carry the config's limits, reader backend (a sample's
     own ``backend`` unless ``auto``), slide cache and, when set, DICOM plane (``input.dicom``) to the reader."""

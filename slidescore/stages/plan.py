@@ -38,13 +38,7 @@ from slidescore.io import SlideReader, open_image
 from slidescore.io import mosaic as mz
 from slidescore.io.adapt import AdaptedReader, InputRecipe, open_adapted
 from slidescore.io.open import input_fingerprint as fingerprint
-from slidescore.io.outputs import (
-    exists,
-    join,
-    list_children,
-    remove,
-    write_text,
-)
+from slidescore.io.outputs import exists, join, list_children, remove, write_text
 from slidescore.io.prefetch import prefetch
 from slidescore.io.roi_source import load_roi
 from slidescore.model.card import ModelCard
@@ -68,7 +62,12 @@ from slidescore.stages.lease import (
     read_run_key_file,
     release_lease,
 )
-from slidescore.stages.limits import check_planned_image, drop_default_reader, reader_options
+from slidescore.stages.limits import (
+    check_planned_image,
+    drop_default_reader,
+    keyed_config,
+    reader_options,
+)
 from slidescore.version import __version__
 
 log = logging.getLogger(__name__)
@@ -184,11 +183,12 @@ def run_key_for(fp: dict[str, Any], model_checksum: str, card: ModelCard, cfg: J
 
 
 def sample_run_key_for(fps: Sequence[dict[str, Any]], model_checksum: str, card: ModelCard, cfg: JobConfig,
-                       *, image_ids: Sequence[str], roi: str | None = None) -> str:
+                       *, image_ids: Sequence[str], roi: str | None = None, backend: str = "auto") -> str:
     """The run key of a sample from its images' fingerprints (in the sample's order): one image →
     :func:`run_key_for` of its fingerprint (and of its ROI's checksum: ``roi`` or ``mask.roi``);
     several → of all of them by image id. What the job writes into ``_SUCCESS``, and what intake
     compares it with."""
+    cfg = keyed_config(cfg, backend)
     if len(fps) == 1:
         roi = roi or cfg.mask.roi
         return run_key_for(fps[0], model_checksum, card, cfg, load_roi(roi).sha256 if roi else None)
@@ -288,7 +288,7 @@ def plan_sample(uri: str, cfg: JobConfig, card: ModelCard, model_checksum: str, 
     try:
         fp = fingerprint(uri) if fp is None else fp
         roi_src = load_roi(roi, sample_id) if roi else None
-        run_key = run_key or run_key_for(fp, model_checksum, card, cfg, roi_src.sha256 if roi_src else None)
+        run_key = run_key or run_key_for(fp, model_checksum, card, keyed_config(cfg, backend), roi_src.sha256 if roi_src else None)
         sample_dir = layout.sample_dir(out_root, sample_id)
         out_dir = layout.image_dir(out_root, sample_id, image_id)
         if not image_id and _finished(sample_dir, run_key, cfg, sample_id, uri):
@@ -380,7 +380,7 @@ def plan_images(spec: SampleSpec, cfg: JobConfig, card: ModelCard, model_checksu
             raise
         except Exception as e:  # the sample's error boundary names the bad image of a sample of several
             raise image_error(sid, iid, uri, e) from e
-    run_key = sample_run_key_for(fps, model_checksum, card, cfg, image_ids=ids)
+    run_key = sample_run_key_for(fps, model_checksum, card, cfg, image_ids=ids, backend=spec.backend)
     sample_dir = layout.sample_dir(out_root, sid)
     if _finished(sample_dir, run_key, cfg, sid, sample_label(spec)):
         return None
