@@ -7,6 +7,7 @@ past the image edge with a fill value, which is how the patch grid's border poli
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -15,6 +16,22 @@ import numpy as np
 
 from slidescore.core.types import Box, LevelInfo
 from slidescore.errors import UnsupportedImageError
+
+log = logging.getLogger(__name__)
+
+
+class _LibraryNotes(logging.Filter):
+    """A reading library's warnings about a file (tifffile: a corrupted tag list, a series it could not build)
+    reach the user as slidescore's one error naming that file, or not at all when the file reads: kept at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            return True
+        log.debug("%s: %s", record.name, record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_LibraryNotes())
 
 #: The largest decoded tile / chunk (bytes) a reader accepts, checked from the header when a file is
 #: opened, before any pixel is decoded: readers decode whole tiles, and a header of a few hundred
