@@ -74,3 +74,13 @@ def test_brightfield_rule_on_every_colour(every_colour: tuple[np.ndarray, ...], 
     rgb, mx, mn, total = every_colour
     got = detect_foreground(rgb, "brightfield", min_saturation=min_saturation, max_brightness=max_brightness)
     assert np.array_equal(got, (mx - mn > min_saturation * mx) | (total < 3 * 255 * max_brightness))
+
+
+def test_group_runs() -> None:
+    from slidescore.core.types import group_runs
+
+    flags = np.zeros(23, bool)
+    flags[[0, 1, 7, 8, 9, 15, 22]] = True
+    assert group_runs(flags) == [(0, 2), (7, 10), (15, 16), (22, 23)]
+    assert group_runs(flags, 4) == [(0, 4), (5, 6)]  # groups of 4: 0–3 hold a True, 4 none, 5 (the short last one) does
+    assert group_runs(np.zeros(5, bool), 2) == [] and group_runs(np.ones(5, bool), 2) == [(0, 3)]

@@ -14,6 +14,8 @@ import math
 import numpy as np
 from scipy import sparse
 
+from slidescore.core.types import group_runs
+
 
 def detect_foreground(
     rgb: np.ndarray,
@@ -165,13 +167,13 @@ class CellFractions:
             return
         if self._rx_csc is None:
             self._rx_csc = self.rx.tocsc()
-        cols = np.unique(self._rx_csc[:, hot].indices)  # the cells those source columns overlap
-        runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)  # each island's columns apart
-        for run in runs:
-            rx = self.rx[run[0] : run[-1] + 1]
+        cells = np.zeros(self.cells_shape[1], bool)
+        cells[self._rx_csc[:, hot].indices] = True  # the cells those source columns overlap
+        for a, b in group_runs(cells):  # each island's columns apart
+            rx = self.rx[a:b]
             c0, c1 = int(rx.indices.min()), int(rx.indices.max()) + 1
             vals = ry @ (rx[:, c0:c1] @ band[:, c0:c1].astype(np.float64).T).T
-            self.out[i0:i1, run[0] : run[-1] + 1] = np.clip(np.asarray(vals, dtype=np.float32), 0.0, 1.0)
+            self.out[i0:i1, a:b] = np.clip(np.asarray(vals, dtype=np.float32), 0.0, 1.0)
 
     def result(self) -> np.ndarray:
         """The (cells) foreground fractions; every source row must have been added."""

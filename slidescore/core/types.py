@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Box:
@@ -67,3 +69,15 @@ class Block:
     @property
     def key(self) -> str:
         return f"{self.row}_{self.col}"
+
+
+def group_runs(flags: np.ndarray | np.bool_, size: int = 1) -> list[tuple[int, int]]:
+    """Runs ``[g0, g1)`` of consecutive groups of ``size`` entries of a 1-D bool array that hold a True (the
+    last group may be short): the columns, chunks or tiles a sparse slide's work is confined to."""
+    flags = np.atleast_1d(np.asarray(flags, bool))
+    idx = np.flatnonzero(np.pad(flags, (0, -len(flags) % size)).reshape(-1, size).any(axis=1))
+    if not idx.size:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts, ends = idx[np.r_[0, breaks + 1]], idx[np.r_[breaks, len(idx) - 1]] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))

@@ -38,7 +38,7 @@ from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v2 import ArrayV2Metadata
 from zarr.dtype import parse_dtype
 
-from slidescore.core.types import Box
+from slidescore.core.types import Box, group_runs
 from slidescore.io.outputs import join, local_path, remove, write_text
 from slidescore.io.storage import is_local, storage_options, with_retries
 
@@ -422,10 +422,9 @@ def write_fraction_image(path: str | Path, frac: np.ndarray, spec: MosaicSpec) -
     c = spec.chunk
     for y in range(0, frac.shape[0], c):  # a row of chunks at a time: no full-canvas float copies
         q = np.rint(np.clip(frac[y : y + c], 0, 1) * 255).astype(np.uint8)
-        hot = np.flatnonzero(np.pad(q.any(axis=0), (0, -q.shape[1] % c)).reshape(-1, c).any(axis=1))
         # only runs of chunks holding foreground are written (all-zero chunks are not stored either way)
-        for run in np.split(hot, np.flatnonzero(np.diff(hot) > 1) + 1) if hot.size else ():
-            x0, x1 = int(run[0]) * c, min(q.shape[1], (int(run[-1]) + 1) * c)
+        for g0, g1 in group_runs(q.any(axis=0), c):
+            x0, x1 = g0 * c, min(q.shape[1], g1 * c)
             arr[0, y : y + q.shape[0], x0:x1] = q[:, x0:x1]
     write_text(join(path, "OME", "METADATA.ome.xml"), ome_xml(one))
 

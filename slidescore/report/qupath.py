@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from slidescore.core.types import group_runs
+
 # cells of the map reduced at a time (bands of whole tile rows; 1 Mi cells: 4 MB of float32 per class)
 _BAND_CELLS = 1 << 20
 
@@ -107,12 +109,9 @@ def tile_heatmap_geojson(prob: np.ndarray, class_names: list[str] | tuple[str, .
         if not row_scored[t0 * f: t1 * f].any():
             continue
         # only the runs of tile columns holding a scored cell (each tile reduces its own cells: the same figures)
-        any_col = scored[t0 * f: t1 * f].any(axis=0)
-        hot = np.flatnonzero(np.pad(any_col, (0, -w0 % f)).reshape(-1, f).any(axis=1))
         found = []
-        for run in np.split(hot, np.flatnonzero(np.diff(hot) > 1) + 1):
-            x0 = int(run[0])
-            mean, peak, n_ok, n_in = _tile_means(prob[:, :, x0 * f: (int(run[-1]) + 1) * f], f, t0, t1)
+        for x0, x1 in group_runs(scored[t0 * f: t1 * f].any(axis=0), f):
+            mean, peak, n_ok, n_in = _tile_means(prob[:, :, x0 * f: x1 * f], f, t0, t1)
             any_ok = n_ok.max(axis=0)
             tys, txs = np.nonzero(any_ok > 0)
             found.append((tys + t0, txs + x0, mean[:, tys, txs].T, peak[:, tys, txs].T, (n_ok[:, tys, txs] > 0).T,
