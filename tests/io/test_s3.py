@@ -142,11 +142,15 @@ def test_zero_byte_and_missing_objects_fail_alone(bucket: str, s3fs_client, smal
 
 def test_wrong_endpoint_fails_the_sample_quickly_and_others_finish(monkeypatch: pytest.MonkeyPatch, s3_server: str,
                                                                    small_tif: Path, tmp_path: Path, random_model_dir: Path) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens: connection refused
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    t0 = time.perf_counter()
-    by_id = _run(["s3://slides/remote.tif", str(small_tif)], tmp_path, random_model_dir)
-    elapsed = time.perf_counter() - t0
+    # a port held bound but not listening: connections are refused, and no other process (a server another
+    # test starts meanwhile) can take it, as one picked and released could be — that made this test flaky
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{held.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        t0 = time.perf_counter()
+        by_id = _run(["s3://slides/remote.tif", str(small_tif)], tmp_path, random_model_dir)
+        elapsed = time.perf_counter() - t0
     assert by_id["good"].status == "ok"
     err = by_id["remote"]
     assert err.status == "failed" and err.error_type == "InputError"
